@@ -370,65 +370,701 @@ class HeadLinear(nn.Module):
         return x @ self.weight + self.bias
 
 
-class NeuralMemory(nn.Module):
-    """Titans neural long-term memory: read before write, chunk-parallel, state carried."""
+class RateHeads(nn.Module):
+    """Per-head, per-token θ = lr_max·σ(·), η = σ(·), α = σ(·) from linear read-outs (Titans §3.1).
 
-    def __init__(self, dim, heads, d_head, depth=2, expansion=2, chunk_size=16, lr_max=0.1,
-                 threshold=None, relative=False, checkpoint=False):
+    Biases start at θ = lr_max/2, η ≈ 0.88 (surprise lingers a few tokens), α ≈ 0.02 (slow forgetting).
+    """
+
+    def __init__(self, heads, d, lr_max):
         super().__init__()
-        self.heads, self.chunk_size, self.lr_max = heads, chunk_size, lr_max
-        self.threshold, self.relative, self.checkpoint = threshold, relative, checkpoint
+        self.lr_max = lr_max
+        self.to_lr = HeadLinear(heads, d, 1)
+        self.to_momentum_decay = HeadLinear(heads, d, 1, bias=2.0)
+        self.to_forget = HeadLinear(heads, d, 1, bias=-4.0)
+
+    def forward(self, lr_feats, momentum_feats, forget_feats):
+        """Each input [B, H, T, d]; returns θ, η, α, each [B, H, T]."""
+        lr = self.lr_max * torch.sigmoid(self.to_lr(lr_feats)).squeeze(-1)
+        momentum_decay = torch.sigmoid(self.to_momentum_decay(momentum_feats)).squeeze(-1)
+        forget = torch.sigmoid(self.to_forget(forget_feats)).squeeze(-1)
+        return lr, momentum_decay, forget
+
+
+class MemoryLayer(nn.Module):
+    """What every memory layer shares: input projection + causal conv in, output projection out.
+
+    Subclasses define read(feats, state), write(feats, state) and the read-before-write
+    `_read_write(feats, state)`; forward() runs the latter on a raw input sequence.
+    """
+    recording = False  # when True (set by analysis code), layers keep a detached `trace` dict
+
+    def __init__(self, dim, heads, d_head):
+        super().__init__()
+        self.heads = heads
         self.in_proj = nn.Linear(dim, heads * d_head, bias=False)
         self.conv = CausalConv(heads * d_head)
-        self.to_qkv = HeadLinear(heads, d_head, 3 * d_head)
-        # θ, η, α biases start at lr_max/2, η ≈ 0.88, α ≈ 0.02
-        self.to_rates = HeadLinear(heads, d_head, 1)
-        self.to_momentum_decay = HeadLinear(heads, d_head, 1, bias=2.0)
-        self.to_forget = HeadLinear(heads, d_head, 1, bias=-4.0)
-        self.initial_weights = init_memory_weights(heads, d_head, depth, expansion)
         self.out_proj = nn.Linear(heads * d_head, dim, bias=False)
-
-    def initial_state(self, batch):
-        weights = per_sample(self.initial_weights, batch)
-        return MemoryState(weights, zero_momentum(weights))
 
     def features(self, x, conv_tail=None):
         """x: [B, T, dim] -> per-head features [B, H, T, d] and the new conv tail."""
         feats, conv_tail = self.conv(self.in_proj(x), conv_tail)
         return split_heads(feats, self.heads), conv_tail
 
-    def queries_keys_values(self, feats):
-        q, k, v = F.silu(self.to_qkv(feats)).chunk(3, dim=-1)      # each [B, H, T, d]
-        return F.normalize(q, dim=-1), F.normalize(k, dim=-1), v
-
-    def rates(self, feats):
-        """θ, η, α, each [B, H, T]."""
-        lr = self.lr_max * torch.sigmoid(self.to_rates(feats)).squeeze(-1)
-        momentum_decay = torch.sigmoid(self.to_momentum_decay(feats)).squeeze(-1)
-        forget = torch.sigmoid(self.to_forget(feats)).squeeze(-1)
-        return lr, momentum_decay, forget
-
-    def _update(self, feats, state, read):
-        q, k, v = self.queries_keys_values(feats)
-        out, weights, momentum, surprise = memory_update(
-            state.weights, state.momentum, k, v, q if read else None, *self.rates(feats),
-            self.chunk_size, threshold=self.threshold, relative=self.relative,
-            checkpoint=self.checkpoint)
-        self.last_surprise = surprise                               # [B, H, T], for analysis
-        return out, MemoryState(weights, momentum)
-
-    def read(self, feats, state):
-        """M_W(q) at the given state for every token (no write). Returns [B, T, dim]."""
-        q, _, _ = self.queries_keys_values(feats)
-        return self.out_proj(merge_heads(memory_forward(state.weights, q).to(feats.dtype)))
-
-    def write(self, feats, state):
-        """Write every token of feats into the memory (Titans Eqs. 9-14); no read."""
-        return self._update(feats, state, read=False)[1]
+    def output(self, memory_out, dtype):
+        """[B, H, T, d] memory reads -> [B, T, dim] layer output."""
+        return self.out_proj(merge_heads(memory_out.to(dtype)))
 
     def forward(self, x, state=None, conv_tail=None):
         """Read before write over x: [B, T, dim]. Returns (y [B, T, dim], state, conv_tail)."""
         state = state if state is not None else self.initial_state(x.shape[0])
         feats, conv_tail = self.features(x, conv_tail)
-        out, state = self._update(feats, state, read=True)
-        return self.out_proj(merge_heads(out.to(x.dtype))), state, conv_tail
+        out, state = self._read_write(feats, state)
+        return self.output(out, x.dtype), state, conv_tail
+
+
+class NeuralMemory(MemoryLayer):
+    """Titans neural long-term memory: read before write, chunk-parallel, state carried."""
+
+    def __init__(self, dim, heads, d_head, depth=2, expansion=2, chunk_size=16, lr_max=0.1,
+                 threshold=None, relative=False, checkpoint=False):
+        super().__init__(dim, heads, d_head)
+        self.chunk_size, self.threshold, self.relative = chunk_size, threshold, relative
+        self.checkpoint = checkpoint
+        self.to_qkv = HeadLinear(heads, d_head, 3 * d_head)
+        self.rates = RateHeads(heads, d_head, lr_max)
+        self.initial_weights = init_memory_weights(heads, d_head, depth, expansion)
+
+    def initial_state(self, batch):
+        weights = per_sample(self.initial_weights, batch)
+        return MemoryState(weights, zero_momentum(weights))
+
+    def queries_keys_values(self, feats):
+        q, k, v = F.silu(self.to_qkv(feats)).chunk(3, dim=-1)      # each [B, H, T, d]
+        return F.normalize(q, dim=-1), F.normalize(k, dim=-1), v
+
+    def _update(self, feats, state, read):
+        q, k, v = self.queries_keys_values(feats)
+        out, weights, momentum, surprise = memory_update(
+            state.weights, state.momentum, k, v, q if read else None,
+            *self.rates(feats, feats, feats), self.chunk_size, threshold=self.threshold,
+            relative=self.relative, checkpoint=self.checkpoint)
+        if self.recording:
+            self.trace = {"surprise": surprise}                     # [B, H, T]
+        return out, MemoryState(weights, momentum)
+
+    def _read_write(self, feats, state):
+        return self._update(feats, state, read=True)
+
+    def read(self, feats, state):
+        """M_W(q) at the given state for every token (no write). Returns [B, T, dim]."""
+        q, _, _ = self.queries_keys_values(feats)
+        return self.output(memory_forward(state.weights, q), feats.dtype)
+
+    def write(self, feats, state):
+        """Write every token of feats into the memory (Titans Eqs. 9-14); no read."""
+        return self._update(feats, state, read=False)[1]
+
+
+# -------------------------------------------------------------------------------------------------
+# 6. Self-modification (NL §8.1-8.2, Eqs. 76-93) — flag `self_mod`
+# -------------------------------------------------------------------------------------------------
+# With self_mod off the keys, values, queries and rates come from fixed linear maps (Titans, above).
+# With it on, each head holds six memories, M_k, M_v, M_q, M_lr, M_forget, M_mem, and the first
+# five *generate* what M_mem needs (NL Eqs. 80-88). All six are written in context, so the maps
+# that produce keys and values change as the sequence goes: the model modifies itself. Per chunk,
+# from the chunk-start states of all six:
+#   1. generate k = M_k(x), v = M_v(x), q = M_q(x), θ = lr_max·σ(w_lr·M_lr(x)), α = σ(w_α·M_forget(x))
+#   2. self-generated targets v̂_□ = M_□(v) for every memory (NL Eq. 84)
+#   3. write all six with keys k, values v̂_□ and the same θ, η, α, through one memory_update call
+#   4. the layer's output is M_mem(q), read before the write
+# Departures (README): NL writes with its DGD preconditioner and no momentum; we use the Titans rule
+# of §4 for every memory, with η from a linear map as in Titans.
+
+SELF_MOD_COMPONENTS = ("k", "v", "q", "lr", "forget", "mem")   # seed paper: m_k, m_v, m_q, m_η, m_α, m_memory
+
+
+class SelfModifyingMemory(MemoryLayer):
+    """Six stacked per-head memories; the state is [B, 6·H, d_in, d_out] per layer, component-major."""
+
+    def __init__(self, dim, heads, d_head, depth=2, expansion=2, chunk_size=16, lr_max=0.1,
+                 threshold=None, relative=False, checkpoint=False):
+        super().__init__(dim, heads, d_head)
+        self.chunk_size, self.threshold, self.relative = chunk_size, threshold, relative
+        self.checkpoint = checkpoint
+        n = len(SELF_MOD_COMPONENTS)
+        self.initial_weights = init_memory_weights(n * heads, d_head, depth, expansion)
+        self.rates = RateHeads(heads, d_head, lr_max)  # w_lr, w_forget read-outs and η's linear map
+
+    def initial_state(self, batch):
+        weights = per_sample(self.initial_weights, batch)
+        return MemoryState(weights, zero_momentum(weights))
+
+    def by_component(self, weights):
+        """[B, 6·H, ...] -> [B, 6, H, ...] (a view)."""
+        return tuple(W.unflatten(1, (len(SELF_MOD_COMPONENTS), self.heads)) for W in weights)
+
+    def generate(self, feats, weights):
+        """Step 1: k, v, q [B, H, n, d] and θ, η, α [B, H, n] from the memories at `weights`."""
+        generators = tuple(W[:, :5] for W in self.by_component(weights))         # M_k .. M_forget
+        k, v, q, lr_feats, forget_feats = memory_forward(generators, feats[:, None]).unbind(1)
+        lr, momentum_decay, forget = self.rates(lr_feats, feats, forget_feats)
+        return F.normalize(k, dim=-1), v, F.normalize(q, dim=-1), lr, momentum_decay, forget
+
+    def read(self, feats, state):
+        """M_mem(M_q(x)) at the given state for every token (no write). Returns [B, T, dim]."""
+        W = self.by_component(state.weights)
+        q = F.normalize(memory_forward(tuple(w[:, 2] for w in W), feats), dim=-1)
+        return self.output(memory_forward(tuple(w[:, 5] for w in W), q), feats.dtype)
+
+    def _chunk(self, feats, state, read):
+        """One chunk [B, H, n, d] of steps 1-4; returns (M_mem(q) or None, new state, surprise)."""
+        k, v, q, lr, momentum_decay, forget = self.generate(feats, state.weights)
+        W = self.by_component(state.weights)
+        out = memory_forward(tuple(w[:, 5] for w in W), q) if read else None       # step 4
+        targets = memory_forward(W, v[:, None]).flatten(1, 2)                     # step 2 [B, 6H, n, d]
+        n = len(SELF_MOD_COMPONENTS)
+        keys = k[:, None].expand(-1, n, -1, -1, -1).flatten(1, 2)                 # [B, 6H, n, d]
+        lr, momentum_decay, forget = (r[:, None].expand(-1, n, -1, -1).flatten(1, 2)
+                                      for r in (lr, momentum_decay, forget))      # [B, 6H, n]
+        _, weights, momentum, surprise = memory_update(                           # step 3
+            state.weights, state.momentum, keys, targets, None, lr, momentum_decay, forget,
+            self.chunk_size, threshold=self.threshold, relative=self.relative)
+        return out, MemoryState(weights, momentum), surprise
+
+    def _run(self, feats, state, read):
+        step = self._chunk
+        if self.checkpoint and torch.is_grad_enabled():
+            def step(*args):
+                return recompute_in_backward(self._chunk, *args, use_reentrant=False)
+        outs, surprises = [], []
+        for start in range(0, feats.shape[2], self.chunk_size):
+            out, state, surprise = step(feats[:, :, start:start + self.chunk_size], state, read)
+            outs.append(out)
+            surprises.append(surprise)
+        if self.recording:
+            self.trace = {"surprise": torch.cat(surprises, 2).unflatten(1, (6, self.heads))}
+        return (torch.cat(outs, 2) if read else None), state
+
+    def write(self, feats, state):
+        return self._run(feats, state, read=False)[1]
+
+    def _read_write(self, feats, state):
+        return self._run(feats, state, read=True)
+
+
+# -------------------------------------------------------------------------------------------------
+# 7. CMS, the Continuum Memory System (NL §7, Eqs. 70-74) — flag `cms`
+# -------------------------------------------------------------------------------------------------
+# CMS replaces the block's feed-forward by memories that keep learning in context, each at its own
+# pace: a level with period p is a per-head memory whose chunk size is p, so its fast weights
+# change once every p tokens (fast level p = 8, slow level p = 32). Keys are the level's input,
+# values a learned projection of it. A per-token softmax gate mixes the levels' outputs (seed
+# paper §2); NL chains the levels instead (a documented departure). Off: a plain 2-layer MLP.
+
+class CMSLevel(nn.Module):
+    recording = False
+
+    def __init__(self, config, period):
+        super().__init__()
+        H, d = config.heads, config.d_head
+        self.heads, self.period, self.gate = H, period, surprise_settings(config)
+        self.checkpoint = config.checkpoint
+        self.in_proj = nn.Linear(config.dim, H * d, bias=False)
+        self.to_value = HeadLinear(H, d, d)
+        self.rates = RateHeads(H, d, config.lr_max)
+        self.initial_weights = init_memory_weights(H, d, config.memory_depth, config.expansion)
+        self.out_proj = nn.Linear(H * d, config.dim, bias=False)
+
+    def initial_state(self, batch):
+        weights = per_sample(self.initial_weights, batch)
+        return MemoryState(weights, zero_momentum(weights))
+
+    def forward(self, x, state):
+        feats = split_heads(self.in_proj(x), self.heads)                           # [B, H, T, d]
+        keys = F.normalize(feats, dim=-1)                                          # also the queries
+        threshold, relative = self.gate
+        out, weights, momentum, surprise = memory_update(
+            state.weights, state.momentum, keys, self.to_value(feats), keys,
+            *self.rates(feats, feats, feats), self.period, threshold=threshold,
+            relative=relative, checkpoint=self.checkpoint)
+        if self.recording:
+            self.trace = {"surprise": surprise}
+        return self.out_proj(merge_heads(out.to(x.dtype))), MemoryState(weights, momentum)
+
+
+class CMS(nn.Module):
+    recording = False
+
+    def __init__(self, config):
+        super().__init__()
+        self.levels = nn.ModuleList(CMSLevel(config, p) for p in config.cms_periods)
+        self.gate = nn.Linear(config.dim, len(config.cms_periods))
+
+    def initial_state(self, batch):
+        return [level.initial_state(batch) for level in self.levels]
+
+    def forward(self, x, states):
+        outs, states = zip(*(level(x, s) for level, s in zip(self.levels, states)))
+        mix = torch.softmax(self.gate(x), dim=-1)                                   # [B, T, levels]
+        if self.recording:
+            self.trace = {"level_outputs": [o.detach() for o in outs], "mix": mix.detach()}
+        return sum(mix[..., i:i + 1] * out for i, out in enumerate(outs)), list(states)
+
+
+class MLP(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.up, self.down = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+
+    def forward(self, x):
+        return self.down(F.gelu(self.up(x)))
+
+
+# -------------------------------------------------------------------------------------------------
+# 8. Surprise gate (seed paper §2) — flag `surprise`
+# -------------------------------------------------------------------------------------------------
+# A token whose surprise s_t (§3) is below γ writes nothing: its θ_t is zeroed inside
+# memory_update (§5), while decay and momentum still run. With `surprise` on, every memory write of
+# the model (main memory, all six self-modifying memories, every CMS level) gets the same γ.
+# Absolute mode thresholds s_t itself (γ = 0.02 by default); relative mode thresholds
+# s_t / mean(s over the chunk), which does not depend on the loss scale. Off: no gate at all.
+
+def surprise_settings(config):
+    """(threshold, relative) for memory_update: (None, False) when the gate is off."""
+    if not config.surprise:
+        return None, False
+    return config.surprise_threshold, config.surprise_mode == "relative"
+
+
+# -------------------------------------------------------------------------------------------------
+# 9. Mixers and blocks (Titans §4; seed notes §2-3)
+# -------------------------------------------------------------------------------------------------
+# Attention uses rotary position embeddings (RoPE), so models run past their training length, and
+# N_p persistent tokens: learned, data-independent inputs prepended to every attention context
+# (Titans §3.3). Four ways to combine the memory with attention:
+#   mac  memory as context: attention over [persistent ‖ memory read ‖ segment]      (Titans §4.1)
+#   mag  memory as gate: sliding-window attention ⊗ σ(memory)                         (Titans §4.2)
+#   mal  memory as layer: memory, then sliding-window attention                       (Titans §4.3)
+#   lmm  memory only (NL's HOPE has no attention)
+
+def rope(x, positions):
+    """Rotate feature pairs of x [B, h, T, d] by angles proportional to positions [T]."""
+    d = x.shape[-1]
+    inv_freq = 10000.0 ** (-torch.arange(0, d, 2, device=x.device, dtype=x.dtype) / d)
+    angles = positions.to(x.dtype)[:, None] * inv_freq                             # [T, d/2]
+    cos, sin = angles.cos(), angles.sin()
+    x1, x2 = x[..., :d // 2], x[..., d // 2:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class Attention(nn.Module):
+    """Causal multi-head attention with RoPE, optional sliding window and persistent tokens.
+
+    forward() takes a key/value cache of earlier tokens and returns the updated one, so a sequence
+    can be fed in pieces; with a window the cache keeps only the last `window` tokens.
+    """
+
+    def __init__(self, dim, heads, window=None, persistent_tokens=0):
+        super().__init__()
+        self.heads, self.window = heads, window
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.out = nn.Linear(dim, dim, bias=False)
+        self.persistent = nn.Parameter(torch.randn(persistent_tokens, dim) * 0.02) \
+            if persistent_tokens else None
+
+    def project(self, x, positions):
+        """q, k, v [B, h, T, dh] of x [B, T, dim]; q and k rotated by their positions."""
+        q, k, v = (split_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
+        return rope(q, positions), rope(k, positions), v
+
+    def persistent_keys_values(self, batch, dtype):
+        """Keys and values of the persistent tokens [B, h, N_p, dh] (no position: visible to all)."""
+        p = self.persistent.to(dtype).expand(batch, -1, -1)
+        _, k, v = (split_heads(t, self.heads) for t in self.qkv(p).chunk(3, dim=-1))
+        return k, v
+
+    def attend(self, q, k, v, mask):
+        """softmax(q kᵀ/√d + mask) v, heads merged and projected. mask: bool [Tq, Tk] or None."""
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        return self.out(merge_heads(y))
+
+    def forward(self, x, position, cache=None):
+        B, T, _ = x.shape
+        positions = torch.arange(position, position + T, device=x.device)
+        q, k, v = self.project(x, positions)
+        if cache is not None:
+            k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
+        key_positions = torch.arange(position + T - k.shape[2], position + T, device=x.device)
+        new_cache = (k, v) if self.window is None else (k[:, :, -self.window:], v[:, :, -self.window:])
+        if self.persistent is None and cache is None and self.window is None:
+            return self.attend(q, k, v, None), new_cache             # plain causal: fused kernel
+        # Query blocks of `window` tokens each see at most 2·window keys: linear in T.
+        block = self.window or T
+        outs = []
+        for start in range(0, T, block):
+            q_pos = positions[start:start + block]
+            first = 0 if self.window is None else max(0, int(q_pos[0]) - self.window + 1 - int(key_positions[0]))
+            last = int(q_pos[-1]) - int(key_positions[0]) + 1
+            k_pos = key_positions[first:last]
+            visible = k_pos[None, :] <= q_pos[:, None]
+            if self.window is not None:
+                visible = visible & (q_pos[:, None] - k_pos[None, :] < self.window)
+            kb, vb = k[:, :, first:last], v[:, :, first:last]
+            if self.persistent is not None:
+                pk, pv = self.persistent_keys_values(B, x.dtype)
+                kb, vb = torch.cat([pk, kb], 2), torch.cat([pv, vb], 2)
+                visible = F.pad(visible, (pk.shape[2], 0), value=True)
+            outs.append(self.attend(q[:, :, start:start + block], kb, vb, visible))
+        return torch.cat(outs, 1), new_cache
+
+
+@dataclass
+class LayerState:
+    """Everything one block carries from one piece of a sequence to the next."""
+    memory: MemoryState = None         # the mixer's long-term memory (Titans or self-modifying)
+    conv_tail: torch.Tensor = None     # its conv input tail (the stream it writes)
+    query_tail: torch.Tensor = None    # MAC: conv tail of the stream it reads with
+    attention: tuple = None            # (keys, values) cache of the mixer's attention
+    cms: list = None                   # one MemoryState per CMS level
+
+
+def make_memory(config):
+    """The mixer's memory: self-modifying (§6) when `self_mod`, else Titans (§5)."""
+    cls = SelfModifyingMemory if config.self_mod else NeuralMemory
+    threshold, relative = surprise_settings(config)
+    return cls(config.dim, config.heads, config.d_head, config.memory_depth, config.expansion,
+               config.chunk_size, config.lr_max, threshold, relative, config.checkpoint)
+
+
+class MACMixer(nn.Module):
+    """Memory as context, per segment of `segment_len` tokens starting at the segment-start state:
+    h = M(q) read with the segment's inputs; y = attention over [persistent ‖ h ‖ segment], where
+    h_i is visible to position j iff i ≤ j; then the memory is written with y (chunk size C) and
+    the output is y ⊗ σ(M(y)), M again read at the segment-start state (Titans Eqs. 21-25)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.segment_len = config.segment_len
+        self.memory = make_memory(config)
+        self.attention = Attention(config.dim, config.heads, None, config.persistent_tokens)
+
+    def attend_segment(self, segment, retrieved, position):
+        B, L, _ = segment.shape
+        positions = torch.arange(position, position + L, device=segment.device)
+        q, k, v = self.attention.project(segment, positions)
+        _, k_h, v_h = self.attention.project(retrieved, positions)    # h_i sits at position i
+        causal = torch.ones(L, L, dtype=torch.bool, device=segment.device).tril()
+        visible = torch.cat([causal, causal], dim=1)                  # [L, 2L]: h part, segment part
+        if self.attention.persistent is not None:
+            pk, pv = self.attention.persistent_keys_values(B, segment.dtype)
+            k_h, v_h = torch.cat([pk, k_h], 2), torch.cat([pv, v_h], 2)
+            visible = F.pad(visible, (pk.shape[2], 0), value=True)
+        return self.attention.attend(q, torch.cat([k_h, k], 2), torch.cat([v_h, v], 2), visible)
+
+    def forward(self, x, state, position):
+        memory, query_tail, conv_tail = state.memory, state.query_tail, state.conv_tail
+        outs = []
+        for start in range(0, x.shape[1], self.segment_len):
+            segment = x[:, start:start + self.segment_len]
+            query_feats, query_tail = self.memory.features(segment, query_tail)
+            retrieved = self.memory.read(query_feats, memory)                       # h  [B, L, dim]
+            y = self.attend_segment(segment, retrieved, position + start)
+            y_feats, conv_tail = self.memory.features(y, conv_tail)
+            gate = self.memory.read(y_feats, memory)
+            memory = self.memory.write(y_feats, memory)
+            outs.append(y * torch.sigmoid(gate))
+        return torch.cat(outs, 1), LayerState(memory, conv_tail, query_tail, None, state.cms)
+
+
+class MAGMixer(nn.Module):
+    """Memory as gate: sliding-window attention and the memory read, each normalized, combined as
+    y ⊗ σ(M(x)) (Titans Eqs. 26-28)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.memory = make_memory(config)
+        self.attention = Attention(config.dim, config.heads, config.segment_len, config.persistent_tokens)
+        self.norm_attention, self.norm_memory = nn.LayerNorm(config.dim), nn.LayerNorm(config.dim)
+
+    def forward(self, x, state, position):
+        y, cache = self.attention(x, position, state.attention)
+        m, memory, conv_tail = self.memory(x, state.memory, state.conv_tail)
+        out = self.norm_attention(y) * torch.sigmoid(self.norm_memory(m))
+        return out, LayerState(memory, conv_tail, None, cache, state.cms)
+
+
+class MALMixer(nn.Module):
+    """Memory as layer: the memory's output goes through sliding-window attention (Titans Eqs. 29-31)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.memory = make_memory(config)
+        self.attention = Attention(config.dim, config.heads, config.segment_len, config.persistent_tokens)
+
+    def forward(self, x, state, position):
+        m, memory, conv_tail = self.memory(x, state.memory, state.conv_tail)
+        y, cache = self.attention(m, position, state.attention)
+        return y, LayerState(memory, conv_tail, None, cache, state.cms)
+
+
+class LMMMixer(nn.Module):
+    """The memory alone, no attention."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.memory = make_memory(config)
+
+    def forward(self, x, state, position):
+        y, memory, conv_tail = self.memory(x, state.memory, state.conv_tail)
+        return y, LayerState(memory, conv_tail, None, None, state.cms)
+
+
+class AttentionMixer(nn.Module):
+    """The GPT baseline's mixer: full causal attention with RoPE and a growing cache."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.attention = Attention(config.dim, config.heads)
+
+    def forward(self, x, state, position):
+        y, cache = self.attention(x, position, state.attention)
+        return y, LayerState(attention=cache)
+
+
+MIXERS = {"mac": MACMixer, "mag": MAGMixer, "mal": MALMixer, "lmm": LMMMixer}
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + Mixer(norm x), then x + FFN(norm x); FFN = CMS or MLP."""
+
+    def __init__(self, config):
+        super().__init__()
+        transformer = config.model == "transformer"
+        self.norm1, self.norm2 = nn.LayerNorm(config.dim), nn.LayerNorm(config.dim)
+        self.mixer = AttentionMixer(config) if transformer else MIXERS[config.mixer](config)
+        self.ffn = CMS(config) if config.cms and not transformer else MLP(config.dim)
+
+    def initial_state(self, batch):
+        memory = getattr(self.mixer, "memory", None)
+        return LayerState(memory=memory.initial_state(batch) if memory is not None else None,
+                          cms=self.ffn.initial_state(batch) if isinstance(self.ffn, CMS) else None)
+
+    def forward(self, x, state, position):
+        y, state = self.mixer(self.norm1(x), state, position)
+        x = x + y
+        if isinstance(self.ffn, CMS):
+            y, cms_state = self.ffn(self.norm2(x), state.cms)
+            state = LayerState(state.memory, state.conv_tail, state.query_tail, state.attention, cms_state)
+        else:
+            y = self.ffn(self.norm2(x))
+        return x + y, state
+
+
+# -------------------------------------------------------------------------------------------------
+# 10. Models: configuration, the language model, generation, the ablation rows
+# -------------------------------------------------------------------------------------------------
+
+@dataclass
+class HOPEConfig:
+    model: str = "hope"                # "hope", or "transformer" for the GPT baseline
+    vocab_size: int = 256
+    dim: int = 256
+    layers: int = 6
+    heads: int = None                  # None: dim // d_head; if given, d_head = dim // heads
+    d_head: int = 64
+    mixer: str = "mac"                 # mac | mag | mal | lmm
+    cms: bool = True                   # §7: continuum memory levels instead of the MLP
+    self_mod: bool = True              # §6: self-modifying memories instead of linear maps
+    surprise: bool = True              # §8: surprise-gated writes
+    surprise_threshold: float = 0.02   # γ
+    surprise_mode: str = "absolute"    # absolute | relative
+    chunk_size: int = 16               # C
+    segment_len: int = 64              # MAC segment, MAG/MAL attention window
+    persistent_tokens: int = 4         # N_p
+    memory_depth: int = 2
+    expansion: int = 2                 # memory MLP hidden width = expansion · d_head
+    lr_max: float = 0.1                # θ_max
+    cms_periods: tuple = (8, 32)
+    seq_len: int = 512                 # training context (RoPE lets models run past it)
+    checkpoint: bool = False           # recompute each memory chunk in backward (memory ∝ T/C)
+
+    def __post_init__(self):
+        self.cms_periods = tuple(self.cms_periods)
+        if self.heads is None:
+            self.heads = max(1, self.dim // self.d_head)
+        elif self.heads > 0 and self.dim % self.heads == 0:
+            self.d_head = self.dim // self.heads
+
+    def validate(self):
+        """Raise ValueError with a one-line message if the configuration cannot be built."""
+        checks = [
+            (self.model in ("hope", "transformer"), f"unknown model '{self.model}' (hope, transformer)"),
+            (self.mixer in MIXERS, f"unknown mixer '{self.mixer}' ({', '.join(MIXERS)})"),
+            (self.surprise_mode in ("absolute", "relative"),
+             f"unknown surprise mode '{self.surprise_mode}' (absolute, relative)"),
+            (self.dim > 0 and self.layers > 0 and self.vocab_size > 0, "dim, layers and vocab_size must be positive"),
+            (self.heads > 0 and self.dim % self.heads == 0,
+             f"dim {self.dim} is not divisible by heads {self.heads}"),
+            (self.d_head % 2 == 0, f"head width {self.d_head} must be even (RoPE)"),
+            (self.chunk_size > 0, f"chunk size must be positive, got {self.chunk_size}"),
+            (self.segment_len > 0 and self.segment_len % self.chunk_size == 0,
+             f"segment_len {self.segment_len} must be a positive multiple of chunk size {self.chunk_size}"),
+            (all(p > 0 for p in self.cms_periods) and len(self.cms_periods) > 0,
+             f"CMS periods must be positive, got {self.cms_periods}"),
+            (self.memory_depth >= 1 and self.expansion >= 1, "memory depth and expansion must be >= 1"),
+            (self.persistent_tokens >= 0, "persistent_tokens must be >= 0"),
+            (self.lr_max > 0, "lr_max must be positive"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        return self
+
+    @property
+    def period(self):
+        """Tokens between states that every chunk, segment and CMS level agree on (1 for GPT)."""
+        if self.model == "transformer":
+            return 1
+        sizes = [self.chunk_size, self.segment_len if self.mixer == "mac" else 1]
+        sizes += list(self.cms_periods) if self.cms else []
+        return math.lcm(*sizes)
+
+
+@dataclass
+class ModelState:
+    """Where a sequence stands: its next position and every block's LayerState."""
+    position: int
+    layers: list
+
+
+class LanguageModel(nn.Module):
+    """Token embedding -> blocks -> norm -> tied output head. HOPE, its ablations and GPT."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config.validate()
+        self.embed = nn.Embedding(config.vocab_size, config.dim)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.layers))
+        self.norm = nn.LayerNorm(config.dim)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def initial_state(self, batch):
+        return ModelState(0, [block.initial_state(batch) for block in self.blocks])
+
+    def advance(self, idx, state):
+        """Process idx [B, T] as the continuation of `state`. Returns (logits [B, T, V], new state).
+
+        Chunks, segments and CMS periods are aligned to absolute positions, so `state` must sit on
+        a multiple of config.period (every state this returns after a whole period does).
+        """
+        if state.position % self.config.period:
+            raise ValueError(f"state at position {state.position} is not on a period boundary")
+        x = self.embed(idx)
+        layers = []
+        for block, layer_state in zip(self.blocks, state.layers):
+            x, layer_state = block(x, layer_state, state.position)
+            layers.append(layer_state)
+        logits = self.norm(x) @ self.embed.weight.T                               # tied head
+        return logits, ModelState(state.position + idx.shape[1], layers)
+
+    def forward(self, idx, targets=None):
+        """Fresh memory per sequence. Returns (logits [B, T, V], mean cross-entropy or None)."""
+        logits, _ = self.advance(idx, self.initial_state(idx.shape[0]))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, return_logits=False):
+        """Sample continuations of idx [B, T], carrying state: the state at the last common
+        period boundary and the tokens pending since it, so each new token recomputes at most one
+        period (plus itself), never the prompt. Returns idx extended (and the logits if asked)."""
+        P = self.config.period
+        boundary = ((idx.shape[1] - 1) // P) * P
+        state = self.initial_state(idx.shape[0])
+        if boundary:
+            _, state = self.advance(idx[:, :boundary], state)
+        pending, all_logits = idx[:, boundary:], []
+        for _ in range(max_new_tokens):
+            logits, after = self.advance(pending, state)
+            all_logits.append(logits[:, -1])
+            next_logits = logits[:, -1] / max(temperature, 1e-8)
+            if top_k is not None:
+                kth = torch.topk(next_logits, min(top_k, next_logits.shape[-1])).values[:, -1:]
+                next_logits = next_logits.masked_fill(next_logits < kth, -math.inf)
+            token = torch.multinomial(torch.softmax(next_logits.float(), -1), 1) if temperature > 0 \
+                else next_logits.argmax(-1, keepdim=True)
+            idx = torch.cat([idx, token], 1)
+            if pending.shape[1] == P:
+                state, pending = after, token
+            else:
+                pending = torch.cat([pending, token], 1)
+        return (idx, torch.stack(all_logits, 1)) if return_logits else idx
+
+    def recording(self, on=True):
+        """Make every memory layer keep a detached `trace` of its last forward (for analyze.py)."""
+        for module in self.modules():
+            if hasattr(type(module), "recording") and not callable(getattr(type(module), "recording")):
+                module.recording = on
+        return self
+
+
+def build_model(config):
+    return LanguageModel(config)
+
+
+# The rows of the seed paper's Table 1, as flags on one config (DESIGN §10).
+ABLATION_ROWS = {
+    "Full HOPE": dict(model="hope", cms=True, self_mod=True, surprise=True),
+    "No CMS": dict(model="hope", cms=False, self_mod=True, surprise=True),
+    "No Self-Mod": dict(model="hope", cms=True, self_mod=False, surprise=True),
+    "No Surprise": dict(model="hope", cms=True, self_mod=True, surprise=False),
+    "Titans": dict(model="hope", cms=True, self_mod=False, surprise=False),
+    "Transformer": dict(model="transformer"),
+    "Transformer (matched)": dict(model="transformer"),
+}
+
+
+def count_params(config):
+    """Parameters of a config, without allocating them."""
+    with torch.device("meta"):
+        return build_model(config).num_params()
+
+
+def ablation_config(row, config):
+    """The config of one ablation row, built from a base config (dims, data, training context)."""
+    if row not in ABLATION_ROWS:
+        raise ValueError(f"unknown ablation row '{row}' ({', '.join(ABLATION_ROWS)})")
+    base = {k: v for k, v in vars(config).items() if k not in ("heads",)}
+    row_config = HOPEConfig(**{**base, **ABLATION_ROWS[row]})
+    if row == "Transformer (matched)":
+        # same layers, dim = the smallest multiple of 64 whose parameters reach Full HOPE's
+        target = count_params(ablation_config("Full HOPE", config))
+        dim = 64
+        while count_params(HOPEConfig(**{**base, **ABLATION_ROWS[row], "dim": dim})) < target:
+            dim += 64
+        row_config = HOPEConfig(**{**base, **ABLATION_ROWS[row], "dim": dim})
+    return row_config
+
+
+def flops_per_token(config, seq_len=None):
+    """Training FLOPs (forward + backward) per token, counted by running one sequence."""
+    from torch.utils.flop_counter import FlopCounterMode
+    seq_len = seq_len or config.seq_len
+    model = build_model(config)
+    idx = torch.zeros(1, seq_len, dtype=torch.long)
+    with FlopCounterMode(display=False) as counter:
+        model(idx, idx)[1].backward()
+    return counter.get_total_flops() / seq_len
