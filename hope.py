@@ -373,15 +373,19 @@ class HeadLinear(nn.Module):
 class RateHeads(nn.Module):
     """Per-head, per-token θ = lr_max·σ(·), η = σ(·), α = σ(·) from linear read-outs (Titans §3.1).
 
-    Biases start at θ = lr_max/2, η ≈ 0.88 (surprise lingers a few tokens), α ≈ 0.02 (slow forgetting).
+    Biases start at θ = lr_max/2, η = 0.5 and α ≈ 0.0025 (a memory time constant of ~400 tokens).
+    Stability: a chunk of n tokens takes all its gradients at one point, and momentum weighs each
+    by up to 1/(1 − η), so correlated keys move W by ≈ 2θ·n/(1 − η) times the error: the inner
+    descent diverges once that passes ~2. lr_max = 0.02 with η starting at 0.5 keeps C = 16 and CMS
+    period 32 stable at initialization (measured: η ≈ 0.88 at init diverges for Titans keys).
     """
 
     def __init__(self, heads, d, lr_max):
         super().__init__()
         self.lr_max = lr_max
         self.to_lr = HeadLinear(heads, d, 1)
-        self.to_momentum_decay = HeadLinear(heads, d, 1, bias=2.0)
-        self.to_forget = HeadLinear(heads, d, 1, bias=-4.0)
+        self.to_momentum_decay = HeadLinear(heads, d, 1, bias=0.0)
+        self.to_forget = HeadLinear(heads, d, 1, bias=-6.0)
 
     def forward(self, lr_feats, momentum_feats, forget_feats):
         """Each input [B, H, T, d]; returns θ, η, α, each [B, H, T]."""
@@ -426,7 +430,7 @@ class MemoryLayer(nn.Module):
 class NeuralMemory(MemoryLayer):
     """Titans neural long-term memory: read before write, chunk-parallel, state carried."""
 
-    def __init__(self, dim, heads, d_head, depth=2, expansion=2, chunk_size=16, lr_max=0.1,
+    def __init__(self, dim, heads, d_head, depth=2, expansion=2, chunk_size=16, lr_max=0.02,
                  threshold=None, relative=False, checkpoint=False):
         super().__init__(dim, heads, d_head)
         self.chunk_size, self.threshold, self.relative = chunk_size, threshold, relative
@@ -487,7 +491,7 @@ SELF_MOD_COMPONENTS = ("k", "v", "q", "lr", "forget", "mem")   # seed paper: m_k
 class SelfModifyingMemory(MemoryLayer):
     """Six stacked per-head memories; the state is [B, 6·H, d_in, d_out] per layer, component-major."""
 
-    def __init__(self, dim, heads, d_head, depth=2, expansion=2, chunk_size=16, lr_max=0.1,
+    def __init__(self, dim, heads, d_head, depth=2, expansion=2, chunk_size=16, lr_max=0.02,
                  threshold=None, relative=False, checkpoint=False):
         super().__init__(dim, heads, d_head)
         self.chunk_size, self.threshold, self.relative = chunk_size, threshold, relative
@@ -509,7 +513,10 @@ class SelfModifyingMemory(MemoryLayer):
         generators = tuple(W[:, :5] for W in self.by_component(weights))         # M_k .. M_forget
         k, v, q, lr_feats, forget_feats = memory_forward(generators, feats[:, None]).unbind(1)
         lr, momentum_decay, forget = self.rates(lr_feats, feats, forget_feats)
-        return F.normalize(k, dim=-1), v, F.normalize(q, dim=-1), lr, momentum_decay, forget
+        # v is L2-normalized too (a departure): the targets M(v) are bootstrapped from the memory
+        # itself, and for M = I + A the write multiplies M by (I − 2θ(k − v)kᵀ), which grows
+        # without bound once k·v > 1. Unit k and v keep k·v ≤ 1 (measured: NaN within 512 tokens).
+        return F.normalize(k, dim=-1), F.normalize(v, dim=-1), F.normalize(q, dim=-1), lr, momentum_decay, forget
 
     def read(self, feats, state):
         """M_mem(M_q(x)) at the given state for every token (no write). Returns [B, T, dim]."""
@@ -884,7 +891,7 @@ class HOPEConfig:
     persistent_tokens: int = 4         # N_p
     memory_depth: int = 2
     expansion: int = 2                 # memory MLP hidden width = expansion · d_head
-    lr_max: float = 0.1                # θ_max
+    lr_max: float = 0.02               # θ_max (see RateHeads on stability)
     cms_periods: tuple = (8, 32)
     seq_len: int = 512                 # training context (RoPE lets models run past it)
     checkpoint: bool = False           # recompute each memory chunk in backward (memory ∝ T/C)
@@ -908,7 +915,7 @@ class HOPEConfig:
              f"dim {self.dim} is not divisible by heads {self.heads}"),
             (self.d_head % 2 == 0, f"head width {self.d_head} must be even (RoPE)"),
             (self.chunk_size > 0, f"chunk size must be positive, got {self.chunk_size}"),
-            (self.segment_len > 0 and self.segment_len % self.chunk_size == 0,
+            (self.chunk_size > 0 and self.segment_len > 0 and self.segment_len % self.chunk_size == 0,
              f"segment_len {self.segment_len} must be a positive multiple of chunk size {self.chunk_size}"),
             (all(p > 0 for p in self.cms_periods) and len(self.cms_periods) > 0,
              f"CMS periods must be positive, got {self.cms_periods}"),
