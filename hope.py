@@ -104,7 +104,8 @@ def inner_loss_terms(weights, keys, values):
     """Per-token loss ℓ_t and, per layer, the inputs x and errors δ with ∇_W ℓ_t = x_tᵀ δ_t.
 
     weights: tuple of [B, H, d_in, d_out]; keys, values: [B, H, n, d].
-    Returns loss [B, H, n], inputs and deltas (lists, one [B, H, n, ·] tensor per layer).
+    Returns the prediction M_W(k) [B, H, n, d], loss [B, H, n], and per layer the inputs and
+    deltas (lists of [B, H, n, ·] tensors).
     """
     inputs, preacts = [], []
     h = keys
@@ -125,7 +126,7 @@ def inner_loss_terms(weights, keys, values):
         deltas[layer] = delta
         if layer > 0:
             delta = (delta @ weights[layer].transpose(-1, -2)) * silu_derivative(preacts[layer - 1])
-    return loss, inputs, deltas
+    return prediction, loss, inputs, deltas
 
 
 def surprise_gate(surprise, threshold, relative, eps=1e-12):
@@ -169,7 +170,7 @@ def _memory_update_sequential(weights, momentum, keys, values, queries, lr, beta
     for start in range(0, T, chunk_size):
         anchor = weights                             # W_a: the weights at the chunk start
         chunk = slice(start, min(start + chunk_size, T))
-        surprise = inner_loss_terms(anchor, keys[:, :, chunk], values[:, :, chunk])[0].detach()
+        surprise = inner_loss_terms(anchor, keys[:, :, chunk], values[:, :, chunk])[1].detach()
         surprises.append(surprise)                   # [B, H, n]
         gate = surprise_gate(surprise, threshold, relative)
         for i, t in enumerate(range(chunk.start, chunk.stop)):
@@ -226,20 +227,23 @@ def chunk_coefficients(beta, alpha):
 def _chunk_step(weights, momentum, keys, values, queries, lr, coefficients, threshold, relative):
     """Advance (W, S) over one chunk of n tokens; read before write. Shapes as in memory_update."""
     momentum_keep, weight_keep, momentum_into_weight, momentum_coef, weight_coef = coefficients
-    outputs = memory_forward(weights, queries) if queries is not None else None
-    loss, inputs, deltas = inner_loss_terms(weights, keys, values)
+    prediction, loss, inputs, deltas = inner_loss_terms(weights, keys, values)
+    outputs = None
+    if queries is not None:                                   # read at the chunk-start weights
+        outputs = prediction if queries is keys else memory_forward(weights, queries)
     surprise = loss.detach()                                  # [B, H, n]
     gate = surprise_gate(surprise, threshold, relative)
     if gate is not None:
         lr = lr * gate                                        # gated tokens write nothing (§8)
-    coef = torch.stack([momentum_coef * lr, weight_coef * lr], dim=2)   # [B, H, 2, n]
+    coef_S, coef_W = (c * lr for c in (momentum_coef, weight_coef))            # [B, H, n]
     E0, A0, K0 = (c[:, :, None, None] for c in (momentum_keep, weight_keep, momentum_into_weight))
     new_weights, new_momentum = [], []
     for W, S, x, delta in zip(weights, momentum, inputs, deltas):
-        # Σ_i c_i x_iᵀ δ_i for both coefficient sets in one batched matmul     [B, H, 2, d_in, d_out]
-        weighted = (x.unsqueeze(2) * coef[..., None]).transpose(-1, -2) @ delta.unsqueeze(2)
-        new_momentum.append(E0 * S - weighted[:, :, 0])
-        new_weights.append(A0 * W + K0 * S - weighted[:, :, 1])
+        # Σ_i c_i x_iᵀ δ_i for both coefficient sets in one matmul: Xᵀ [c_S·Δ ‖ c_W·Δ]
+        both = x.transpose(-1, -2) @ torch.cat([coef_S[..., None] * delta, coef_W[..., None] * delta], -1)
+        sum_S, sum_W = both.split(delta.shape[-1], dim=-1)                        # [B, H, d_in, d_out]
+        new_momentum.append(E0 * S - sum_S)
+        new_weights.append(A0 * W + K0 * S - sum_W)
     return outputs, tuple(new_weights), tuple(new_momentum), surprise
 
 
@@ -261,9 +265,10 @@ def _memory_update_parallel(weights, momentum, keys, values, queries, lr, beta, 
             return recompute_in_backward(_chunk_step, *args, use_reentrant=False)
     for index, coefficients in enumerate(blocks):
         chunk = slice(index * chunk_size, min((index + 1) * chunk_size, T))
+        chunk_keys = keys[:, :, chunk]
+        chunk_queries = chunk_keys if queries is keys else queries[:, :, chunk] if queries is not None else None
         out, weights, momentum, surprise = step(
-            weights, momentum, keys[:, :, chunk], values[:, :, chunk],
-            queries[:, :, chunk] if queries is not None else None, lr[:, :, chunk],
+            weights, momentum, chunk_keys, values[:, :, chunk], chunk_queries, lr[:, :, chunk],
             coefficients, threshold, relative)
         outputs.append(out)
         surprises.append(surprise)
@@ -294,8 +299,9 @@ def memory_update(params, momentum, keys, values, queries, lr, beta, alpha, chun
     with torch.autocast(device_type, enabled=False):         # the memory always runs in fp32+
         dtype = torch.promote_types(keys.dtype, torch.float32)
         params, momentum = (tuple(t.to(dtype) for t in ts) for ts in (params, momentum))
+        read_keys = queries is keys                           # reads with the keys reuse M(k)
         keys, values, lr, beta, alpha = (t.to(dtype) for t in (keys, values, lr, beta, alpha))
-        queries = queries.to(dtype) if queries is not None else None
+        queries = keys if read_keys else queries.to(dtype) if queries is not None else None
         beta = beta.clamp(GATE_EPS, 1 - GATE_EPS)
         alpha = alpha.clamp(GATE_EPS, 1 - GATE_EPS)
         if parallel:
