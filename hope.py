@@ -69,13 +69,17 @@ def memory_shapes(d, depth, expansion):
     return [(d, h)] + [(h, h)] * (depth - 2) + [(h, d)]
 
 
-def init_memory_weights(heads, d, depth, expansion):
-    """Learned initial weights W⁰ (the meta state), one [H, d_in, d_out] tensor per layer."""
+def init_memory_weights(heads, d, depth, expansion, branch_scale=0.1):
+    """Learned initial weights W⁰ (the meta state), one [H, d_in, d_out] tensor per layer.
+
+    The last layer of a residual memory is scaled by branch_scale: 0.1 starts M(x) ≈ x, while
+    memories that must differ from each other (the self-modifying generators, §6) use 1.
+    """
     weights = []
     for d_in, d_out in memory_shapes(d, depth, expansion):
         W = torch.randn(heads, d_in, d_out) / math.sqrt(d_in)
         if depth > 1 and d_out == d:
-            W = W * 0.1  # the residual branch starts small, so M(x) ≈ x at initialization
+            W = W * branch_scale
         weights.append(nn.Parameter(W))
     return nn.ParameterList(weights)
 
@@ -503,7 +507,8 @@ class SelfModifyingMemory(MemoryLayer):
         self.chunk_size, self.threshold, self.relative = chunk_size, threshold, relative
         self.checkpoint = checkpoint
         n = len(SELF_MOD_COMPONENTS)
-        self.initial_weights = init_memory_weights(n * heads, d_head, depth, expansion)
+        # Full-scale residual branches: with M(x) ≈ x, k ≈ v ≈ q and there is nothing to memorize.
+        self.initial_weights = init_memory_weights(n * heads, d_head, depth, expansion, branch_scale=1.0)
         self.rates = RateHeads(heads, d_head, lr_max)  # w_lr, w_forget read-outs and η's linear map
 
     def initial_state(self, batch):
