@@ -30,8 +30,9 @@ PRESETS = {
                           "Scaled (512d, 8L)": dict(train.PRESETS["scaled"])},
                   data="openwebtext", tokenizer="gpt2"),
     "cpu": dict(scales={"tiny": dict(train.PRESETS["tiny"])}, data="shakespeare", tokenizer="byte"),
-    "smoke": dict(scales={"smoke": dict(dim=32, layers=1, d_head=16, seq_len=64, chunk_size=8, segment_len=32,
-                                        batch_size=4, steps=6, lr=2e-3, eval_every=3, eval_batches=2)},
+    "smoke": dict(scales={"smoke": dict(dim=32, layers=1, d_head=16, seq_len=32, chunk_size=8, segment_len=16,
+                                        batch_size=4, steps=4, lr=2e-3, eval_every=2, eval_batches=1,
+                                        save_every=2)},
                   data="shakespeare", tokenizer="byte"),
 }
 SWEEP = [("absolute", g) for g in (0.005, 0.01, 0.02, 0.05, 0.1)] + [("relative", g) for g in (0.1, 0.3, 1.0, 3.0)]

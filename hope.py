@@ -1036,7 +1036,9 @@ class LanguageModel(nn.Module):
         surprise of each write (a list, in sequence order) and the CMS level outputs."""
         for module in self.modules():
             if hasattr(type(module), "recording") and not callable(getattr(type(module), "recording")):
-                module.recording, module.trace = on, {}
+                module.recording = on
+                if on:
+                    module.trace = {}
         return self
 
 

@@ -19,6 +19,12 @@ rates θ, η, α anywhere in (0, 1), with values 1e-6 from either end mixed in. 
   - no_grad, plain inputs, no in-place changes, checkpointing, and NeuralMemory fed in pieces.
 "Agree" means max |a − b| ≤ rtol · max |reference|, tensor by tensor: rtol = 1e-9 between the
 two paths (values and gradients), 1e-12 where the same numbers should come out ("unchanged").
+
+The HOPE model (§6-10), on tiny float64 configs, for every ablation row and every mixer: every
+parameter gets a gradient, flags that are off create no parameters, causality, generation with
+carried state equals one forward, batch independence, self-modification (fast ≠ meta, chunk 1
+changes the keys generated in chunk 2), CMS periods, the closed gate. Then train.py (end to end,
+bit-exact resume, the non-finite guard, one-line exit-2 errors) and ablate.py/analyze.py (smoke).
 """
 import dataclasses
 import math
@@ -953,3 +959,80 @@ def test_bad_input_exits_2_with_one_line(corpus, tmp_path, capsys, monkeypatch):
     for process in processes:
         err = process.communicate(timeout=60)[1].strip().splitlines()
         assert process.returncode == 2 and len(err) == 1 and err[0].startswith("error: "), err
+
+
+# --- ablate.py and analyze.py: every row, column and figure exists, every number is finite ---
+
+import ablate  # noqa: E402
+import analyze  # noqa: E402
+
+
+def finite_numbers(obj):
+    """Every int/float inside a JSON-like object (bools and None skipped)."""
+    if isinstance(obj, dict):
+        return [x for v in obj.values() for x in finite_numbers(v)]
+    if isinstance(obj, (list, tuple)):
+        return [x for v in obj for x in finite_numbers(v)]
+    return [obj] if isinstance(obj, (int, float)) and not isinstance(obj, bool) else []
+
+
+def test_ablate_smoke_then_analyze(tmp_path, monkeypatch):
+    """ablate.py --preset smoke trains every row and writes the table, CSV, JSON and Figure 5 with
+    finite numbers; a rerun trains nothing (cached); analyze.py reads a run's snapshots and writes
+    Figures 1-4, the JSON and the summary, all finite."""
+    md, out = ablate.ablate("smoke", out_dir=tmp_path / "abl")
+    for row in hope.ABLATION_ROWS:
+        assert f"| {row} |" in md
+    assert "**" in md                                               # best loss in bold
+    table = json.loads((out / "results.json").read_text())["table"]
+    assert [c["row"] for c in table] == list(hope.ABLATION_ROWS)
+    for cell in table:
+        for key in ("loss", "val_loss", "params", "tokens_per_s"):
+            assert math.isfinite(cell[key]) and cell[key] > 0, (cell["row"], key)
+        assert cell["row"] == "Full HOPE" or math.isfinite(cell["delta"])
+    assert len((out / "results.csv").read_text().strip().splitlines()) == 1 + len(hope.ABLATION_ROWS)
+    assert (out / "fig5_curves.png").read_bytes()[:4] == b"\x89PNG"
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a cached run was trained again")
+    monkeypatch.setattr(train, "train_model", no_training)
+    assert ablate.ablate("smoke", out_dir=tmp_path / "abl")[0] == md
+    monkeypatch.undo()
+
+    run_dir = next((out / "runs").glob("full-hope-*"))
+    results, analysis_dir = analyze.analyze(run_dir, sequences=2)
+    assert results["steps"] == [0, 2, 4]
+    assert results["cms"] and results["fast_vs_meta"] and results["surprise"] and results["online"]
+    assert {f"L0.{c}" for c in hope.SELF_MOD_COMPONENTS} <= set(results["fast_vs_meta"])
+    for name in ("fig1_cms.png", "fig2_self_mod.png", "fig3_surprise.png", "fig4_online_adaptation.png"):
+        assert (analysis_dir / name).read_bytes()[:4] == b"\x89PNG"
+    numbers = finite_numbers(json.loads((analysis_dir / "analysis.json").read_text()))
+    assert numbers and all(math.isfinite(x) for x in numbers)
+    assert "## Surprise" in (analysis_dir / "analysis.md").read_text()
+
+
+def test_ablate_a_crashing_row_loses_no_other_row(tmp_path, monkeypatch):
+    """One row's failure is recorded in the table; the other rows still train and report."""
+    real = train.train_model
+
+    def crash_transformer(model_cfg, cfg, checkpoint=None):
+        if model_cfg.model == "transformer":
+            raise RuntimeError("simulated crash")
+        return real(model_cfg, cfg, checkpoint)
+    monkeypatch.setattr(train, "train_model", crash_transformer)
+    md, out = ablate.ablate("smoke", rows=["Full HOPE", "Transformer"], out_dir=tmp_path / "abl")
+    table = {c["row"]: c for c in json.loads((out / "results.json").read_text())["table"]}
+    assert math.isfinite(table["Full HOPE"]["loss"])
+    assert table["Transformer"]["loss"] is None and "simulated crash" in table["Transformer"]["errors"][0]
+    assert "| Transformer | failed |" in md
+
+
+def test_ablate_and_analyze_bad_input_exit_2(tmp_path, capsys):
+    for main, argv in [(ablate.main, ["--preset", "nope"]), (ablate.main, ["--rows", "Full HOPE,Nope"]),
+                       (ablate.main, ["--seeds", "0"]), (analyze.main, [str(tmp_path / "missing")]),
+                       (analyze.main, [str(tmp_path)])]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and len(err.splitlines()) == 1, err

@@ -491,6 +491,8 @@ def train_model(model_cfg, cfg, checkpoint=None):
 
     if checkpoint is None:
         evaluate_log_save()
+        if cfg.save_every:                       # the initialization, for analyze.py's drift
+            save(out_dir / f"ckpt_{step:06d}.pt")
     with CtrlC() as ctrl_c, tqdm(total=cfg.steps, initial=step, unit="step", mininterval=1) as bar:
         while step < cfg.steps:
             t0 = time.perf_counter()
