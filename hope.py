@@ -335,8 +335,10 @@ class MemoryState:
                            tuple(s.detach() for s in self.momentum))
 
 
-def zero_momentum(weights):
-    return tuple(torch.zeros_like(w) for w in weights)
+def initial_state(initial_weights, batch):
+    """The state a sequence starts from: the meta weights W⁰ per sample, and S_0 = 0."""
+    weights = per_sample(initial_weights, batch)
+    return MemoryState(weights, tuple(torch.zeros_like(w) for w in weights))
 
 
 class CausalConv(nn.Module):
@@ -413,12 +415,16 @@ class MemoryLayer(nn.Module):
     """
     recording = False  # when True (set by analysis code), layers fill a `trace` dict of detached values
 
-    def __init__(self, dim, heads, d_head):
+    def __init__(self, dim, heads, d_head, chunk_size, threshold, relative, checkpoint):
         super().__init__()
-        self.heads = heads
+        self.heads, self.chunk_size, self.checkpoint = heads, chunk_size, checkpoint
+        self.threshold, self.relative = threshold, relative
         self.in_proj = nn.Linear(dim, heads * d_head, bias=False)
         self.conv = CausalConv(heads * d_head)
         self.out_proj = nn.Linear(heads * d_head, dim, bias=False)
+
+    def initial_state(self, batch):
+        return initial_state(self.initial_weights, batch)
 
     def features(self, x, conv_tail=None):
         """x: [B, T, dim] -> per-head features [B, H, T, d] and the new conv tail."""
@@ -442,16 +448,10 @@ class NeuralMemory(MemoryLayer):
 
     def __init__(self, dim, heads, d_head, depth=2, expansion=2, chunk_size=16, lr_max=0.02,
                  threshold=None, relative=False, checkpoint=False):
-        super().__init__(dim, heads, d_head)
-        self.chunk_size, self.threshold, self.relative = chunk_size, threshold, relative
-        self.checkpoint = checkpoint
+        super().__init__(dim, heads, d_head, chunk_size, threshold, relative, checkpoint)
         self.to_qkv = HeadLinear(heads, d_head, 3 * d_head)
         self.rates = RateHeads(heads, d_head, lr_max)
         self.initial_weights = init_memory_weights(heads, d_head, depth, expansion)
-
-    def initial_state(self, batch):
-        weights = per_sample(self.initial_weights, batch)
-        return MemoryState(weights, zero_momentum(weights))
 
     def queries_keys_values(self, feats):
         q, k, v = F.silu(self.to_qkv(feats)).chunk(3, dim=-1)      # each [B, H, T, d]
@@ -503,17 +503,11 @@ class SelfModifyingMemory(MemoryLayer):
 
     def __init__(self, dim, heads, d_head, depth=2, expansion=2, chunk_size=16, lr_max=0.02,
                  threshold=None, relative=False, checkpoint=False):
-        super().__init__(dim, heads, d_head)
-        self.chunk_size, self.threshold, self.relative = chunk_size, threshold, relative
-        self.checkpoint = checkpoint
+        super().__init__(dim, heads, d_head, chunk_size, threshold, relative, checkpoint)
         n = len(SELF_MOD_COMPONENTS)
         # Full-scale residual branches: with M(x) ≈ x, k ≈ v ≈ q and there is nothing to memorize.
         self.initial_weights = init_memory_weights(n * heads, d_head, depth, expansion, branch_scale=1.0)
         self.rates = RateHeads(heads, d_head, lr_max)  # w_lr, w_forget read-outs and η's linear map
-
-    def initial_state(self, batch):
-        weights = per_sample(self.initial_weights, batch)
-        return MemoryState(weights, zero_momentum(weights))
 
     def by_component(self, weights):
         """[B, 6·H, ...] -> [B, 6, H, ...] (a view)."""
@@ -595,8 +589,7 @@ class CMSLevel(nn.Module):
         self.out_proj = nn.Linear(H * d, config.dim, bias=False)
 
     def initial_state(self, batch):
-        weights = per_sample(self.initial_weights, batch)
-        return MemoryState(weights, zero_momentum(weights))
+        return initial_state(self.initial_weights, batch)
 
     def forward(self, x, state):
         feats = split_heads(self.in_proj(x), self.heads)                           # [B, H, T, d]

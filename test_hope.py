@@ -280,6 +280,14 @@ def leaf_copies(tensors):
     return [copies.setdefault(id(t), t.detach().clone().requires_grad_()) for t in tensors]
 
 
+def random_projections(problem, reference):
+    """Fixed random weights, one per output tensor (outputs, weights, momentum), to reduce them to
+    a scalar whose gradient checks every output at once."""
+    gen = torch.Generator().manual_seed(problem.seed)
+    return [torch.randn(t.shape, generator=gen, dtype=t.dtype)
+            for t in (reference[0], *reference[1], *reference[2])]
+
+
 def gradients(problem, parallel, projections, **kwargs):
     """d/d(every input) of Σ P·outputs + Σ P·new weights + Σ P·new momentum."""
     leaves = leaf_copies(problem.tensors())
@@ -304,9 +312,7 @@ def test_gradients_parallel_equal_sequential(problem, gate, queries_are_keys):
     kwargs = gate_kwargs(problem, gate)
     reference = problem.run(False, **kwargs)
     assume_tame(result_tensors(reference), limit=1e30)
-    gen = torch.Generator().manual_seed(problem.seed)
-    projections = [torch.randn(t.shape, generator=gen, dtype=t.dtype)
-                   for t in (reference[0], *reference[1], *reference[2])]
+    projections = random_projections(problem, reference)
     expected = gradients(problem, False, projections, **kwargs)
     assume_tame(expected)
     actual = gradients(problem, True, projections, **kwargs)
@@ -559,9 +565,7 @@ def test_checkpointing_changes_nothing(problem, gate):
     kwargs = gate_kwargs(problem, gate)
     reference = problem.run(True, **kwargs)
     assume_tame(result_tensors(reference), limit=1e30)
-    gen = torch.Generator().manual_seed(problem.seed)
-    projections = [torch.randn(t.shape, generator=gen, dtype=t.dtype)
-                   for t in (reference[0], *reference[1], *reference[2])]
+    projections = random_projections(problem, reference)
     leaves = leaf_copies(problem.tensors())
     checkpointed = problem.with_tensors(leaves).run(True, checkpoint=True, **kwargs)
     assert_results_close(checkpointed, reference, SAME_RTOL, "checkpointed ")
