@@ -147,13 +147,13 @@ def level_output_cosine(model, x):
 def fast_vs_meta(model, x):
     _, state = model.advance(x, model.initial_state(x.shape[0]))
     result = {}
-    for (i, memory), layer in zip(layer_memories(model), [state.layers[i] for i, _ in layer_memories(model)]):
+    for i, memory in layer_memories(model):
         n = len(components(memory))
-        fast = [W.unflatten(1, (n, memory.heads)) for W in layer.memory.weights]        # [B, n, H, ...]
-        meta = [W.unflatten(0, (n, memory.heads)) for W in memory.initial_weights]
+        fast = [W.unflatten(1, (n, memory.heads)) for W in state.layers[i].memory.weights]  # [B, n, H, ...]
+        meta = meta_by_component(memory)
         for c_index, c in enumerate(components(memory)):
             f = torch.cat([W[:, c_index].flatten(1) for W in fast], 1)                   # [B, P]
-            m = torch.cat([W[c_index].flatten() for W in meta])[None]                    # [1, P]
+            m = meta[c][None]                                                            # [1, P]
             result[f"L{i}.{c}"] = {
                 "relative_divergence": ((f - m).norm(dim=1) / m.norm(dim=1)).mean().item(),
                 "fast_over_meta_norm": (f.norm(dim=1) / m.norm(dim=1)).mean().item(),

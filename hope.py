@@ -19,7 +19,7 @@ Papers: Titans (Behrouz, Zhong, Mirrokni 2024, "Learning to Memorize at Test Tim
 (Behrouz et al. 2025, NL below). The README lists every place where this file departs from them.
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -251,6 +251,14 @@ def _chunk_step(weights, momentum, keys, values, queries, lr, coefficients, thre
     return outputs, tuple(new_weights), tuple(new_momentum), surprise
 
 
+def maybe_recompute(step, enabled):
+    """`step` itself, or `step` recomputed in backward (activation checkpointing) when enabled and
+    a graph is being built: only its inputs, the chunk-boundary states, are kept."""
+    if not (enabled and torch.is_grad_enabled()):
+        return step
+    return lambda *args: recompute_in_backward(step, *args, use_reentrant=False)
+
+
 def _memory_update_parallel(weights, momentum, keys, values, queries, lr, beta, alpha,
                             chunk_size, threshold, relative, checkpoint):
     B, H, T, _ = keys.shape
@@ -263,10 +271,7 @@ def _memory_update_parallel(weights, momentum, keys, values, queries, lr, beta, 
     if tail:
         blocks.append(chunk_coefficients(beta[:, :, split:], alpha[:, :, split:]))
     outputs, surprises = [], []
-    step = _chunk_step
-    if checkpoint and torch.is_grad_enabled():
-        def step(*args):
-            return recompute_in_backward(_chunk_step, *args, use_reentrant=False)
+    step = maybe_recompute(_chunk_step, checkpoint)
     # Split once (a slice per chunk would make backward add T-long zero tensors: quadratic in T).
     chunk_keys, chunk_values, chunk_lr = (t.split(chunk_size, dim=2) for t in (keys, values, lr))
     chunk_queries = chunk_keys if queries is keys else \
@@ -329,10 +334,6 @@ class MemoryState:
     """One layer's memory: per-sample weights and momentum (tuples of [B, H, d_in, d_out])."""
     weights: tuple
     momentum: tuple
-
-    def detach(self):
-        return MemoryState(tuple(w.detach() for w in self.weights),
-                           tuple(s.detach() for s in self.momentum))
 
 
 def initial_state(initial_weights, batch):
@@ -545,10 +546,7 @@ class SelfModifyingMemory(MemoryLayer):
         return out, MemoryState(weights, momentum), surprise
 
     def _run(self, feats, state, read):
-        step = self._chunk
-        if self.checkpoint and torch.is_grad_enabled():
-            def step(*args):
-                return recompute_in_backward(self._chunk, *args, use_reentrant=False)
+        step = maybe_recompute(self._chunk, self.checkpoint)
         outs, surprises = [], []
         for chunk in feats.split(self.chunk_size, dim=2):
             out, state, surprise = step(chunk, state, read)
@@ -712,6 +710,7 @@ class Attention(nn.Module):
             return self.attend(q, k, v, None), new_cache             # plain causal: fused kernel
         # Query blocks of `window` tokens each see at most 2·window keys: linear in T.
         block = self.window or T
+        persistent = self.persistent_keys_values(B, x.dtype) if self.persistent is not None else None
         outs = []
         for start in range(0, T, block):
             q_pos = positions[start:start + block]
@@ -722,8 +721,8 @@ class Attention(nn.Module):
             if self.window is not None:
                 visible = visible & (q_pos[:, None] - k_pos[None, :] < self.window)
             kb, vb = k[:, :, first:last], v[:, :, first:last]
-            if self.persistent is not None:
-                pk, pv = self.persistent_keys_values(B, x.dtype)
+            if persistent is not None:
+                pk, pv = persistent
                 kb, vb = torch.cat([pk, kb], 2), torch.cat([pv, vb], 2)
                 visible = F.pad(visible, (pk.shape[2], 0), value=True)
             outs.append(self.attend(q[:, :, start:start + block], kb, vb, visible))
@@ -785,7 +784,7 @@ class MACMixer(nn.Module):
             gate = self.memory.read(y_feats, memory)
             memory = self.memory.write(y_feats, memory)
             outs.append(y * torch.sigmoid(gate))
-        return torch.cat(outs, 1), LayerState(memory, conv_tail, query_tail, None, state.cms)
+        return torch.cat(outs, 1), replace(state, memory=memory, conv_tail=conv_tail, query_tail=query_tail)
 
 
 class MAGMixer(nn.Module):
@@ -802,7 +801,7 @@ class MAGMixer(nn.Module):
         y, cache = self.attention(x, position, state.attention)
         m, memory, conv_tail = self.memory(x, state.memory, state.conv_tail)
         out = self.norm_attention(y) * torch.sigmoid(self.norm_memory(m))
-        return out, LayerState(memory, conv_tail, None, cache, state.cms)
+        return out, replace(state, memory=memory, conv_tail=conv_tail, attention=cache)
 
 
 class MALMixer(nn.Module):
@@ -816,7 +815,7 @@ class MALMixer(nn.Module):
     def forward(self, x, state, position):
         m, memory, conv_tail = self.memory(x, state.memory, state.conv_tail)
         y, cache = self.attention(m, position, state.attention)
-        return y, LayerState(memory, conv_tail, None, cache, state.cms)
+        return y, replace(state, memory=memory, conv_tail=conv_tail, attention=cache)
 
 
 class LMMMixer(nn.Module):
@@ -828,7 +827,7 @@ class LMMMixer(nn.Module):
 
     def forward(self, x, state, position):
         y, memory, conv_tail = self.memory(x, state.memory, state.conv_tail)
-        return y, LayerState(memory, conv_tail, None, None, state.cms)
+        return y, replace(state, memory=memory, conv_tail=conv_tail)
 
 
 class AttentionMixer(nn.Module):
@@ -840,7 +839,7 @@ class AttentionMixer(nn.Module):
 
     def forward(self, x, state, position):
         y, cache = self.attention(x, position, state.attention)
-        return y, LayerState(attention=cache)
+        return y, replace(state, attention=cache)
 
 
 MIXERS = {"mac": MACMixer, "mag": MAGMixer, "mal": MALMixer, "lmm": LMMMixer}
@@ -866,7 +865,7 @@ class Block(nn.Module):
         x = x + y
         if isinstance(self.ffn, CMS):
             y, cms_state = self.ffn(self.norm2(x), state.cms)
-            state = LayerState(state.memory, state.conv_tail, state.query_tail, state.attention, cms_state)
+            state = replace(state, cms=cms_state)
         else:
             y = self.ffn(self.norm2(x))
         return x + y, state
@@ -1028,7 +1027,7 @@ class LanguageModel(nn.Module):
         """Make every memory layer record into a fresh `trace` dict (for analyze.py): per-token
         surprise of each write (a list, in sequence order) and the CMS level outputs."""
         for module in self.modules():
-            if hasattr(type(module), "recording") and not callable(getattr(type(module), "recording")):
+            if isinstance(module, (MemoryLayer, CMSLevel, CMS)):
                 module.recording = on
                 if on:
                     module.trace = {}
