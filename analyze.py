@@ -71,7 +71,7 @@ def frozen_memory():
 
     def frozen(params, momentum, keys, values, queries, lr, beta, alpha, chunk_size, **_):
         outputs = hope.memory_forward(params, queries) if queries is not None else None
-        surprise = hope.inner_loss_terms(params, keys, values)[1].detach()
+        surprise = hope.inner_loss_terms(params, keys, values)[1]
         return outputs, tuple(params), tuple(momentum), surprise
 
     hope.memory_update = frozen
@@ -164,7 +164,7 @@ def fast_vs_meta(model, x):
 @torch.no_grad()
 def surprise_and_loss(model, x, y):
     model.recording(True)
-    logits, _ = model(x)
+    logits, _ = model.advance(x, model.initial_state(x.shape[0]))    # keeps every write's surprise
     model.recording(False)
     ce = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none").view_as(y)
     surprises = []

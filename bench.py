@@ -498,7 +498,7 @@ def bench_model_row(config, batch, steps, warmup, device, seed, breakdown):
     """Train-step time, peak memory and (optionally) the component breakdown of one config."""
     torch.manual_seed(seed)
     model = hope.build_model(config).to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)   # as train.py
     idx = torch.randint(0, config.vocab_size, (batch, config.seq_len + 1), device=device)
     inputs, targets = idx[:, :-1], idx[:, 1:]
 
@@ -737,8 +737,8 @@ def memory_update_fwd_bwd(layer, x):
     """fwd+bwd of hope.memory_update alone, on the q, k, v and rates the layer computes for x."""
     with torch.no_grad():
         feats, _ = layer.features(x)
-        q, k, v = layer.queries_keys_values(feats)
-        rates = layer.rates(feats, feats, feats)
+        q, (k, v) = layer.queries(feats), layer.keys_values(feats)
+        rates = layer.rates(feats)
     q, k, v, *rates = (t.detach().clone().requires_grad_() for t in (q, k, v, *rates))
     grad = torch.randn_like(q)
 

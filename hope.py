@@ -108,8 +108,8 @@ def inner_loss_terms(weights, keys, values):
     """Per-token loss ℓ_t and, per layer, the inputs x and errors δ with ∇_W ℓ_t = x_tᵀ δ_t.
 
     weights: tuple of [B, H, d_in, d_out]; keys, values: [B, H, n, d].
-    Returns the prediction M_W(k) [B, H, n, d], loss [B, H, n], and per layer the inputs and
-    deltas (lists of [B, H, n, ·] tensors).
+    Returns the prediction M_W(k) [B, H, n, d], the loss [B, H, n] (detached: it is only ever
+    used as the surprise), and per layer the inputs and deltas (lists of [B, H, n, ·] tensors).
     """
     inputs, preacts = [], []
     h = keys
@@ -123,7 +123,7 @@ def inner_loss_terms(weights, keys, values):
             h = z
     prediction = h if len(weights) == 1 else keys + h
     error = prediction - values                      # [B, H, n, d]
-    loss = error.pow(2).sum(-1)                      # [B, H, n]   Titans Eq. 12
+    loss = error.detach().pow(2).sum(-1)             # [B, H, n]   Titans Eq. 12 (a statistic: detached)
     delta = 2 * error                                # dℓ/d(last layer's output); the skip adds I
     deltas = [None] * len(weights)
     for layer in reversed(range(len(weights))):
@@ -174,7 +174,7 @@ def _memory_update_sequential(weights, momentum, keys, values, queries, lr, beta
     for start in range(0, T, chunk_size):
         anchor = weights                             # W_a: the weights at the chunk start
         chunk = slice(start, min(start + chunk_size, T))
-        surprise = inner_loss_terms(anchor, keys[:, :, chunk], values[:, :, chunk])[1].detach()
+        surprise = inner_loss_terms(anchor, keys[:, :, chunk], values[:, :, chunk])[1]
         surprises.append(surprise)                   # [B, H, n]
         gate = surprise_gate(surprise, threshold, relative)
         for i, t in enumerate(range(chunk.start, chunk.stop)):
@@ -211,12 +211,12 @@ def segment_sum(x):
     return sums.masked_fill(~on_or_below, -math.inf)
 
 
-def chunk_coefficients(beta, alpha):
-    """Decay coefficients of the chunk form for chunks laid out as beta, alpha: [..., n].
+def chunk_coefficients(lr, beta, alpha):
+    """Coefficients of the chunk form for chunks laid out as lr, beta, alpha: [..., n].
 
-    Returns (momentum_keep, weight_keep, momentum_into_weight, momentum_coef, weight_coef):
-    E(n,0), A(n,0), Σ_{r≥1} A(n,r)E(r,0) of shape [...], and E(n,i), Σ_{r≥i} A(n,r)E(r,i) of
-    shape [..., n] (to be multiplied by θ_i). Index 0 of the segment sums is the anchor.
+    Returns (anchor, tokens): anchor [..., 3, 1, 1] holds E(n,0), A(n,0) and Σ_{r≥1} A(n,r)E(r,0),
+    the weights of S_a and W_a; tokens [..., n, 2] holds θ_i·E(n,i) and θ_i·Σ_{r≥i} A(n,r)E(r,i),
+    the weights of ∇ℓ_i in S_n and W_n. Index 0 of the segment sums is the anchor.
     """
     pad = (1, 0)  # position 0 = the anchor, whose own factor is never used
     log_E = segment_sum(F.pad(torch.log(beta), pad))          # [..., n+1, n+1]
@@ -225,29 +225,29 @@ def chunk_coefficients(beta, alpha):
     E_last, A_last = E[..., -1, :], A[..., -1, :]             # E(n, i), A(n, r)   [..., n+1]
     # K[i] = Σ_{r=1..n} A(n,r) E(r,i): E(r,i) = 0 for r < i, so the sum runs over r ≥ max(i, 1)
     K = (A_last[..., None, 1:] @ E[..., 1:, :]).squeeze(-2)   # [..., n+1]
-    return E_last[..., 0], A_last[..., 0], K[..., 0], E_last[..., 1:], K[..., 1:]
+    anchor = torch.stack([E_last[..., 0], A_last[..., 0], K[..., 0]], -1)[..., None, None]
+    tokens = torch.stack([E_last[..., 1:], K[..., 1:]], -1) * lr[..., None]
+    return anchor, tokens
 
 
-def _chunk_step(weights, momentum, keys, values, queries, lr, coefficients, threshold, relative):
+def _chunk_step(weights, momentum, keys, values, queries, coefficients, threshold, relative):
     """Advance (W, S) over one chunk of n tokens; read before write. Shapes as in memory_update."""
-    momentum_keep, weight_keep, momentum_into_weight, momentum_coef, weight_coef = coefficients
-    prediction, loss, inputs, deltas = inner_loss_terms(weights, keys, values)
+    anchor, tokens = coefficients                             # [B, H, 3, 1, 1], [B, H, n, 2]
+    momentum_keep, weight_keep, momentum_into_weight = anchor.unbind(2)
+    prediction, surprise, inputs, deltas = inner_loss_terms(weights, keys, values)
     outputs = None
     if queries is not None:                                   # read at the chunk-start weights
         outputs = prediction if queries is keys else memory_forward(weights, queries)
-    surprise = loss.detach()                                  # [B, H, n]
     gate = surprise_gate(surprise, threshold, relative)
     if gate is not None:
-        lr = lr * gate                                        # gated tokens write nothing (§8)
-    coef_S, coef_W = (c * lr for c in (momentum_coef, weight_coef))            # [B, H, n]
-    E0, A0, K0 = (c[:, :, None, None] for c in (momentum_keep, weight_keep, momentum_into_weight))
+        tokens = tokens * gate[..., None]                     # gated tokens write nothing (§8)
     new_weights, new_momentum = [], []
     for W, S, x, delta in zip(weights, momentum, inputs, deltas):
         # Σ_i c_i x_iᵀ δ_i for both coefficient sets in one matmul: Xᵀ [c_S·Δ ‖ c_W·Δ]
-        both = x.transpose(-1, -2) @ torch.cat([coef_S[..., None] * delta, coef_W[..., None] * delta], -1)
-        sum_S, sum_W = both.split(delta.shape[-1], dim=-1)                        # [B, H, d_in, d_out]
-        new_momentum.append(E0 * S - sum_S)
-        new_weights.append(A0 * W + K0 * S - sum_W)
+        weighted = (tokens[..., None] * delta[..., None, :]).flatten(-2)       # [B, H, n, 2·d_out]
+        sum_S, sum_W = (x.transpose(-1, -2) @ weighted).chunk(2, dim=-1)      # [B, H, d_in, d_out]
+        new_momentum.append(momentum_keep * S - sum_S)
+        new_weights.append(weight_keep * W + momentum_into_weight * S - sum_W)
     return outputs, tuple(new_weights), tuple(new_momentum), surprise
 
 
@@ -262,22 +262,22 @@ def maybe_recompute(step, enabled):
 def _memory_update_parallel(weights, momentum, keys, values, queries, lr, beta, alpha,
                             chunk_size, threshold, relative, checkpoint):
     B, H, T, _ = keys.shape
-    n_full, tail = divmod(T, chunk_size)
-    # Decay coefficients do not depend on the memory, so all chunks get theirs in one batch.
+    n_full = T // chunk_size
+    # The coefficients do not depend on the memory, so all chunks get theirs in one batch.
     split = n_full * chunk_size
-    full = chunk_coefficients(*(g[:, :, :split].reshape(B, H, n_full, chunk_size)
-                                for g in (beta, alpha)))           # each [B, H, chunks, ...]
-    blocks = [tuple(c[:, :, index] for c in full) for index in range(n_full)]
-    if tail:
-        blocks.append(chunk_coefficients(beta[:, :, split:], alpha[:, :, split:]))
+    anchor, tokens = chunk_coefficients(*(g[:, :, :split].unflatten(2, (n_full, chunk_size))
+                                          for g in (lr, beta, alpha)))   # [B, H, chunks, ...]
+    blocks = list(zip(anchor.unbind(2), tokens.unbind(2)))
+    if split < T:                                                        # a final partial chunk
+        blocks.append(chunk_coefficients(lr[:, :, split:], beta[:, :, split:], alpha[:, :, split:]))
     outputs, surprises = [], []
     step = maybe_recompute(_chunk_step, checkpoint)
     # Split once (a slice per chunk would make backward add T-long zero tensors: quadratic in T).
-    chunk_keys, chunk_values, chunk_lr = (t.split(chunk_size, dim=2) for t in (keys, values, lr))
+    chunk_keys, chunk_values = keys.split(chunk_size, dim=2), values.split(chunk_size, dim=2)
     chunk_queries = chunk_keys if queries is keys else \
         queries.split(chunk_size, dim=2) if queries is not None else [None] * len(blocks)
-    for k, v, q, lr_chunk, coefficients in zip(chunk_keys, chunk_values, chunk_queries, chunk_lr, blocks):
-        out, weights, momentum, surprise = step(weights, momentum, k, v, q, lr_chunk, coefficients,
+    for k, v, q, coefficients in zip(chunk_keys, chunk_values, chunk_queries, blocks):
+        out, weights, momentum, surprise = step(weights, momentum, k, v, q, coefficients,
                                                 threshold, relative)
         outputs.append(out)
         surprises.append(surprise)
@@ -343,19 +343,27 @@ def initial_state(initial_weights, batch):
 
 
 class CausalConv(nn.Module):
-    """Depthwise causal 1-D convolution over time; the last `window - 1` inputs are its state."""
+    """Depthwise causal 1-D convolution over time: y_t = b + Σ_j w_j ⊙ x_{t−window+1+j}.
+
+    The last `window - 1` inputs are its state. Written as `window` shifted multiply-adds, which on
+    a CPU is faster than nn.Conv1d's depthwise kernel at these sizes (same numbers).
+    """
 
     def __init__(self, channels, window=4):
         super().__init__()
         self.window = window
-        self.conv = nn.Conv1d(channels, channels, window, groups=channels)
+        bound = 1 / math.sqrt(window)                                 # nn.Conv1d's default init
+        self.weight = nn.Parameter(torch.empty(window, channels).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(channels).uniform_(-bound, bound))
 
     def forward(self, x, tail=None):
         """x: [B, T, channels]; tail: [B, window-1, channels] or None (zeros). Returns (y, tail)."""
         if tail is None:
             tail = x.new_zeros(x.shape[0], self.window - 1, x.shape[2])
         padded = torch.cat([tail, x], dim=1)                       # [B, window-1+T, channels]
-        y = self.conv(padded.transpose(1, 2)).transpose(1, 2)      # [B, T, channels]
+        T, y = x.shape[1], self.bias
+        for j in range(self.window):
+            y = torch.addcmul(y, padded[:, j:j + T], self.weight[j])    # y + x_{t−window+1+j} · w_j
         return y, padded[:, -(self.window - 1):]
 
 
@@ -374,13 +382,12 @@ def merge_heads(x):
 class HeadLinear(nn.Module):
     """Independent linear maps per head: [B, H, T, d_in] -> [B, H, T, d_out]."""
 
-    def __init__(self, heads, d_in, d_out, bias=0.0):
+    def __init__(self, heads, d_in, d_out):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(heads, d_in, d_out) / math.sqrt(d_in))
-        self.bias = nn.Parameter(torch.full((heads, 1, d_out), float(bias)))
 
     def forward(self, x):
-        return x @ self.weight + self.bias
+        return torch.einsum("bhti,hio->bhto", x, self.weight)
 
 
 class RateHeads(nn.Module):
@@ -396,16 +403,19 @@ class RateHeads(nn.Module):
     def __init__(self, heads, d, lr_max):
         super().__init__()
         self.lr_max = lr_max
-        self.to_lr = HeadLinear(heads, d, 1)
-        self.to_momentum_decay = HeadLinear(heads, d, 1, bias=0.0)
-        self.to_forget = HeadLinear(heads, d, 1, bias=-6.0)
+        self.weight = nn.Parameter(torch.randn(heads, d, 3) / math.sqrt(d))    # columns: θ, η, α
+        self.bias = nn.Parameter(torch.tensor([0.0, 0.0, -6.0]).repeat(heads, 1, 1))  # [H, 1, 3]
 
-    def forward(self, lr_feats, momentum_feats, forget_feats):
-        """Each input [B, H, T, d]; returns θ, η, α, each [B, H, T]."""
-        lr = self.lr_max * torch.sigmoid(self.to_lr(lr_feats)).squeeze(-1)
-        momentum_decay = torch.sigmoid(self.to_momentum_decay(momentum_feats)).squeeze(-1)
-        forget = torch.sigmoid(self.to_forget(forget_feats)).squeeze(-1)
-        return lr, momentum_decay, forget
+    def forward(self, *feats):
+        """θ, η, α, each [B, H, T], from feats [B, H, T, d]: one input read by all three rates, or
+        three inputs, one per rate (the self-modifying memory's)."""
+        if len(feats) == 1:
+            logits = torch.einsum("bhtd,hdr->bhtr", feats[0], self.weight)
+        else:
+            logits = torch.cat([torch.einsum("bhtd,hdr->bhtr", f, w)
+                                for f, w in zip(feats, self.weight.split(1, dim=-1))], dim=-1)
+        lr, momentum_decay, forget = torch.sigmoid(logits + self.bias).unbind(-1)
+        return self.lr_max * lr, momentum_decay, forget
 
 
 class MemoryLayer(nn.Module):
@@ -450,19 +460,23 @@ class NeuralMemory(MemoryLayer):
     def __init__(self, dim, heads, d_head, depth=2, expansion=2, chunk_size=16, lr_max=0.02,
                  threshold=None, relative=False, checkpoint=False):
         super().__init__(dim, heads, d_head, chunk_size, threshold, relative, checkpoint)
-        self.to_qkv = HeadLinear(heads, d_head, 3 * d_head)
+        self.to_query = HeadLinear(heads, d_head, d_head)
+        self.to_key_value = HeadLinear(heads, d_head, 2 * d_head)
         self.rates = RateHeads(heads, d_head, lr_max)
         self.initial_weights = init_memory_weights(heads, d_head, depth, expansion)
 
-    def queries_keys_values(self, feats):
-        q, k, v = F.silu(self.to_qkv(feats)).chunk(3, dim=-1)      # each [B, H, T, d]
-        return F.normalize(q, dim=-1), F.normalize(k, dim=-1), v
+    def queries(self, feats):
+        return F.normalize(F.silu(self.to_query(feats)), dim=-1)    # [B, H, T, d]
+
+    def keys_values(self, feats):
+        k, v = F.silu(self.to_key_value(feats)).chunk(2, dim=-1)     # each [B, H, T, d]
+        return F.normalize(k, dim=-1), v
 
     def _update(self, feats, state, read):
-        q, k, v = self.queries_keys_values(feats)
+        k, v = self.keys_values(feats)
         out, weights, momentum, surprise = memory_update(
-            state.weights, state.momentum, k, v, q if read else None,
-            *self.rates(feats, feats, feats), self.chunk_size, threshold=self.threshold,
+            state.weights, state.momentum, k, v, self.queries(feats) if read else None,
+            *self.rates(feats), self.chunk_size, threshold=self.threshold,
             relative=self.relative, checkpoint=self.checkpoint)
         if self.recording:
             self.trace.setdefault("surprise", []).append(surprise)  # [B, H, T] per write
@@ -473,8 +487,7 @@ class NeuralMemory(MemoryLayer):
 
     def read(self, feats, state):
         """M_W(q) at the given state for every token (no write). Returns [B, T, dim]."""
-        q, _, _ = self.queries_keys_values(feats)
-        return self.output(memory_forward(state.weights, q), feats.dtype)
+        return self.output(memory_forward(state.weights, self.queries(feats)), feats.dtype)
 
     def write(self, feats, state):
         """Write every token of feats into the memory (Titans Eqs. 9-14); no read."""
@@ -595,7 +608,7 @@ class CMSLevel(nn.Module):
         threshold, relative = self.gate
         out, weights, momentum, surprise = memory_update(
             state.weights, state.momentum, keys, self.to_value(feats), keys,
-            *self.rates(feats, feats, feats), self.period, threshold=threshold,
+            *self.rates(feats), self.period, threshold=threshold,
             relative=relative, checkpoint=self.checkpoint)
         if self.recording:
             self.trace.setdefault("surprise", []).append(surprise)
@@ -657,13 +670,17 @@ def surprise_settings(config):
 #   mal  memory as layer: memory, then sliding-window attention                       (Titans §4.3)
 #   lmm  memory only (NL's HOPE has no attention)
 
-def rope(x, positions):
-    """Rotate feature pairs of x [B, h, T, d] by angles proportional to positions [T]."""
-    d = x.shape[-1]
-    inv_freq = 10000.0 ** (-torch.arange(0, d, 2, device=x.device, dtype=x.dtype) / d)
-    angles = positions.to(x.dtype)[:, None] * inv_freq                             # [T, d/2]
-    cos, sin = angles.cos(), angles.sin()
-    x1, x2 = x[..., :d // 2], x[..., d // 2:]
+def rotary(positions, d, dtype):
+    """RoPE's cos and sin, each [T, d/2], of angles proportional to positions [T]."""
+    inv_freq = 10000.0 ** (-torch.arange(0, d, 2, device=positions.device, dtype=dtype) / d)
+    angles = positions.to(dtype)[:, None] * inv_freq                               # [T, d/2]
+    return angles.cos(), angles.sin()
+
+
+def rope(x, rotation):
+    """Rotate feature pairs of x [B, h, T, d] by the (cos, sin) of rotary()."""
+    cos, sin = rotation
+    x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
@@ -676,22 +693,29 @@ class Attention(nn.Module):
 
     def __init__(self, dim, heads, window=None, persistent_tokens=0):
         super().__init__()
-        self.heads, self.window = heads, window
+        self.dim, self.heads, self.window = dim, heads, window
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.out = nn.Linear(dim, dim, bias=False)
         self.persistent = nn.Parameter(torch.randn(persistent_tokens, dim) * 0.02) \
             if persistent_tokens else None
 
-    def project(self, x, positions):
-        """q, k, v [B, h, T, dh] of x [B, T, dim]; q and k rotated by their positions."""
+    def rotation(self, positions, dtype):
+        return rotary(positions, self.dim // self.heads, dtype)
+
+    def project(self, x, rotation):
+        """q, k, v [B, h, T, dh] of x [B, T, dim]; q and k rotated (rotation: (cos, sin) [T, dh/2])."""
         q, k, v = (split_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
-        return rope(q, positions), rope(k, positions), v
+        return rope(q, rotation), rope(k, rotation), v
+
+    def keys_values(self, x, rotation=None):
+        """k, v [B, h, T, dh] of x [B, T, dim] without the queries; k rotated unless rotation is None."""
+        k, v = (split_heads(t, self.heads) for t in F.linear(x, self.qkv.weight[self.dim:]).chunk(2, dim=-1))
+        return (k if rotation is None else rope(k, rotation)), v
 
     def persistent_keys_values(self, batch, dtype):
         """Keys and values of the persistent tokens [B, h, N_p, dh] (no position: visible to all)."""
-        p = self.persistent.to(dtype).expand(batch, -1, -1)
-        _, k, v = (split_heads(t, self.heads) for t in self.qkv(p).chunk(3, dim=-1))
-        return k, v
+        k, v = self.keys_values(self.persistent.to(dtype)[None])
+        return k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)
 
     def attend(self, q, k, v, mask):
         """softmax(q kᵀ/√d + mask) v, heads merged and projected. mask: bool [Tq, Tk] or None."""
@@ -701,7 +725,7 @@ class Attention(nn.Module):
     def forward(self, x, position, cache=None):
         B, T, _ = x.shape
         positions = torch.arange(position, position + T, device=x.device)
-        q, k, v = self.project(x, positions)
+        q, k, v = self.project(x, self.rotation(positions, x.dtype))
         if cache is not None:
             k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
         key_positions = torch.arange(position + T - k.shape[2], position + T, device=x.device)
@@ -759,32 +783,41 @@ class MACMixer(nn.Module):
         self.memory = make_memory(config)
         self.attention = Attention(config.dim, config.heads, None, config.persistent_tokens)
 
-    def attend_segment(self, segment, retrieved, position):
-        B, L, _ = segment.shape
-        positions = torch.arange(position, position + L, device=segment.device)
-        q, k, v = self.attention.project(segment, positions)
-        _, k_h, v_h = self.attention.project(retrieved, positions)    # h_i sits at position i
-        causal = torch.ones(L, L, dtype=torch.bool, device=segment.device).tril()
+    def attend_segment(self, q, k, v, retrieved, rotation, persistent):
+        """Attention of the segment's q [B, h, L, dh] over [persistent ‖ h ‖ segment keys]."""
+        L = q.shape[2]
+        k_h, v_h = self.attention.keys_values(retrieved, rotation)   # h_i sits at position i
+        causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
         visible = torch.cat([causal, causal], dim=1)                  # [L, 2L]: h part, segment part
-        if self.attention.persistent is not None:
-            pk, pv = self.attention.persistent_keys_values(B, segment.dtype)
+        if persistent is not None:
+            pk, pv = persistent
             k_h, v_h = torch.cat([pk, k_h], 2), torch.cat([pv, v_h], 2)
             visible = F.pad(visible, (pk.shape[2], 0), value=True)
         return self.attention.attend(q, torch.cat([k_h, k], 2), torch.cat([v_h, v], 2), visible)
 
-    def forward(self, x, state, position):
-        memory, query_tail, conv_tail = state.memory, state.query_tail, state.conv_tail
-        outs = []
-        for index, segment in enumerate(x.split(self.segment_len, dim=1)):
-            start = index * self.segment_len
-            query_feats, query_tail = self.memory.features(segment, query_tail)
-            retrieved = self.memory.read(query_feats, memory)                       # h  [B, L, dim]
-            y = self.attend_segment(segment, retrieved, position + start)
+    def forward(self, x, state, position, keep_state=True):
+        """keep_state=False (training): the last segment's write is skipped, as nothing reads it."""
+        B, T, _ = x.shape
+        # What depends on x alone is computed for the whole sequence at once; the loop below
+        # carries only what depends on the memory state.
+        cos, sin = self.attention.rotation(torch.arange(position, position + T, device=x.device), x.dtype)
+        query_feats, query_tail = self.memory.features(x, state.query_tail)      # [B, H, T, d]
+        q, k, v = self.attention.project(x, (cos, sin))                           # [B, h, T, dh]
+        persistent = self.attention.persistent_keys_values(B, x.dtype) \
+            if self.attention.persistent is not None else None
+        memory, conv_tail, outs = state.memory, state.conv_tail, []
+        L, last = self.segment_len, (T - 1) // self.segment_len
+        segments = zip(*(t.split(L, dim=2) for t in (query_feats, q, k, v)), cos.split(L), sin.split(L))
+        for index, (feats, q_s, k_s, v_s, cos_s, sin_s) in enumerate(segments):
+            retrieved = self.memory.read(feats, memory)                           # h  [B, L, dim]
+            y = self.attend_segment(q_s, k_s, v_s, retrieved, (cos_s, sin_s), persistent)
             y_feats, conv_tail = self.memory.features(y, conv_tail)
             gate = self.memory.read(y_feats, memory)
-            memory = self.memory.write(y_feats, memory)
+            if keep_state or index < last:
+                memory = self.memory.write(y_feats, memory)
             outs.append(y * torch.sigmoid(gate))
-        return torch.cat(outs, 1), replace(state, memory=memory, conv_tail=conv_tail, query_tail=query_tail)
+        return torch.cat(outs, 1), replace(state, memory=memory if keep_state else None,
+                                           conv_tail=conv_tail, query_tail=query_tail)
 
 
 class MAGMixer(nn.Module):
@@ -797,7 +830,7 @@ class MAGMixer(nn.Module):
         self.attention = Attention(config.dim, config.heads, config.segment_len, config.persistent_tokens)
         self.norm_attention, self.norm_memory = nn.LayerNorm(config.dim), nn.LayerNorm(config.dim)
 
-    def forward(self, x, state, position):
+    def forward(self, x, state, position, keep_state=True):
         y, cache = self.attention(x, position, state.attention)
         m, memory, conv_tail = self.memory(x, state.memory, state.conv_tail)
         out = self.norm_attention(y) * torch.sigmoid(self.norm_memory(m))
@@ -812,7 +845,7 @@ class MALMixer(nn.Module):
         self.memory = make_memory(config)
         self.attention = Attention(config.dim, config.heads, config.segment_len, config.persistent_tokens)
 
-    def forward(self, x, state, position):
+    def forward(self, x, state, position, keep_state=True):
         m, memory, conv_tail = self.memory(x, state.memory, state.conv_tail)
         y, cache = self.attention(m, position, state.attention)
         return y, replace(state, memory=memory, conv_tail=conv_tail, attention=cache)
@@ -825,7 +858,7 @@ class LMMMixer(nn.Module):
         super().__init__()
         self.memory = make_memory(config)
 
-    def forward(self, x, state, position):
+    def forward(self, x, state, position, keep_state=True):
         y, memory, conv_tail = self.memory(x, state.memory, state.conv_tail)
         return y, replace(state, memory=memory, conv_tail=conv_tail)
 
@@ -837,7 +870,7 @@ class AttentionMixer(nn.Module):
         super().__init__()
         self.attention = Attention(config.dim, config.heads)
 
-    def forward(self, x, state, position):
+    def forward(self, x, state, position, keep_state=True):
         y, cache = self.attention(x, position, state.attention)
         return y, replace(state, attention=cache)
 
@@ -860,8 +893,8 @@ class Block(nn.Module):
         return LayerState(memory=memory.initial_state(batch) if memory is not None else None,
                           cms=self.ffn.initial_state(batch) if isinstance(self.ffn, CMS) else None)
 
-    def forward(self, x, state, position):
-        y, state = self.mixer(self.norm1(x), state, position)
+    def forward(self, x, state, position, keep_state=True):
+        y, state = self.mixer(self.norm1(x), state, position, keep_state)
         x = x + y
         if isinstance(self.ffn, CMS):
             y, cms_state = self.ffn(self.norm2(x), state.cms)
@@ -972,25 +1005,26 @@ class LanguageModel(nn.Module):
     def initial_state(self, batch):
         return ModelState(0, [block.initial_state(batch) for block in self.blocks])
 
-    def advance(self, idx, state):
+    def advance(self, idx, state, keep_state=True):
         """Process idx [B, T] as the continuation of `state`. Returns (logits [B, T, V], new state).
 
         Chunks, segments and CMS periods are aligned to absolute positions, so `state` must sit on
         a multiple of config.period (every state this returns after a whole period does).
+        keep_state=False returns no state, which lets MAC skip its last segment's write (training).
         """
         if state.position % self.config.period:
             raise ValueError(f"state at position {state.position} is not on a period boundary")
         x = self.embed(idx)
         layers = []
         for block, layer_state in zip(self.blocks, state.layers):
-            x, layer_state = block(x, layer_state, state.position)
+            x, layer_state = block(x, layer_state, state.position, keep_state)
             layers.append(layer_state)
         logits = self.norm(x) @ self.embed.weight.T                               # tied head
-        return logits, ModelState(state.position + idx.shape[1], layers)
+        return logits, ModelState(state.position + idx.shape[1], layers) if keep_state else None
 
     def forward(self, idx, targets=None):
         """Fresh memory per sequence. Returns (logits [B, T, V], mean cross-entropy or None)."""
-        logits, _ = self.advance(idx, self.initial_state(idx.shape[0]))
+        logits, _ = self.advance(idx, self.initial_state(idx.shape[0]), keep_state=False)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())

@@ -350,7 +350,7 @@ def make_optimizer(model, cfg, device):
     """AdamW with weight decay on matrices and memory meta-weights, not on biases, norms and gains."""
     groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=True)   # one kernel per step
 
 
 def load_checkpoint(path):
