@@ -648,11 +648,12 @@ def scaling_blocks(args):
 def bench_scaling(args, device):
     lengths = [512, 1024, 2048] if args.quick else [512, 1024, 2048, 4096, 8192]
     lengths = [T for T in lengths if T <= args.max_len]
-    repeats, warmup = (2, 0) if args.quick else (3, 0)   # the peak-memory run serves as warmup
+    repeats, warmup = (2, 1) if args.quick else (5, 1)
     B = args.batch
     print_header(f"scaling: one block, fwd+bwd, batch {B}, dim {args.dim}", args)
     print(f"memory flags: {args.flags} (titans: cms, self_mod, surprise off; hope: all on); "
-          f"every block = pre-norm mixer + MLP; median of {repeats} runs after 1 peak-memory run")
+          f"every block = pre-norm mixer + MLP; median of {repeats} runs after a peak-memory run "
+          f"and {warmup} warmup")
     results = {}
     for name, config in scaling_blocks(args):
         torch.manual_seed(args.seed)
