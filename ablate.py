@@ -8,8 +8,9 @@ curves (Figure 5), by training every row of DESIGN §10 with the same data, seed
     python ablate.py --preset cpu --sweep         # surprise thresholds, absolute and relative
     python ablate.py --params                     # parameter counts of every row at every scale
 
-Every finished run is cached under OUT_DIR/runs/ by its config and skipped on a rerun; a crashing
-run is recorded and the others go on. Results: OUT_DIR/results.{md,csv,json}, fig5_curves.png.
+Every finished run is cached under OUT_DIR/runs/ by its config and the code of hope.py and train.py,
+and skipped on a rerun; a crashing run is recorded and the others go on. Results:
+OUT_DIR/results.{md,csv,json}, fig5_curves.png.
 """
 import csv
 import dataclasses
@@ -35,6 +36,8 @@ PRESETS = {
                                         save_every=2)},
                   data="shakespeare", tokenizer="byte"),
 }
+# Cached runs are keyed by their config and by the code that trains them: edit either, and rerun.
+CODE_VERSION = hashlib.sha1(b"".join(Path(m.__file__).read_bytes() for m in (hope, train))).hexdigest()
 SWEEP = [("absolute", g) for g in (0.005, 0.01, 0.02, 0.05, 0.1)] + [("relative", g) for g in (0.1, 0.3, 1.0, 3.0)]
 
 
@@ -45,8 +48,8 @@ def configs(scale_settings, data, tokenizer, row, seed, out_dir, device, overrid
     base = hope.HOPEConfig(**{k: v for k, v in settings.items() if k in train.MODEL_FIELDS})
     model_cfg = hope.ablation_config(row, base)
     cfg = train.TrainConfig(**{k: v for k, v in settings.items() if k in train.TRAIN_FIELDS})
-    key = json.dumps([dataclasses.asdict(model_cfg), {**dataclasses.asdict(cfg), "out_dir": None, "device": None}],
-                     sort_keys=True, default=str)
+    key = json.dumps([dataclasses.asdict(model_cfg), {**dataclasses.asdict(cfg), "out_dir": None, "device": None},
+                      CODE_VERSION], sort_keys=True, default=str)
     slug = "".join(c if c.isalnum() else "-" for c in row.lower())
     cfg.out_dir = str(Path(out_dir) / "runs" / f"{slug}-seed{seed}-{hashlib.sha1(key.encode()).hexdigest()[:10]}")
     return model_cfg, cfg

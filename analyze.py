@@ -53,8 +53,7 @@ def load_snapshots(run_dir):
 
 def build(checkpoint):
     model = hope.build_model(hope.HOPEConfig(**checkpoint["config"]["model"]))
-    state = {k.removeprefix("_orig_mod."): v for k, v in checkpoint["model"].items()}
-    model.load_state_dict(state)
+    train.load_model_state(model, checkpoint)
     return model.eval()
 
 

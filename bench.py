@@ -31,6 +31,7 @@ import dataclasses
 import functools
 import json
 import math
+import multiprocessing
 import os
 import platform
 import statistics
@@ -534,6 +535,28 @@ def bench_model_row(config, batch, steps, warmup, device, seed, breakdown):
     return result
 
 
+def bench_guarded_row(threads, config, batch, steps, warmup, device, seed, breakdown):
+    """bench_model_row, with running out of memory reported as {"error": ...} instead of raised."""
+    torch.set_num_threads(threads)
+    try:
+        with memory_guard(device):
+            return bench_model_row(config, batch, steps, warmup, device, seed, breakdown)
+    except (RuntimeError, MemoryError) as error:
+        if not is_out_of_memory(error):
+            raise
+        return dict(error=f"out of memory: {str(error).splitlines()[0][:120]}")
+
+
+def run_isolated(device, fn, *args):
+    """fn(*args) in a fresh Python process on the CPU. The allocator keeps what a big row frees
+    (we saw the process hold 17.7 GB after Full HOPE at Small), which slows the next rows and made
+    them run out of memory; a fresh process per row also makes each peak its own."""
+    if device.type != "cpu":
+        return fn(*args)
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
 def print_breakdown(name, result):
     table = result["breakdown_ms"]
     total = sum(sum(v.values()) for v in table.values())
@@ -563,22 +586,18 @@ def bench_models(args, device):
     results = {}
     for scale, base, batch, note in scales:
         base = {**base, "checkpoint": args.checkpoint}
-        steps, warmup = (1, 2) if args.quick or scale == "small" else (5, 3)
+        steps, warmup = (1, 2) if args.quick or scale == "small" else (20, 3)
         print(f"\n[{scale}] {note}\nmedian of {steps} steps after {warmup} warmup "
               "(the second one measures peak memory under the profiler)")
         per_row = {}
         for row in rows_to_run:
             config = row_config(row, base)
-            try:
-                with memory_guard(device):
-                    result = bench_model_row(config, batch, steps, warmup, device, args.seed,
-                                             breakdown=(row == "Full HOPE" or args.breakdown_all))
-                print(f"  {row}: {result['step_s'] * 1e3:.0f} ms/step", flush=True)
-            except (RuntimeError, MemoryError) as error:
-                if not is_out_of_memory(error):
-                    raise
-                result = dict(error=f"out of memory: {str(error).splitlines()[0][:120]}")
+            result = run_isolated(device, bench_guarded_row, args.threads, config, batch, steps, warmup,
+                                  device, args.seed, row == "Full HOPE" or args.breakdown_all)
+            if "error" in result:
                 print(f"  {row}: out of memory (try --checkpoint)", flush=True)
+            else:
+                print(f"  {row}: {result['step_s'] * 1e3:.0f} ms/step", flush=True)
             result["config"] = dict(vars(config))
             per_row[row] = result
         ref = per_row["Transformer"].get("step_s")

@@ -674,6 +674,18 @@ def test_generate_with_carried_state_matches_full_forward(row, mixer):
     torch.testing.assert_close(logits, full, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("mixer", list(hope.MIXERS))
+def test_forward_without_state_gives_the_same_logits(mixer):
+    """advance(keep_state=False), which forward() uses in training and which lets MAC skip its last
+    segment's write, returns no state and exactly the logits of the full advance()."""
+    model = tiny_model("Full HOPE", mixer)
+    idx = tokens()
+    logits, state = model.advance(idx, model.initial_state(idx.shape[0]))
+    same, no_state = model.advance(idx, model.initial_state(idx.shape[0]), keep_state=False)
+    assert state is not None and no_state is None
+    assert torch.equal(same, logits)
+
+
 @pytest.mark.parametrize("row,mixer", CASES)
 def test_batch_independence(row, mixer):
     """Changing one sample changes no other sample's logits (memory state is per sample)."""
@@ -926,6 +938,10 @@ def test_bad_input_exits_2_with_one_line(corpus, tmp_path, capsys, monkeypatch):
     (tmp_path / "no_text" / "notes.csv").write_text("a,b\n")
     (tmp_path / "corrupt").mkdir()
     (tmp_path / "corrupt" / "ckpt.pt").write_bytes(b"not a checkpoint")
+    (tmp_path / "foreign").mkdir()                         # weights of another version of hope.py
+    checkpoint = train.load_checkpoint(tmp_path / "good" / "ckpt.pt")
+    checkpoint["model"] = {"renamed." + k: v for k, v in checkpoint["model"].items()}
+    torch.save(checkpoint, tmp_path / "foreign" / "ckpt.pt")
     capsys.readouterr()
     # never the network: offline mode for the hub, a dead proxy and an empty cache for tiktoken
     offline = dict(HF_HUB_OFFLINE="1", HTTPS_PROXY="http://127.0.0.1:9", HTTP_PROXY="http://127.0.0.1:9",
@@ -945,6 +961,8 @@ def test_bad_input_exits_2_with_one_line(corpus, tmp_path, capsys, monkeypatch):
         "corrupt": (["--resume", "--out-dir", str(tmp_path / "corrupt")], "cannot read checkpoint"),
         "corrupt sample": (["--sample", "--out-dir", str(tmp_path / "corrupt")], "cannot read checkpoint"),
         "no checkpoint": (["--resume", "--out-dir", str(tmp_path / "nothing")], "no checkpoint"),
+        "foreign weights": (["--resume", "--out-dir", str(tmp_path / "foreign")], "does not fit"),
+        "foreign sample": (["--sample", "--out-dir", str(tmp_path / "foreign")], "does not fit"),
         "conflict": (["--resume", "--out-dir", str(tmp_path / "good"), "--dim", "64"], "conflict"),
         "offline openwebtext": (common + ["--data", "openwebtext"], "--data shakespeare"),
         "offline hub": (common + ["--data", "openwebtext", "--tokenizer", "byte"], "--data shakespeare"),

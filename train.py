@@ -353,6 +353,16 @@ def make_optimizer(model, cfg, device):
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=True)   # one kernel per step
 
 
+def load_model_state(model, checkpoint):
+    """Load a checkpoint's weights into model, or raise a one-line UserError if they do not fit."""
+    state = {k.removeprefix("_orig_mod."): v for k, v in checkpoint["model"].items()}   # torch.compile
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, KeyError) as e:
+        raise UserError("checkpoint does not fit the model (written by another version of hope.py? "
+                        f"train again): {str(e).splitlines()[0]}") from None
+
+
 def load_checkpoint(path):
     path = Path(path)
     if not path.exists():
@@ -444,11 +454,11 @@ def train_model(model_cfg, cfg, checkpoint=None):
     optimizer = make_optimizer(model, cfg, device)
     step, elapsed, recent_losses = 0, 0.0, []    # recent_losses: train losses since the last eval
     if checkpoint is not None:
+        load_model_state(model, checkpoint)
         try:
-            model.load_state_dict(checkpoint["model"])
             optimizer.load_state_dict(checkpoint["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
-            raise UserError(f"checkpoint does not fit the model: {str(e).splitlines()[0]}") from None
+            raise UserError(f"checkpoint's optimizer state does not fit the model: {str(e).splitlines()[0]}") from None
         step, elapsed, recent_losses = checkpoint["step"], checkpoint["elapsed"], checkpoint["recent_losses"]
         torch.set_rng_state(checkpoint["rng"]["torch"])
         if device.type == "cuda" and checkpoint["rng"]["cuda"]:
@@ -549,7 +559,7 @@ def sample(args):
     model_cfg, cfg = resolve_config(args, checkpoint)
     device = pick_device(cfg.device)
     model = hope.build_model(model_cfg)
-    model.load_state_dict(checkpoint["model"])
+    load_model_state(model, checkpoint)
     model.to(device).eval()
     tokenizer = Tokenizer(cfg.tokenizer)
     prompt = torch.tensor(tokenizer.encode(args.prompt.encode("utf-8")).astype(np.int64), device=device)
