@@ -553,8 +553,12 @@ def run_isolated(device, fn, *args):
     them run out of memory; a fresh process per row also makes each peak its own."""
     if device.type != "cpu":
         return fn(*args)
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
+    pool = multiprocessing.get_context("spawn").Pool(1)
+    try:
         return pool.apply(fn, args)
+    finally:
+        pool.close()
+        pool.join()          # wait until the child has exited and given its memory back
 
 
 def print_breakdown(name, result):
