@@ -45,6 +45,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils.flop_counter import FlopCounterMode
 
 import hope
+import train
 
 try:
     import resource                # POSIX only; used by memory_guard
@@ -309,46 +310,21 @@ def bench_memory(args, device):
 # models: a training step of every ablation row, and Full HOPE's step broken down by component
 # -------------------------------------------------------------------------------------------------
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(hope.HOPEConfig)}
-TINY_FALLBACK = dict(dim=128, layers=2, d_head=32, seq_len=256, vocab_size=256, batch_size=8)
-SMALL_FALLBACK = dict(dim=256, layers=6, d_head=64, seq_len=512, vocab_size=50257, batch_size=8)
+SCALE_VOCAB = {"tiny": 256, "small": 50257}    # tiny: byte-level Shakespeare; small: GPT-2 BPE
 PURE_MAC = "Titans MAC (pure)"   # mac mixer; cms, self_mod, surprise off: memory + attention only
 PURE_MAC_FLAGS = dict(model="hope", mixer="mac", cms=False, self_mod=False, surprise=False)
 PURE_MAC_TARGET = 3.0
-
-
-def flatten_preset(preset):
-    """A preset as a flat dict, whether train.py stores a dict (maybe nested), a dataclass or an
-    object with attributes."""
-    if dataclasses.is_dataclass(preset):
-        preset = dataclasses.asdict(preset)
-    elif not isinstance(preset, dict):
-        preset = dict(vars(preset))
-    flat = {}
-    for key, value in preset.items():
-        if isinstance(value, dict) or dataclasses.is_dataclass(value):
-            flat.update(flatten_preset(value))
-        else:
-            flat[key] = value
-    return flat
+MODEL_ROWS = [*hope.ABLATION_ROWS, PURE_MAC]
 
 
 def load_preset(name):
-    """(config kwargs, batch, note) of a scale: train.PRESETS[name] when train.py imports, else the
-    local default below (train.py is a sibling; bench.py must run without it)."""
-    fallback, vocab = {"tiny": (TINY_FALLBACK, 256), "small": (SMALL_FALLBACK, 50257)}[name]
-    try:
-        import train
-        flat = flatten_preset(train.PRESETS[name])
-        source = f"train.PRESETS['{name}']"
-    except (Exception, SystemExit) as error:
-        flat = dict(fallback)
-        source = f"local default (train.PRESETS['{name}'] unavailable: {type(error).__name__}: {error})"
-    config = {k: v for k, v in flat.items() if k in CONFIG_FIELDS and k != "model"}
-    config.setdefault("vocab_size", vocab)  # tiny: byte-level Shakespeare; small: GPT-2 BPE
-    batch = int(next((flat[k] for k in ("batch_size", "batch") if k in flat), 8))
-    shape = ", ".join(f"{k} {config[k]}" for k in ("dim", "layers", "d_head", "seq_len", "vocab_size")
-                      if k in config)
-    return config, batch, f"{source}: {shape}, batch {batch}"
+    """(config kwargs, batch, note) of a scale: train.PRESETS[name], the presets train.py uses."""
+    preset = train.PRESETS[name]
+    config = {k: v for k, v in preset.items() if k in CONFIG_FIELDS}
+    config["vocab_size"] = SCALE_VOCAB[name]
+    batch = preset["batch_size"]
+    shape = ", ".join(f"{k} {config[k]}" for k in ("dim", "layers", "d_head", "seq_len", "vocab_size"))
+    return config, batch, f"train.PRESETS['{name}']: {shape}, batch {batch}"
 
 
 def row_config(row, base):
@@ -495,17 +471,19 @@ def top_ops(prof, limit):
                  share=a.self_cpu_time_total / total) for a in ops[:limit]]
 
 
-def bench_model_row(config, batch, steps, warmup, device, seed, breakdown):
-    """Train-step time, peak memory and (optionally) the component breakdown of one config."""
+def bench_model_row(config, batch, steps, warmup, device, seed, breakdown, compile=False):
+    """Train-step time, peak memory and (optionally) the component breakdown of one config.
+    compile=True runs the model through torch.compile (the first warmup step compiles it)."""
     torch.manual_seed(seed)
     model = hope.build_model(config).to(device).train()
+    forward = torch.compile(model) if compile else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)   # as train.py
     idx = torch.randint(0, config.vocab_size, (batch, config.seq_len + 1), device=device)
     inputs, targets = idx[:, :-1], idx[:, 1:]
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        _, loss = model(inputs, targets)
+        _, loss = forward(inputs, targets)
         loss.backward()
         with record_function(REGION + "optimizer"):
             optimizer.step()
@@ -518,6 +496,9 @@ def bench_model_row(config, batch, steps, warmup, device, seed, breakdown):
     result = dict(params=model.num_params())
     if device.type == "cuda":
         result["peak_bytes"] = peak_memory(step, device) + torch.cuda.memory_allocated(device)
+    elif compile:                                      # compiled code has no module regions to profile
+        transient = peak_memory(step, device)
+        result["peak_bytes"] = static + transient if transient is not None else None
     else:
         with component_regions(model):
             start = time.perf_counter()
@@ -535,12 +516,12 @@ def bench_model_row(config, batch, steps, warmup, device, seed, breakdown):
     return result
 
 
-def bench_guarded_row(threads, config, batch, steps, warmup, device, seed, breakdown):
+def bench_guarded_row(threads, config, batch, steps, warmup, device, seed, breakdown, compile):
     """bench_model_row, with running out of memory reported as {"error": ...} instead of raised."""
     torch.set_num_threads(threads)
     try:
         with memory_guard(device):
-            return bench_model_row(config, batch, steps, warmup, device, seed, breakdown)
+            return bench_model_row(config, batch, steps, warmup, device, seed, breakdown, compile)
     except (RuntimeError, MemoryError) as error:
         if not is_out_of_memory(error):
             raise
@@ -583,10 +564,12 @@ def print_breakdown(name, result):
 
 def bench_models(args, device):
     scales = [(name, *load_preset(name)) for name in args.scales]
-    rows_to_run = list(hope.ABLATION_ROWS) + [PURE_MAC]
+    rows_to_run = args.rows
     print_header("models: one training step (fwd + bwd + AdamW), random tokens", args)
     if args.checkpoint:
         print("memory checkpointing on (config.checkpoint=True: each chunk recomputed in backward)")
+    if args.compile:
+        print("torch.compile on every row (compile time excluded: the first warmup step compiles)")
     results = {}
     for scale, base, batch, note in scales:
         base = {**base, "checkpoint": args.checkpoint}
@@ -597,14 +580,15 @@ def bench_models(args, device):
         for row in rows_to_run:
             config = row_config(row, base)
             result = run_isolated(device, bench_guarded_row, args.threads, config, batch, steps, warmup,
-                                  device, args.seed, row == "Full HOPE" or args.breakdown_all)
+                                  device, args.seed, row == "Full HOPE" or args.breakdown_all,
+                                  args.compile)
             if "error" in result:
                 print(f"  {row}: out of memory (try --checkpoint)", flush=True)
             else:
                 print(f"  {row}: {result['step_s'] * 1e3:.0f} ms/step", flush=True)
             result["config"] = dict(vars(config))
             per_row[row] = result
-        ref = per_row["Transformer"].get("step_s")
+        ref = per_row.get("Transformer", {}).get("step_s")
         table = []
         for row, r in per_row.items():
             if "error" in r:
@@ -616,7 +600,7 @@ def bench_models(args, device):
                           fmt_ratio(r["vs_transformer"])])
         print()
         print_table(["row", "params (M)", "step ms", "tokens/s", "peak MB", "vs Transformer"], table)
-        mac, full = (per_row[r].get("vs_transformer") for r in (PURE_MAC, "Full HOPE"))
+        mac, full = (per_row.get(r, {}).get("vs_transformer") for r in (PURE_MAC, "Full HOPE"))
         if mac is not None:
             print(f"{PURE_MAC} / Transformer: {mac:.2f}x "
                   f"(target <= {PURE_MAC_TARGET:g}x at tiny: {verdict(mac, PURE_MAC_TARGET)})")
@@ -820,8 +804,8 @@ COMMANDS = {"memory": bench_memory, "models": bench_models, "scaling": bench_sca
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\nHow it measures")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = train.OneLineParser(description=__doc__.split("\nHow it measures")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=[*COMMANDS, "all"])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
@@ -837,6 +821,10 @@ def parse_args(argv=None):
     group.add_argument("--scales", default=None,
                        help="comma list of tiny, small (default both; --quick runs tiny only). "
                        "Small on CPU takes minutes per row and several GB")
+    group.add_argument("--rows", default=None,
+                       help=f"comma list of rows (default all: {', '.join(MODEL_ROWS)})")
+    group.add_argument("--compile", action="store_true",
+                       help="run every row through torch.compile (CPU: needs a C++ compiler; minutes)")
     group.add_argument("--breakdown-all", action="store_true",
                        help="component breakdown for every row, not only Full HOPE")
     group = parser.add_argument_group("scaling")
@@ -851,16 +839,23 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     args.scales = (["tiny"] if args.quick else ["tiny", "small"]) if args.scales is None \
         else [s.strip() for s in args.scales.split(",") if s.strip()]
-    if not set(args.scales) <= {"tiny", "small"}:
+    if not set(args.scales) <= set(SCALE_VOCAB):
         parser.error(f"--scales: choose from tiny, small (got {','.join(args.scales)})")
+    args.rows = MODEL_ROWS if args.rows is None else [r.strip() for r in args.rows.split(",") if r.strip()]
+    if not args.rows or not set(args.rows) <= set(MODEL_ROWS):
+        parser.error(f"--rows: choose from {', '.join(MODEL_ROWS)} (got {','.join(args.rows)})")
     args.mixers = [m.strip() for m in args.mixers.split(",") if m.strip()]
+    if not args.mixers or not set(args.mixers) <= set(hope.MIXERS):
+        parser.error(f"--mixers: choose from {', '.join(hope.MIXERS)} (got {','.join(args.mixers)})")
+    if args.threads < 1 or args.batch < 1 or args.dim < 1 or args.max_len < 1 or args.matmul_size < 1:
+        parser.error("--threads, --batch, --dim, --max-len and --matmul-size must be >= 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but torch sees no CUDA device (use --device cpu)")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("bench.py: --device cuda, but torch sees no CUDA device")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     commands = list(COMMANDS) if args.command == "all" else [args.command]

@@ -1058,3 +1058,69 @@ def test_ablate_and_analyze_bad_input_exit_2(tmp_path, capsys):
         assert exit_info.value.code == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and len(err.splitlines()) == 1, err
+
+
+# --- bench.py: what its numbers are made of (the timings themselves come from running bench.py) ---
+
+import bench  # noqa: E402
+
+
+def test_bench_least_squares_recovers_a_power_law():
+    logs = [math.log(T) for T in (1024, 2048, 4096, 8192)]
+    slope, intercept, r2 = bench.least_squares(logs, [1.5 * x - 2 for x in logs])
+    assert abs(slope - 1.5) < 1e-12 and abs(intercept + 2) < 1e-9 and abs(r2 - 1) < 1e-12
+
+
+def test_bench_cpu_peak_memory_is_the_most_live_at_once():
+    """Two 4 MiB tensors alive together, then a third after both are freed: the peak is 8 MiB
+    (neither the 4 MiB of one tensor nor the 12 MiB allocated in all)."""
+    def two_at_once():
+        a, b = torch.ones(1 << 20), torch.ones(1 << 20)
+        del a, b
+        return torch.ones(1 << 20)
+    peak = bench.peak_memory(two_at_once, torch.device("cpu"))
+    assert 8 * 2**20 <= peak < 9 * 2**20, peak
+
+
+def test_bench_model_row_breaks_full_hope_down_by_component():
+    """Every mechanism of Full HOPE gets its own share of the profiled step, the shares never add
+    up to more than the step's wall time, and every backward op is traced to a forward component."""
+    base = hope.HOPEConfig(dim=32, layers=1, d_head=16, seq_len=32, chunk_size=8, segment_len=16,
+                           cms_periods=(8, 16))
+    config = hope.ablation_config("Full HOPE", base)
+    result = bench.bench_model_row(config, batch=2, steps=1, warmup=2, device=torch.device("cpu"),
+                                   seed=0, breakdown=True)
+    table = result["breakdown_ms"]
+    for component in ("self-mod: write all 6 memories (memory_update)", "CMS level p=8",
+                      "CMS level p=16", "attention (qkv, RoPE, SDPA, out)", "optimizer step (AdamW)"):
+        assert table[component]["forward"] + table[component]["backward"] + table[component]["optimizer"] > 0, component
+    assert "backward: unmatched nodes" not in table
+    tracked = sum(sum(parts.values()) for name, parts in table.items() if not name.startswith("untracked"))
+    assert 0 < tracked <= result["profiled_step_s"] * 1e3
+    assert result["peak_bytes"] > 3 * 4 * result["params"]           # weights + AdamW's two moments
+    assert result["step_s"] > 0 and result["tokens_per_s"] > 0
+
+
+def test_bench_scaling_fits_slopes_and_writes_json(tmp_path, capsys):
+    path = tmp_path / "scaling.json"
+    bench.main(["scaling", "--quick", "--threads", "1", "--dim", "64", "--max-len", "1024",
+                "--mixers", "lmm", "--json", str(path)])
+    blocks = json.loads(path.read_text())["results"]["scaling"]["blocks"]
+    assert set(blocks) == {"attention (GPT block)", "lmm"}
+    for block in blocks.values():
+        assert set(block["per_T"]) == {"512", "1024"}
+        assert math.isfinite(block["time_slope"]) and block["memory_bytes_per_token"] > 0
+    assert "lmm slope" in capsys.readouterr().out
+
+
+def test_bench_bad_input_exits_2_with_one_line(capsys):
+    bad = [["nope"], ["models", "--rows", "Full HOPE,Nope"], ["models", "--scales", "huge"],
+           ["scaling", "--mixers", "xyz"], ["roofline", "--threads", "0"]]
+    if not torch.cuda.is_available():
+        bad.append(["memory", "--device", "cuda"])
+    for argv in bad:
+        with pytest.raises(SystemExit) as exit_info:
+            bench.parse_args(argv)
+        assert exit_info.value.code == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and len(err.splitlines()) == 1, err
