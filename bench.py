@@ -463,6 +463,25 @@ def breakdown_from_profile(prof, wall_s):
     return table
 
 
+def op_counts(prof):
+    """(forward ops, backward nodes) of one profiled training step: aten ops called by the model
+    itself (not from inside another op, the backward or the optimizer), and autograd nodes run by
+    the backward (not counting gradient accumulation). On tiny tensors each costs about the same
+    fixed overhead, so these counts, not FLOPs, predict the step time."""
+    forward = backward = 0
+    for e in prof.events():
+        if e.name.startswith("autograd::engine::evaluate_function:"):
+            backward += "AccumulateGrad" not in e.name
+            continue
+        if not e.name.startswith("aten::"):
+            continue
+        parent = e.cpu_parent
+        while parent is not None and parent.name.startswith(REGION) and parent.name != REGION + "optimizer":
+            parent = parent.cpu_parent
+        forward += parent is None
+    return forward, backward
+
+
 def top_ops(prof, limit):
     ops = sorted(prof.key_averages(), key=lambda a: a.self_cpu_time_total, reverse=True)
     ops = [a for a in ops if not a.key.startswith(REGION)]
@@ -507,6 +526,7 @@ def bench_model_row(config, batch, steps, warmup, device, seed, breakdown, compi
             profiled_s = time.perf_counter() - start
         transient = cpu_peak_from_profile(prof)
         result["peak_bytes"] = static + transient if transient is not None else None
+        result["forward_ops"], result["backward_nodes"] = op_counts(prof)
         if breakdown:
             result["profiled_step_s"] = profiled_s
             result["breakdown_ms"] = breakdown_from_profile(prof, profiled_s)
@@ -597,9 +617,11 @@ def bench_models(args, device):
             r["vs_transformer"] = r["step_s"] / ref if ref else None
             table.append([row, f"{r['params'] / 1e6:.2f}", fmt_ms(r["step_s"]),
                           f"{r['tokens_per_s']:.0f}", fmt_mb(r["peak_bytes"]),
-                          fmt_ratio(r["vs_transformer"])])
+                          fmt_ratio(r["vs_transformer"]), r.get("forward_ops", "n/a"),
+                          r.get("backward_nodes", "n/a")])
         print()
-        print_table(["row", "params (M)", "step ms", "tokens/s", "peak MB", "vs Transformer"], table)
+        print_table(["row", "params (M)", "step ms", "tokens/s", "peak MB", "vs Transformer",
+                     "fwd ops", "bwd nodes"], table)
         mac, full = (per_row.get(r, {}).get("vs_transformer") for r in (PURE_MAC, "Full HOPE"))
         if mac is not None:
             print(f"{PURE_MAC} / Transformer: {mac:.2f}x "
@@ -607,7 +629,8 @@ def bench_models(args, device):
         if full is not None:
             print(f"Full HOPE / Transformer: {full:.2f}x")
         print("peak MB = parameters + AdamW moments + the step's peak of activations and gradients "
-              "(CPU: profiler allocator events; CUDA: max_memory_allocated)")
+              "(CPU: profiler allocator events; CUDA: max_memory_allocated)\nfwd ops = aten ops the "
+              "model calls in one step, bwd nodes = autograd nodes its backward runs (CPU eager only)")
         for row, r in per_row.items():
             if "breakdown_ms" in r:
                 print_breakdown(f"[{scale}] {row}", r)

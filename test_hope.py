@@ -1099,6 +1099,7 @@ def test_bench_model_row_breaks_full_hope_down_by_component():
     assert 0 < tracked <= result["profiled_step_s"] * 1e3
     assert result["peak_bytes"] > 3 * 4 * result["params"]           # weights + AdamW's two moments
     assert result["step_s"] > 0 and result["tokens_per_s"] > 0
+    assert result["forward_ops"] > 100 and result["backward_nodes"] > 100
 
 
 def test_bench_scaling_fits_slopes_and_writes_json(tmp_path, capsys):
