@@ -565,15 +565,17 @@ def run_isolated(device, fn, *args):
 def print_breakdown(name, result):
     table = result["breakdown_ms"]
     total = sum(sum(v.values()) for v in table.values())
+    in_ops = sum(sum(v.values()) for k, v in table.items() if not k.startswith("untracked"))
     rows = []
     for component, parts in sorted(table.items(), key=lambda kv: -sum(kv[1].values())):
         t = sum(parts.values())
         rows.append([component, f"{parts['forward']:.1f}", f"{parts['backward']:.1f}",
                      f"{parts['optimizer'] + parts.get('other', 0.0):.1f}", f"{t:.1f}",
-                     f"{100 * t / total:.1f}%"])
+                     f"{100 * t / total:.1f}%",
+                     "" if component.startswith("untracked") else f"{100 * t / in_ops:.1f}%"])
     print(f"\n{name}: one training step under torch.profiler ({result['profiled_step_s'] * 1e3:.0f} ms "
           f"profiled vs {result['step_s'] * 1e3:.0f} ms unprofiled), CPU self time per component:")
-    print_table(["component", "fwd ms", "bwd ms", "other ms", "total ms", "share"], rows)
+    print_table(["component", "fwd ms", "bwd ms", "other ms", "total ms", "share", "share of op time"], rows)
     largest = next(r[0] for r in rows if not r[0].startswith("untracked"))
     print(f"largest component: {largest}")
     print(f"\n{name}: top ops by self CPU time (same profiled step)")
@@ -635,7 +637,7 @@ def bench_models(args, device):
             if "breakdown_ms" in r:
                 print_breakdown(f"[{scale}] {row}", r)
         results[scale] = dict(note=note, batch=batch, steps=steps, warmup=warmup, rows=per_row)
-    if device.type == "cpu":
+    if any("breakdown_ms" in r for scale in results.values() for r in scale["rows"].values()):
         print("\nbreakdown: every op's self CPU time goes to the component whose methods were on the "
               "stack when it ran (record_function\nregions around hope's module methods and "
               "memory_update); a backward op goes to the component of the forward op that created\n"
@@ -780,6 +782,18 @@ def memory_update_fwd_bwd(layer, x):
     return run
 
 
+MATMUL_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm")
+
+
+def matmul_share(fn):
+    """Share of fn()'s op time (CPU self time, one profiled run) spent inside matmul kernels."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    ops = [a for a in prof.key_averages() if a.key.startswith("aten::")]
+    total = sum(a.self_cpu_time_total for a in ops)
+    return sum(a.self_cpu_time_total for a in ops if a.key in MATMUL_OPS) / total if total else None
+
+
 def bench_roofline(args, device):
     B, T, dim, heads, d_head = 4, 512, 256, 4, 64
     repeats, warmup = (3, 1) if args.quick else (7, 2)
@@ -807,15 +821,21 @@ def bench_roofline(args, device):
         flops = count_flops(run)
         t = timeit(run, repeats, warmup, device)
         rate = flops / t / 1e9
-        results["cases"][name] = dict(gflop=flops / 1e9, time_s=t, gflops=rate, fraction_of_peak=rate / peak)
+        in_matmuls = matmul_share(run) if device.type == "cpu" else None
+        results["cases"][name] = dict(gflop=flops / 1e9, time_s=t, gflops=rate, fraction_of_peak=rate / peak,
+                                      matmul_share=in_matmuls)
         target = ""
         if name.startswith("memory_update"):
             passed = "PASS" if rate / peak >= ROOFLINE_TARGET else "FAIL"
             target = f"target >= {ROOFLINE_TARGET:.0%}: {passed}"
         rows.append([name, f"{flops / 1e9:.2f}", fmt_ms(t), f"{rate:.1f}", f"{100 * rate / peak:.1f}%",
-                     target])
+                     "n/a" if in_matmuls is None else f"{100 * in_matmuls:.0f}%",
+                     "n/a" if not in_matmuls else f"{rate / in_matmuls:.1f}", target])
     print()
-    print_table(["fwd+bwd", "GFLOP", "ms", "GFLOP/s", "of mm peak", ""], rows)
+    print_table(["fwd+bwd", "GFLOP", "ms", "GFLOP/s", "of mm peak", "time in matmuls",
+                 "GFLOP/s inside matmuls", ""], rows)
+    print("time in matmuls = share of the op time (one profiled run) inside mm/bmm kernels; the rest is "
+          "elementwise work,\ncopies and reductions, which FlopCounterMode does not count (CPU only)")
     return results
 
 
