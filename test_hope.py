@@ -24,7 +24,8 @@ The HOPE model (§6-10), on tiny float64 configs, for every ablation row and eve
 parameter gets a gradient, flags that are off create no parameters, causality, generation with
 carried state equals one forward, batch independence, self-modification (fast ≠ meta, chunk 1
 changes the keys generated in chunk 2), CMS periods, the closed gate. Then train.py (end to end,
-bit-exact resume, the non-finite guard, one-line exit-2 errors) and ablate.py/analyze.py (smoke).
+bit-exact resume, the non-finite guard, one-line exit-2 errors), ablate.py/analyze.py (smoke), and
+what bench.py's numbers are made of (slope fit, CPU peak memory, the component breakdown).
 """
 import dataclasses
 import math
