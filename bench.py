@@ -491,12 +491,12 @@ def top_ops(prof, limit):
                  share=a.self_cpu_time_total / total) for a in ops[:limit]]
 
 
-def bench_model_row(config, batch, steps, warmup, device, seed, breakdown, compile=False):
+def bench_model_row(config, batch, steps, warmup, device, seed, breakdown, compiled=False):
     """Train-step time, peak memory and (optionally) the component breakdown of one config.
-    compile=True runs the model through torch.compile (the first warmup step compiles it)."""
+    compiled=True runs the model through torch.compile (the first warmup step compiles it)."""
     torch.manual_seed(seed)
     model = hope.build_model(config).to(device).train()
-    forward = torch.compile(model) if compile else model
+    forward = torch.compile(model) if compiled else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)   # as train.py
     idx = torch.randint(0, config.vocab_size, (batch, config.seq_len + 1), device=device)
     inputs, targets = idx[:, :-1], idx[:, 1:]
@@ -516,7 +516,7 @@ def bench_model_row(config, batch, steps, warmup, device, seed, breakdown, compi
     result = dict(params=model.num_params())
     if device.type == "cuda":
         result["peak_bytes"] = peak_memory(step, device) + torch.cuda.memory_allocated(device)
-    elif compile:                                      # compiled code has no module regions to profile
+    elif compiled:                                     # compiled code has no module regions to profile
         transient = peak_memory(step, device)
         result["peak_bytes"] = static + transient if transient is not None else None
     else:
@@ -537,12 +537,12 @@ def bench_model_row(config, batch, steps, warmup, device, seed, breakdown, compi
     return result
 
 
-def bench_guarded_row(threads, config, batch, steps, warmup, device, seed, breakdown, compile):
+def bench_guarded_row(threads, config, batch, steps, warmup, device, seed, breakdown, compiled):
     """bench_model_row, with running out of memory reported as {"error": ...} instead of raised."""
     torch.set_num_threads(threads)
     try:
         with memory_guard(device):
-            return bench_model_row(config, batch, steps, warmup, device, seed, breakdown, compile)
+            return bench_model_row(config, batch, steps, warmup, device, seed, breakdown, compiled)
     except (RuntimeError, MemoryError) as error:
         if not is_out_of_memory(error):
             raise
@@ -587,7 +587,6 @@ def print_breakdown(name, result):
 
 def bench_models(args, device):
     scales = [(name, *load_preset(name)) for name in args.scales]
-    rows_to_run = args.rows
     print_header("models: one training step (fwd + bwd + AdamW), random tokens", args)
     if args.checkpoint:
         print("memory checkpointing on (config.checkpoint=True: each chunk recomputed in backward)")
@@ -600,7 +599,7 @@ def bench_models(args, device):
         print(f"\n[{scale}] {note}\nmedian of {steps} steps after {warmup} warmup "
               "(the second one measures peak memory under the profiler)")
         per_row = {}
-        for row in rows_to_run:
+        for row in args.rows:
             config = row_config(row, base)
             result = run_isolated(device, bench_guarded_row, args.threads, config, batch, steps, warmup,
                                   device, args.seed, row == "Full HOPE" or args.breakdown_all,

@@ -678,7 +678,7 @@ def rotary(positions, d, dtype):
 
 def rope(x, rotation):
     """Rotate feature pairs of x [B, T, heads, d] by the (cos, sin) of rotary(). Rotating before
-    the heads move in front of T keeps rows contiguous (measured 1.6x faster on a CPU)."""
+    the heads move in front of T keeps the rows contiguous, which is faster on a CPU."""
     cos, sin = rotation
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
