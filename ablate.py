@@ -46,7 +46,7 @@ def configs(scale_settings, data, tokenizer, row, seed, out_dir, device, overrid
     settings = {**scale_settings, "data": data, "tokenizer": tokenizer, "seed": seed, "device": device,
                 "vocab_size": train.VOCAB_SIZES[tokenizer], **(overrides or {})}
     base = hope.HOPEConfig(**{k: v for k, v in settings.items() if k in train.MODEL_FIELDS})
-    model_cfg = hope.ablation_config(row, base)
+    model_cfg = hope.ablation_config(row, base) if row in hope.ABLATION_ROWS else base
     cfg = train.TrainConfig(**{k: v for k, v in settings.items() if k in train.TRAIN_FIELDS})
     key = json.dumps([dataclasses.asdict(model_cfg), {**dataclasses.asdict(cfg), "out_dir": None, "device": None},
                       CODE_VERSION], sort_keys=True, default=str)
@@ -227,6 +227,91 @@ def sweep(preset="cpu", seed=1337, out_dir=None, device="auto"):
     out_dir.mkdir(parents=True, exist_ok=True)
     train.atomic_write(out_dir / "sweep.md", lambda tmp: tmp.write_text(md + "\n"))
     train.atomic_write(out_dir / "sweep.json", lambda tmp: tmp.write_text(json.dumps(entries, indent=1)))
+    return md, out_dir
+
+
+# The recall table: which memories memorize in context? Multi-query associative recall (train.py
+# --data mqar) at dim 64, 2 layers, heads of 16, attention-free (`lmm`) unless a variant says
+# otherwise, each memory with its writes on and frozen (θ_max = 0: no token ever writes, only the
+# forget gate still decays the initial weights). Then passkey retrieval against distance.
+RECALL_BASE = dict(dim=64, layers=2, d_head=16, chunk_size=16, segment_len=64, batch_size=64, steps=1500,
+                   lr=1e-3, eval_every=250, eval_batches=4, mixer="lmm", cms=False, self_mod=False,
+                   surprise=False, data="mqar", tokenizer="byte")
+FROZEN = dict(lr_max=0.0)
+RECALL_VARIANTS = [
+    ("Transformer (calibration)", dict(model="transformer")),
+    ("Titans", {}),
+    ("Titans, frozen", FROZEN),
+    ("Titans, θ_max 0.1", dict(lr_max=0.1)),
+    ("Titans, in-chunk reads", dict(read_mode="in_chunk")),
+    ("Titans, in-chunk reads, θ_max 0.1", dict(read_mode="in_chunk", lr_max=0.1)),
+    ("Self-Mod", dict(self_mod=True)),
+    ("Self-Mod, frozen", dict(self_mod=True, **FROZEN)),
+    ("CMS (+ Titans)", dict(cms=True)),
+    ("CMS (+ Titans), frozen", dict(cms=True, **FROZEN)),
+    ("Full HOPE", dict(cms=True, self_mod=True, surprise=True)),
+    ("Full HOPE, frozen", dict(cms=True, self_mod=True, surprise=True, **FROZEN)),
+    ("Titans MAC, segment 16", dict(mixer="mac", chunk_size=8, segment_len=16)),
+    ("Titans MAC, segment 16, frozen", dict(mixer="mac", chunk_size=8, segment_len=16, **FROZEN)),
+    ("Titans, 32 pairs", dict(mqar_pairs=32, batch_size=16)),
+    ("Titans, 32 pairs, frozen", dict(mqar_pairs=32, batch_size=16, **FROZEN)),
+]
+PASSKEY_DISTANCES = (32, 128, 512)
+PASSKEY_VARIANTS = [("Titans", dict(data="passkey", batch_size=16)),
+                    ("Titans, frozen", dict(data="passkey", batch_size=16, **FROZEN)),
+                    ("Transformer", dict(data="passkey", batch_size=16, model="transformer"))]
+
+
+def recall_runs(variants, seeds, seed, out_dir, device, extra=None):
+    """{label: [result per seed]} of recall variants, each on RECALL_BASE plus its overrides."""
+    results = {}
+    for label, overrides in variants:
+        for s in range(seed, seed + seeds):
+            print(f"== recall · {label} · seed {s}", flush=True)
+            settings = {**RECALL_BASE, **overrides, **(extra or {})}
+            model_cfg, cfg = configs(settings, settings["data"], "byte", label, s, out_dir, device)
+            results.setdefault(label, []).append(run_once(model_cfg, cfg))
+    return results
+
+
+def accuracy_cell(runs):
+    values = [r["accuracy"] for r in runs if "error" not in r]
+    mean, std = mean_std(values)
+    return "failed" if mean is None else fmt(mean, std)
+
+
+def recall(seeds=2, seed=1337, out_dir=None, device="auto"):
+    """MQAR accuracy of every memory with writes on and frozen; passkey accuracy against distance."""
+    out_dir = Path(out_dir or "ablation_recall")
+    mqar = recall_runs(RECALL_VARIANTS, seeds, seed, out_dir, device)
+    lines = [f"### Recall (MQAR, {RECALL_BASE['steps']} steps, mean ± std over {seeds} seeds)", "",
+             "| variant | mixer | pairs | accuracy | chance | val loss (nats/answer) | params |",
+             "|---|---|---|---|---|---|---|"]
+    for label, overrides in RECALL_VARIANTS:
+        runs, settings = mqar[label], {**RECALL_BASE, **overrides}
+        good = [r for r in runs if "error" not in r]
+        mixer = "attention" if settings.get("model") == "transformer" else settings["mixer"]
+        pairs = settings.get("mqar_pairs", train.TrainConfig.mqar_pairs)
+        lines.append(f"| {label} | {mixer} | {pairs} | {accuracy_cell(runs)} | "
+                     f"{1 / train.TrainConfig.mqar_values:.3f} | "
+                     f"{fmt(*mean_std([r['val_loss'] for r in good]))} | "
+                     f"{good[0]['params'] / 1e3:.0f}K |" if good else f"| {label} | {mixer} | {pairs} | failed | | | |")
+    passkey = {d: recall_runs(PASSKEY_VARIANTS, seeds, seed, out_dir, device, dict(passkey_distance=d))
+               for d in PASSKEY_DISTANCES}
+    lines += ["", f"### Passkey (4 digits; accuracy per digit against distance; segment/window "
+              f"{RECALL_BASE['segment_len']}; chance 0.100)", "",
+              "| variant | " + " | ".join(f"distance {d}" for d in PASSKEY_DISTANCES) + " |",
+              "|---|" + "---|" * len(PASSKEY_DISTANCES)]
+    for label, _ in PASSKEY_VARIANTS:
+        lines.append(f"| {label} | " + " | ".join(accuracy_cell(passkey[d][label]) for d in PASSKEY_DISTANCES) + " |")
+    md = "\n".join(lines)
+    brief = lambda runs: [{k: v for k, v in r.items() if k not in ("traceback", "curve")} for r in runs]
+    payload = {"base": RECALL_BASE,
+               "mqar": {label: {"overrides": o, "runs": brief(mqar[label])} for label, o in RECALL_VARIANTS},
+               "passkey": {str(d): {label: brief(runs) for label, runs in passkey[d].items()} for d in PASSKEY_DISTANCES}}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    train.atomic_write(out_dir / "recall.json", lambda tmp: tmp.write_text(json.dumps(payload, indent=1)))
+    train.atomic_write(out_dir / "recall.md", lambda tmp: tmp.write_text(md + "\n"))
     return md, out_dir
 
 

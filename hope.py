@@ -935,6 +935,8 @@ class HOPEConfig:
     cms_periods: tuple = (8, 32)
     seq_len: int = 512                 # training context (RoPE lets models run past it)
     checkpoint: bool = False           # recompute each memory chunk in backward (memory ∝ T/C)
+    init_std: float = 0.02             # None: PyTorch's default init; x: N(0, x) (GPT-2's 0.02)
+    tied_head: bool = True             # output head = the token embedding (transposed)
 
     def __post_init__(self):
         self.cms_periods = tuple(self.cms_periods)
@@ -961,7 +963,7 @@ class HOPEConfig:
              f"CMS periods must be positive, got {self.cms_periods}"),
             (self.memory_depth >= 1 and self.expansion >= 1, "memory depth and expansion must be >= 1"),
             (self.persistent_tokens >= 0, "persistent_tokens must be >= 0"),
-            (self.lr_max > 0, "lr_max must be positive"),
+            (self.lr_max >= 0, "lr_max must be >= 0 (0 freezes every memory: no writes)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -986,7 +988,7 @@ class ModelState:
 
 
 class LanguageModel(nn.Module):
-    """Token embedding -> blocks -> norm -> tied output head. HOPE, its ablations and GPT."""
+    """Token embedding -> blocks -> norm -> output head. HOPE, its ablations and GPT."""
 
     def __init__(self, config):
         super().__init__()
@@ -994,12 +996,14 @@ class LanguageModel(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.dim)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.layers))
         self.norm = nn.LayerNorm(config.dim)
-        self.apply(self._init_weights)
+        self.head = None if config.tied_head else nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.init_std is not None:
+            self.apply(lambda module: self._init_weights(module, config.init_std))
 
     @staticmethod
-    def _init_weights(module):
+    def _init_weights(module, std):
         if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=0.02)
+            nn.init.normal_(module.weight, std=std)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
@@ -1023,7 +1027,8 @@ class LanguageModel(nn.Module):
         for block, layer_state in zip(self.blocks, state.layers):
             x, layer_state = block(x, layer_state, state.position, keep_state)
             layers.append(layer_state)
-        logits = self.norm(x) @ self.embed.weight.T                               # tied head
+        x = self.norm(x)
+        logits = x @ self.embed.weight.T if self.head is None else self.head(x)      # [B, T, V]
         return logits, ModelState(state.position + idx.shape[1], layers) if keep_state else None
 
     def forward(self, idx, targets=None):
@@ -1031,7 +1036,8 @@ class LanguageModel(nn.Module):
         logits, _ = self.advance(idx, self.initial_state(idx.shape[0]), keep_state=False)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+            # targets of -100 are ignored (recall tasks score only the answer positions)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         return logits, loss
 
     @torch.no_grad()

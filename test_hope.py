@@ -848,6 +848,50 @@ def test_end_to_end_hope_with_snapshots(corpus, tmp_path):
         assert snapshot["step"] == step and snapshot["config"]["model"]["model"] == "hope"
 
 
+def test_mqar_batches_ask_for_the_stored_values():
+    task = train.MQAR(pairs=5, keys=12, values=7)
+    x, y = task.batch(np.random.default_rng(3), 16, 24)                  # 5 blanks between pairs and queries
+    again = task.batch(np.random.default_rng(3), 16, 24)
+    assert torch.equal(x, again[0]) and torch.equal(y, again[1])          # a pure function of the RNG
+    assert x.shape == y.shape == (16, 24) and task.vocab_size == 20 and task.chance == 1 / 7
+    for seq, target in zip(x.tolist(), y.tolist()):
+        keys, values = seq[0:10:2], seq[1:10:2]
+        assert len(set(keys)) == 5 and all(k < 12 for k in keys) and all(12 <= v < 19 for v in values)
+        assert seq[10:15] == [19] * 5                                   # blanks
+        stored = dict(zip(keys, values))
+        answers = {t: target[t] for t in range(24) if target[t] != train.IGNORE}
+        assert sorted(answers) == [15, 17, 19, 21, 23]                    # after each query key
+        assert sorted(seq[t] for t in answers) == sorted(keys)           # every key asked once
+        assert all(target[t] == stored[seq[t]] for t in answers)
+
+
+def test_passkey_batches_ask_for_the_code_at_the_given_distance():
+    task = train.Passkey(digits=3, distance=20)
+    x, y = task.batch(np.random.default_rng(0), 32, task.default_seq_len)
+    depths = set()
+    for seq, target in zip(x.tolist(), y.tolist()):
+        key, question = seq.index(task.KEY), seq.index(task.QUERY)
+        assert seq.count(task.KEY) == seq.count(task.QUERY) == 1
+        assert question - (key + 4) == 20                                 # 20 filler tokens between
+        answers = [t for t in range(len(seq)) if target[t] != train.IGNORE]
+        assert answers == [question, question + 1, question + 2]
+        assert [target[t] for t in answers] == seq[key + 1:key + 4]     # the code, digit by digit
+        depths.add(key)
+    assert len(depths) > 10                                               # hidden at random depths
+
+
+def test_recall_training_prints_accuracy_and_chance(tmp_path, capsys):
+    tiny = ["--dim", "32", "--layers", "1", "--d-head", "16", "--batch-size", "4", "--steps", "2",
+            "--eval-every", "2", "--eval-batches", "1", "--mixer", "lmm", "--no-cms", "--no-self-mod", "--no-surprise"]
+    for data, chance in (("mqar", 1 / 32), ("passkey", 0.1)):
+        result = run(["--data", data, "--out-dir", str(tmp_path / data), *tiny, "--passkey-distance", "8"])
+        out = capsys.readouterr().out
+        assert f"recall accuracy" in out and f"chance {chance:.3f}" in out and "nats/answer" in out
+        assert 0 <= result["accuracy"] <= 1 and result["baselines"] == {"chance": chance}
+    model_cfg, _ = train.resolve_config(train.build_arg_parser().parse_args(["--data", "mqar", "--mqar-pairs", "16"]))
+    assert model_cfg.seq_len == 64 and model_cfg.vocab_size == 32 + 32 + 1
+
+
 def test_shakespeare_baselines_are_computed_once_on_train(tmp_path):
     train_data, val_data, meta = train.get_data("shakespeare", "byte", data_dir=str(tmp_path))
     assert train_data.dtype == np.uint16 and meta["vocab_size"] == 256
@@ -968,6 +1012,9 @@ def test_bad_input_exits_2_with_one_line(corpus, tmp_path, capsys, monkeypatch):
         "offline openwebtext": (common + ["--data", "openwebtext"], "--data shakespeare"),
         "offline hub": (common + ["--data", "openwebtext", "--tokenizer", "byte"], "--data shakespeare"),
         "offline gpt2": (common + ["--tokenizer", "gpt2"], "--data PATH"),
+        "mqar pairs": (common + ["--data", "mqar", "--mqar-pairs", "40"], "--mqar-pairs"),
+        "mqar context": (common + ["--data", "mqar", "--seq-len", "20"], "too short"),
+        "passkey digits": (common + ["--data", "passkey", "--passkey-digits", "0"], "--passkey-digits"),
     }
     for name, (argv, words) in cases.items():
         with pytest.raises(SystemExit) as stopped:

@@ -70,6 +70,11 @@ class TrainConfig:
     device: str = "auto"           # auto | cpu | cuda | mps
     dtype: str = "auto"            # auto (bfloat16 autocast on CUDA, else float32) | float32 | bfloat16
     compile: bool = None           # torch.compile; None: on for CUDA, off elsewhere
+    mqar_pairs: int = 8            # --data mqar: pairs per sequence, each queried once
+    mqar_keys: int = 32            # --data mqar: key vocabulary
+    mqar_values: int = 32          # --data mqar: value vocabulary
+    passkey_distance: int = None   # --data passkey: code-to-question distance (None: 2 x segment_len)
+    passkey_digits: int = 4        # --data passkey: code length
 
 
 MODEL_FIELDS = {f.name for f in fields(hope.HOPEConfig)}
@@ -104,10 +109,18 @@ def build_arg_parser():
     p.add_argument("--surprise", action=on_off, help="surprise-gated memory writes")
     p.add_argument("--surprise-threshold", type=float)
     p.add_argument("--surprise-mode", choices=("absolute", "relative"))
-    for name in ("dim", "layers", "heads", "d-head", "seq-len", "chunk-size", "segment-len"):
+    for name in ("dim", "layers", "heads", "d-head", "seq-len", "chunk-size", "segment-len",
+                 "memory-depth", "expansion", "persistent-tokens"):
         p.add_argument(f"--{name}", type=int)
+    p.add_argument("--lr-max", type=float, help="θ_max, the largest inner learning rate of every memory")
+    p.add_argument("--cms-periods", type=lambda s: tuple(int(p) for p in s.split(",")),
+                   help="update periods of the CMS levels, comma-separated (default 8,32)")
+    p.add_argument("--init-std", type=float, help="N(0, x) init of linear maps and embeddings "
+                   "(default: PyTorch's own init; 0.02 is GPT-2's)")
+    p.add_argument("--tied-head", action=on_off, help="output head shares the token embedding")
     p.add_argument("--checkpoint", action=on_off, help="recompute memory chunks in backward")
-    p.add_argument("--data", help="shakespeare (default, offline) | openwebtext | PATH (.txt/.md, folder)")
+    p.add_argument("--data", help="shakespeare (default, offline) | openwebtext | PATH (.txt/.md, folder) | "
+                   "mqar | passkey (recall tasks, generated on the fly)")
     p.add_argument("--tokenizer", choices=tuple(VOCAB_SIZES), help="default: gpt2 for openwebtext, else byte")
     p.add_argument("--max-tokens", type=int)
     p.add_argument("--data-dir")
@@ -115,6 +128,15 @@ def build_arg_parser():
     for name in ("batch-size", "grad-accum", "steps", "eval-every", "save-every", "seed"):
         p.add_argument(f"--{name}", type=int)
     p.add_argument("--lr", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--grad-clip", type=float)
+    p.add_argument("--eval-batches", type=int)
+    p.add_argument("--mqar-pairs", type=int, help="--data mqar: key-value pairs per sequence (default 8)")
+    p.add_argument("--mqar-keys", type=int, help="--data mqar: size of the key vocabulary (default 32)")
+    p.add_argument("--mqar-values", type=int, help="--data mqar: size of the value vocabulary (default 32)")
+    p.add_argument("--passkey-distance", type=int, help="--data passkey: tokens from the code to the "
+                   "question (default 2 x segment_len)")
+    p.add_argument("--passkey-digits", type=int, help="--data passkey: length of the code (default 4)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"))
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"))
     p.add_argument("--compile", action=on_off)
@@ -138,6 +160,14 @@ def resolve_config(args, checkpoint=None):
         settings = {**PRESETS[preset], **given, "preset": preset}
         settings.setdefault("tokenizer", "gpt2" if settings.get("data") == "openwebtext" else "byte")
         settings["vocab_size"] = VOCAB_SIZES[settings["tokenizer"]]
+        if settings.get("data") in RECALL_TASKS:         # the task sets the vocabulary and context
+            task = recall_task(TrainConfig(**{k: v for k, v in settings.items() if k in TRAIN_FIELDS}),
+                               settings["segment_len"])
+            settings["vocab_size"] = task.vocab_size
+            settings["seq_len"] = given.get("seq_len", task.default_seq_len)
+            if settings["seq_len"] < task.min_len - 1:
+                raise UserError(f"--seq-len {settings['seq_len']} is too short for --data {settings['data']} "
+                                f"(needs >= {task.min_len - 1})")
     else:
         settings = {**checkpoint["config"]["model"], **checkpoint["config"]["train"]}
         conflicts = [f"{k}={settings[k]!r} in the checkpoint, {v!r} given"
@@ -308,16 +338,117 @@ def prepare(folder, data, tokenizer, max_tokens, files):
 def get_batch(tokens, batch_size, seq_len, seed, step, micro=0):
     """A random batch that is a pure function of (seed, step, micro): a resumed run draws exactly
     the batches that the uninterrupted run would have drawn. Returns x, y: [batch, seq_len] int64."""
-    starts = np.random.default_rng([seed, step, micro]).integers(0, len(tokens) - seq_len, batch_size)
+    rng = np.random.default_rng([seed, step, micro])
+    if isinstance(tokens, RecallTask):
+        return tokens.batch(rng, batch_size, seq_len)
+    starts = rng.integers(0, len(tokens) - seq_len, batch_size)
     xy = torch.from_numpy(np.stack([tokens[s:s + seq_len + 1] for s in starts]).astype(np.int64))
     return xy[:, :-1], xy[:, 1:]
 
 
 def eval_batches(tokens, batch_size, seq_len, n_batches):
-    """Fixed, evenly spaced validation windows: the same ones at every evaluation."""
+    """Fixed validation batches, the same at every evaluation: evenly spaced windows of a corpus,
+    or recall sequences drawn from their own seeds (never a training seed, which is < 2**32)."""
+    if isinstance(tokens, RecallTask):
+        return [tokens.batch(np.random.default_rng([2**32, i]), batch_size, seq_len) for i in range(n_batches)]
     starts = np.linspace(0, len(tokens) - seq_len - 1, n_batches * batch_size).astype(np.int64)
     xy = torch.from_numpy(np.stack([tokens[s:s + seq_len + 1] for s in starts]).astype(np.int64))
     return list(zip(xy[:, :-1].split(batch_size), xy[:, 1:].split(batch_size)))
+
+
+# -------------------------------------------------------------------------------------------------
+# 2b. Recall tasks: does the model memorize in context? (generated on the fly: offline, seeded)
+# -------------------------------------------------------------------------------------------------
+# Two synthetic tasks that only a model which stores what it reads can solve. Targets are IGNORE
+# (no loss) everywhere except at the answers, so the loss and the accuracy measure recall alone.
+#   mqar     multi-query associative recall (Zoology; Titans §5): pairs k1 v1 … kN vN, a blank gap
+#            if the context is longer than 4N, then every key again in random order, each followed
+#            by its value, which the model must predict.
+#   passkey  a code of D digits behind a KEY marker, hidden at a random depth of random filler;
+#            `distance` filler tokens later a QUERY marker asks for it, digit by digit.
+
+IGNORE = -100                      # cross_entropy's ignore_index
+
+
+class RecallTask:
+    """A recall task: batch(rng, n, seq_len) -> x, y [n, seq_len] int64 (y = IGNORE off the answers)."""
+
+    def batch(self, rng, n, seq_len):
+        sequences, answers = self.sequences(rng, n, seq_len + 1)        # [n, seq_len+1], bool mask
+        x = torch.from_numpy(sequences[:, :-1].astype(np.int64))
+        y = np.where(answers[:, 1:], sequences[:, 1:], IGNORE)
+        return x, torch.from_numpy(y.astype(np.int64))
+
+
+class MQAR(RecallTask):
+    """Token ids: keys [0, keys), values [keys, keys + values), then one blank."""
+
+    def __init__(self, pairs, keys, values):
+        if not (0 < pairs <= keys and values > 0):
+            raise UserError(f"mqar needs 0 < --mqar-pairs <= --mqar-keys and --mqar-values > 0, "
+                            f"got {pairs} pairs, {keys} keys, {values} values")
+        self.pairs, self.keys, self.values = pairs, keys, values
+        self.vocab_size, self.chance = keys + values + 1, 1 / values
+        self.min_len = 4 * pairs                                       # pairs, then queries
+        self.default_seq_len = 4 * pairs                               # inputs: + one blank
+
+    def __str__(self):
+        return f"mqar recall ({self.pairs} pairs, {self.keys} keys, {self.values} values)"
+
+    def sequences(self, rng, n, length):
+        N = self.pairs
+        keys = np.argsort(rng.random((n, self.keys)), axis=1)[:, :N]   # N distinct keys each
+        values = self.keys + rng.integers(0, self.values, (n, N))
+        order = np.argsort(rng.random((n, N)), axis=1)                  # the order of the queries
+        seq = np.full((n, length), self.keys + self.values)             # blanks
+        seq[:, 0:2 * N:2], seq[:, 1:2 * N:2] = keys, values
+        start = length - 2 * N                                          # queries fill the end
+        seq[:, start::2] = np.take_along_axis(keys, order, 1)
+        seq[:, start + 1::2] = np.take_along_axis(values, order, 1)
+        answers = np.zeros((n, length), dtype=bool)
+        answers[:, start + 1::2] = True
+        return seq, answers
+
+
+class Passkey(RecallTask):
+    """Token ids: digits [0, 10), filler [10, 26), KEY 26, QUERY 27."""
+    FILLER, KEY, QUERY = 10, 26, 27
+
+    def __init__(self, digits, distance):
+        if digits < 1 or distance < 0:
+            raise UserError(f"passkey needs --passkey-digits >= 1 and --passkey-distance >= 0, "
+                            f"got {digits} and {distance}")
+        self.digits, self.distance = digits, distance
+        self.vocab_size, self.chance = 28, 1 / 10
+        self.min_len = 2 * (digits + 1) + distance
+        self.default_seq_len = self.min_len + 31                        # 32 possible depths
+
+    def __str__(self):
+        return f"passkey recall ({self.digits} digits, {self.distance} tokens from code to question)"
+
+    def sequences(self, rng, n, length):
+        D = self.digits
+        seq = rng.integers(self.FILLER, self.KEY, (n, length))          # random filler everywhere
+        code = rng.integers(0, 10, (n, D))
+        depth = rng.integers(0, length - self.min_len + 1, n)           # where the code is hidden
+        rows = np.arange(n)[:, None]
+        question = depth + D + 1 + self.distance                        # the QUERY marker
+        seq[np.arange(n), depth], seq[np.arange(n), question] = self.KEY, self.QUERY
+        seq[rows, depth[:, None] + 1 + np.arange(D)] = code
+        seq[rows, question[:, None] + 1 + np.arange(D)] = code
+        answers = np.zeros((n, length), dtype=bool)
+        answers[rows, question[:, None] + 1 + np.arange(D)] = True
+        return seq, answers
+
+
+RECALL_TASKS = ("mqar", "passkey")
+
+
+def recall_task(cfg, segment_len):
+    """The RecallTask that cfg.data names (mqar or passkey)."""
+    if cfg.data == "mqar":
+        return MQAR(cfg.mqar_pairs, cfg.mqar_keys, cfg.mqar_values)
+    return Passkey(cfg.passkey_digits, cfg.passkey_distance if cfg.passkey_distance is not None else 2 * segment_len)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -412,14 +543,20 @@ class CtrlC:
 
 @torch.no_grad()
 def evaluate(model, batches, device, autocast):
-    """Mean loss over the fixed validation batches; every sequence starts with fresh memory."""
+    """Mean loss over the fixed validation batches, and the accuracy of the greedy prediction on
+    the targets that count (for recall tasks: the answers); every sequence starts with fresh memory."""
     model.eval()
-    losses = []
+    losses, correct, counted = [], 0, 0
     for x, y in batches:
+        y = y.to(device)
         with autocast:
-            losses.append(model(x.to(device), y.to(device))[1].item())
+            logits, loss = model(x.to(device), y)
+        losses.append(loss.item())
+        scored = y != IGNORE
+        correct += (logits.argmax(-1) == y)[scored].sum().item()
+        counted += scored.sum().item()
     model.train()
-    return sum(losses) / len(losses)
+    return sum(losses) / len(losses), correct / counted
 
 
 def run(args):
@@ -431,11 +568,14 @@ def run(args):
     return train_model(model_cfg, cfg, checkpoint)
 
 
-def train_model(model_cfg, cfg, checkpoint=None):
-    """Train from scratch, or from a loaded checkpoint. Returns a dict: train_loss and val_loss (of
-    the last evaluation), tokens_per_s, params, step, elapsed, curve (the log's records), baselines.
-    Raises UserError for bad input, NonFiniteLoss if training diverges, KeyboardInterrupt (after
-    saving) on Ctrl-C."""
+def load_data(cfg, model_cfg):
+    """(train, val, meta, unit of the loss), and one line about the data. train and val are token
+    memmaps, or the same RecallTask (validation then draws from its own seeds)."""
+    if cfg.data in RECALL_TASKS:
+        task = recall_task(cfg, model_cfg.segment_len)
+        print(f"data: {task}, generated on the fly, {model_cfg.seq_len} tokens a sequence; "
+              f"loss and accuracy on the answers only, chance accuracy {task.chance:.3f}")
+        return task, task, {"chance": task.chance}, "nats/answer"
     train_data, val_data, meta = get_data(cfg.data, cfg.tokenizer, cfg.max_tokens, cfg.data_dir)
     if min(len(train_data), len(val_data)) <= model_cfg.seq_len:
         raise UserError(f"corpus too small: {len(train_data)} train and {len(val_data)} val tokens "
@@ -444,6 +584,15 @@ def train_model(model_cfg, cfg, checkpoint=None):
     print(f"data: {meta['source']}, {meta['train_tokens']:,} train / {meta['val_tokens']:,} val "
           f"{cfg.tokenizer} tokens; baselines on train: unigram {meta['unigram']:.2f}, "
           f"bigram {meta['bigram']:.2f} {unit}")
+    return train_data, val_data, meta, unit
+
+
+def train_model(model_cfg, cfg, checkpoint=None):
+    """Train from scratch, or from a loaded checkpoint. Returns a dict: train_loss and val_loss (of
+    the last evaluation), tokens_per_s, params, step, elapsed, curve (the log's records), baselines.
+    Raises UserError for bad input, NonFiniteLoss if training diverges, KeyboardInterrupt (after
+    saving) on Ctrl-C."""
+    train_data, val_data, meta, unit = load_data(cfg, model_cfg)
 
     device = pick_device(cfg.device)
     bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
@@ -487,13 +636,17 @@ def train_model(model_cfg, cfg, checkpoint=None):
 
     def evaluate_log_save():              # train loss: the mean over the steps since the last eval
         nonlocal recent_losses, interval_time
-        val_loss = evaluate(model, val_batches, device, autocast)
+        val_loss, accuracy = evaluate(model, val_batches, device, autocast)
         train_loss = sum(recent_losses) / len(recent_losses) if recent_losses else None
         tokens_per_s = len(recent_losses) * tokens_per_step / interval_time if interval_time else None
         record = dict(step=step, train_loss=train_loss, val_loss=val_loss,
                       lr=learning_rate(max(step - 1, 0), cfg), tokens_per_s=tokens_per_s, elapsed=elapsed)
         shown = "-" if train_loss is None else f"{train_loss:.4f}"
-        tqdm.write(f"step {step}: train loss {shown}, val loss {val_loss:.4f} ({unit})")
+        recall = ""
+        if "chance" in meta:
+            record["accuracy"] = accuracy
+            recall = f", recall accuracy {accuracy:.3f} (chance {meta['chance']:.3f})"
+        tqdm.write(f"step {step}: train loss {shown}, val loss {val_loss:.4f} ({unit}){recall}")
         with open(log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         recent_losses, interval_time = [], 0.0
@@ -542,11 +695,13 @@ def train_model(model_cfg, cfg, checkpoint=None):
         evaluate_log_save()
         curve = [json.loads(line) for line in log_path.read_text().splitlines()]
     last, tokens_per_s = curve[-1], run_tokens / run_time if run_time else None
-    print(f"done: val loss {last['val_loss']:.4f} {unit} (bigram baseline {meta['bigram']:.2f}) after {step} "
+    reference = f"chance {meta['chance']:.3f}" if "chance" in meta else f"bigram baseline {meta['bigram']:.2f}"
+    accuracy = f", recall accuracy {last['accuracy']:.3f}" if "accuracy" in last else ""
+    print(f"done: val loss {last['val_loss']:.4f} {unit}{accuracy} ({reference}) after {step} "
           f"steps, {elapsed:.0f} s" + (f", {tokens_per_s:,.0f} tokens/s" if tokens_per_s else ""))
-    return dict(train_loss=last["train_loss"], val_loss=last["val_loss"], tokens_per_s=tokens_per_s,
-                params=model.num_params(), step=step, elapsed=elapsed, curve=curve,
-                baselines={"unigram": meta["unigram"], "bigram": meta["bigram"]})
+    return dict(train_loss=last["train_loss"], val_loss=last["val_loss"], accuracy=last.get("accuracy"),
+                tokens_per_s=tokens_per_s, params=model.num_params(), step=step, elapsed=elapsed, curve=curve,
+                baselines={k: meta[k] for k in ("unigram", "bigram", "chance") if k in meta})
 
 
 # -------------------------------------------------------------------------------------------------
