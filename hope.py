@@ -76,9 +76,9 @@ def init_memory_weights(heads, d, depth, expansion, branch_scale=0.1):
     memories that must differ from each other (the self-modifying generators, §6) use 1.
     """
     weights = []
-    for d_in, d_out in memory_shapes(d, depth, expansion):
+    for layer, (d_in, d_out) in enumerate(memory_shapes(d, depth, expansion)):
         W = torch.randn(heads, d_in, d_out) / math.sqrt(d_in)
-        if depth > 1 and d_out == d:
+        if depth > 1 and layer == depth - 1:                 # the branch's last layer only
             W = W * branch_scale
         weights.append(nn.Parameter(W))
     return nn.ParameterList(weights)

@@ -16,7 +16,8 @@ rates θ, η, α anywhere in (0, 1), with values 1e-6 from either end mixed in. 
   - samples of a batch never interact;
   - the gate: γ = 0 is no gate; with every token gated the weights only decay;
   - extreme gates stay finite in float32, and NeuralMemory stays finite on 4096 tokens;
-  - no_grad, plain inputs, no in-place changes, checkpointing, and NeuralMemory fed in pieces.
+  - no_grad, plain inputs, no in-place changes, checkpointing, and NeuralMemory fed in pieces;
+  - the initial weights scale only the last layer of the residual branch.
 "Agree" means max |a − b| ≤ rtol · max |reference|, tensor by tensor: rtol = 1e-9 between the
 two paths (values and gradients), 1e-12 where the same numbers should come out ("unchanged").
 
@@ -600,6 +601,23 @@ def test_neural_memory_split_equals_full(seed, batch, heads, depth, C, chunks, e
                                    (*state.weights, *state.momentum))):
         assert_close(a, b, PATHS_RTOL, f"state[{i}]")
     assert_close(tail2, tail, PATHS_RTOL, "conv tail")
+
+
+# ------------------------------------------------------------------ initial memory weights
+
+@pytest.mark.parametrize("depth,expansion", [(1, 1), (2, 1), (2, 2), (3, 1), (3, 2)])
+def test_initial_memory_scales_only_the_last_layer(depth, expansion):
+    """init_memory_weights draws every layer with std 1/√d_in and multiplies only the last layer
+    of a residual memory (depth ≥ 2) by branch_scale, also when inner layers are d wide too
+    (expansion 1), so the branch starts at about branch_scale, not branch_scale^depth."""
+    torch.manual_seed(0)
+    d, scale = 64, 0.1
+    weights = hope.init_memory_weights(8, d, depth, expansion, branch_scale=scale)
+    assert [tuple(W.shape[1:]) for W in weights] == memory_shapes(d, depth, expansion)
+    for layer, W in enumerate(weights):
+        expected = (scale if depth > 1 and layer == depth - 1 else 1) / math.sqrt(W.shape[1])
+        ratio = W.std().item() / expected                  # ≥ 32k samples: within ~1 % of 1
+        assert abs(ratio - 1) < 0.05, f"layer {layer}: std is {ratio:.3f} × the expected {expected:.4f}"
 
 
 # -------------------------------------------------------------------------------------------------
