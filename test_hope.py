@@ -14,7 +14,8 @@ rates θ, η, α anywhere in (0, 1), with values 1e-6 from either end mixed in. 
   - the state carried across two calls split at a chunk boundary equals one call;
   - no output sees the future, nor keys, values or rates from its own chunk on;
   - samples of a batch never interact;
-  - the gate: γ = 0 is no gate; with every token gated the weights only decay;
+  - the gate: γ = 0 is no gate; with every token gated the weights only decay; in relative mode
+    a one-token chunk (C = 1, or a final one) scores exactly 1 and an all-zero chunk 1, not NaN;
   - extreme gates stay finite in float32, and NeuralMemory stays finite on 4096 tokens;
   - no_grad, plain inputs, no in-place changes, checkpointing, and NeuralMemory fed in pieces;
   - the initial weights scale only the last layer of the residual branch.
@@ -181,11 +182,14 @@ def result_tensors(result):
 
 
 def gate_scores(surprise, chunk_size, relative):
-    """What the gate compares with γ: s_t, or s_t / (mean of s over t's chunk + eps)."""
+    """What the gate compares with γ: s_t, or s_t / (mean of s over t's chunk), 1 where that mean is 0."""
     if not relative:
         return surprise
-    return torch.cat([s / (s.mean(-1, keepdim=True) + 1e-12)
-                      for s in surprise.split(chunk_size, dim=-1)], dim=-1)
+    scores = []
+    for s in surprise.split(chunk_size, dim=-1):
+        mean = s.mean(-1, keepdim=True)
+        scores.append(torch.where(mean > 0, s / mean, torch.ones_like(s)))
+    return torch.cat(scores, dim=-1)
 
 
 def threshold_in_widest_gap(scores):
@@ -477,6 +481,57 @@ def test_every_token_gated_only_decays(problem, relative):
             assert_close(W, decay * W0, PATHS_RTOL, f"parallel={parallel}: params[{i}]")
         assert_close(y, outputs, PATHS_RTOL, f"parallel={parallel}: outputs")
         assert_close(s, surprise, PATHS_RTOL, f"parallel={parallel}: surprise")
+
+
+@given(memory_problems(several_chunks=True))
+def test_relative_gate_lets_one_token_chunks_write_at_threshold_one(problem):
+    """A one-token chunk's relative score is exactly 1 (the token is its chunk's mean), so γ = 1
+    lets it write, on both paths: at C = 1 the gated result equals the ungated one exactly, and a
+    final one-token chunk writes as if ungated (state carried from the gated chunks before it)."""
+    C = problem.chunk_size
+    stop = C * ((problem.T - 1) // C) + 1                   # full chunks, then one token
+    ends_with_one = problem.time_slice(0, stop, problem.params, problem.momentum)
+    for parallel in (False, True):
+        online = replace(problem, chunk_size=1)
+        ungated = online.run(parallel)
+        assume_tame(result_tensors(ungated))
+        gated = online.run(parallel, threshold=1.0, relative=True)
+        for (name, x), (_, y) in zip(named(gated), named(ungated)):
+            assert torch.equal(x, y), f"parallel={parallel}, C = 1: {name}"
+
+        whole = ends_with_one.run(parallel, threshold=1.0, relative=True)
+        assume_tame(result_tensors(whole))
+        y1, params, momentum, s1 = ends_with_one.time_slice(0, stop - 1, problem.params, problem.momentum) \
+            .run(parallel, threshold=1.0, relative=True)
+        y2, params, momentum, s2 = ends_with_one.time_slice(stop - 1, stop, params, momentum).run(parallel)
+        pieces = (torch.cat([y1, y2], 2), params, momentum, torch.cat([s1, s2], 2))
+        assert_results_close(pieces, whole, PATHS_RTOL, f"parallel={parallel}, final one-token chunk: ")
+
+
+@pytest.mark.parametrize("C", [1, 3])
+@pytest.mark.parametrize("parallel", [False, True])
+def test_relative_gate_with_zero_surprise_is_finite(parallel, C):
+    """Every surprise in a chunk 0 (each s equals its chunk mean): the relative score is 1, so the
+    gate is open at γ = 1; memory_update's results and their gradients stay finite. The memory here
+    already maps every key to its value (residual branch 0, v = k), so every s_t is exactly 0."""
+    zeros = torch.zeros(2, 3, 5, dtype=torch.float64)
+    assert torch.equal(hope.surprise_gate(zeros, 1.0, relative=True), torch.ones_like(zeros))
+    B, H, T, d = 2, 2, 7, 4
+    gen = torch.Generator().manual_seed(0)
+    params = tuple(torch.zeros(B, H, i, o, dtype=torch.float64) for i, o in memory_shapes(d, 2, 2))
+    keys = unit_vectors(gen, (B, H, T, d))
+    rates = [torch.rand(B, H, T, generator=gen, dtype=torch.float64) for _ in range(3)]
+    problem = MemoryProblem(params, tuple(torch.zeros_like(W) for W in params), keys, keys.clone(),
+                            unit_vectors(gen, (B, H, T, d)), *rates, C, 0)
+    leaves = [t.clone().requires_grad_() for t in problem.tensors()]
+    result = problem.with_tensors(leaves).run(parallel, threshold=1.0, relative=True)
+    assert torch.count_nonzero(result[3]) == 0, "the surprise is not 0"
+    for name, x in named(result):
+        assert torch.isfinite(x).all(), f"{name} not finite"
+    outputs, params, momentum, _ = result
+    scalar = sum(x.sum() for x in (outputs, *params, *momentum))
+    for name, g in zip(gradient_names(problem), torch.autograd.grad(scalar, leaves, allow_unused=True)):
+        assert g is None or torch.isfinite(g).all(), f"d/d {name} not finite"
 
 
 # ------------------------------------------------------------------ robustness
