@@ -26,8 +26,9 @@ The HOPE model (§6-10), on tiny float64 configs, for every ablation row and eve
 parameter gets a gradient, flags that are off create no parameters, causality, generation with
 carried state equals one forward, batch independence, self-modification (fast ≠ meta, chunk 1
 changes the keys generated in chunk 2), CMS periods, the closed gate. Then train.py (end to end,
-bit-exact resume, the non-finite guard, one-line exit-2 errors), ablate.py/analyze.py (smoke), and
-what bench.py's numbers are made of (slope fit, CPU peak memory, the component breakdown).
+bit-exact resume, the non-finite guard, one-line exit-2 errors), ablate.py/analyze.py (smoke, and
+the gate pass rate of every gated memory), and what bench.py's numbers are made of (slope fit, CPU
+peak memory, the component breakdown).
 """
 import dataclasses
 import math
@@ -1100,11 +1101,36 @@ def test_ablate_smoke_then_analyze(tmp_path, monkeypatch):
     assert results["steps"] == [0, 2, 4]
     assert results["cms"] and results["fast_vs_meta"] and results["surprise"] and results["online"]
     assert {f"L0.{c}" for c in hope.SELF_MOD_COMPONENTS} <= set(results["fast_vs_meta"])
+    assert {f"L0.{c}" for c in hope.SELF_MOD_COMPONENTS} <= set(results["surprise"]["by_memory"])
     for name in ("fig1_cms.png", "fig2_self_mod.png", "fig3_surprise.png", "fig4_online_adaptation.png"):
         assert (analysis_dir / name).read_bytes()[:4] == b"\x89PNG"
     numbers = finite_numbers(json.loads((analysis_dir / "analysis.json").read_text()))
     assert numbers and all(math.isfinite(x) for x in numbers)
     assert "## Surprise" in (analysis_dir / "analysis.md").read_text()
+
+
+@pytest.mark.parametrize("row,names", [("Full HOPE", hope.SELF_MOD_COMPONENTS), ("No Self-Mod", ("mem",))])
+def test_analyze_measures_the_gate_of_every_memory(row, names):
+    """analyze.surprise_and_loss reports surprise and pass rates for every gated memory (the Titans
+    memory or each self-modifying component, and each CMS level, in every layer) beside the main
+    memory's, each scored with its own chunk size: at C = 1 every main-memory token passes the
+    relative γ = 1, while a CMS level of period 2 scores only its chunk's larger surprise ≥ 1."""
+    model = tiny_model(row, "mac", chunk_size=1, surprise_mode="relative", surprise_threshold=0.3)
+    idx = tokens(length=TINY["seq_len"] + 1)
+    stats = analyze.surprise_and_loss(model, idx[:, :-1], idx[:, 1:])[0]
+    by_memory = stats["by_memory"]
+    assert set(by_memory) == {f"L{i}.{c}" for i in range(TINY["layers"]) for c in [*names, "p2", "p4"]}
+    assert stats["gate"] == {"mode": "relative", "threshold": 0.3}
+    for name, v in by_memory.items():
+        assert "0.3" in v["pass_rate_relative"], f"{name}: the run's own γ is not measured"
+        assert all(0 <= r <= 1 for mode in ("absolute", "relative") for r in v[f"pass_rate_{mode}"].values())
+    assert stats["pass_rate_relative"]["1.0"] == 1.0
+    for i in range(TINY["layers"]):
+        assert by_memory[f"L{i}.mem"]["pass_rate_relative"]["1.0"] == 1.0
+        assert by_memory[f"L{i}.p2"]["pass_rate_relative"]["1.0"] < 1.0
+    for g, rate in stats["pass_rate_absolute"].items():                 # layers hold equal counts
+        per_layer = [by_memory[f"L{i}.mem"]["pass_rate_absolute"][g] for i in range(TINY["layers"])]
+        assert abs(rate - sum(per_layer) / len(per_layer)) < 1e-12
 
 
 def test_ablate_a_crashing_row_loses_no_other_row(tmp_path, monkeypatch):
