@@ -12,7 +12,9 @@ From the run's snapshot checkpoints, on held-out (validation) sequences:
      component and layer, with ‖W_fast‖ / ‖W_meta‖ and cos(W_fast, W_meta) beside it (forgetting
      alone drives W_fast → 0, which also gives a relative divergence of 1).
   3. Surprise (Figure 3, Table 2): the per-token surprise s_t = ‖M(k_t) − v_t‖² (and s_t / d_head),
-     the per-token cross-entropy, and the gate pass rate against absolute and relative thresholds.
+     the per-token cross-entropy, and the gate pass rate against absolute and relative thresholds:
+     for the main memory M_mem, and per gated memory (Titans memory, each self-modifying
+     component, each CMS level).
   4. Beyond the paper (Figure 4): loss by token position with memory writes on, and frozen (no
      memory_update; every read uses the meta weights W⁰): does the memory adapt online?
 Sections that do not apply to the run's model (e.g. CMS for a No CMS run) are skipped and said so.
@@ -160,25 +162,58 @@ def fast_vs_meta(model, x):
     return result
 
 
+def gated_writes(model):
+    """{name: (surprise [B, H, T], chunk size)} of every memory the surprise gate covers, from the
+    traces model.recording() filled: each layer's mixer memory (L0.mem; every self-modifying
+    component: L0.k, L0.v, L0.q, L0.lr, L0.forget, L0.mem) and each CMS level (L0.p8, ...)."""
+    writes = {}
+    for i, block in enumerate(model.blocks):
+        memory = getattr(block.mixer, "memory", None)
+        if memory is not None:
+            s = torch.cat(memory.trace["surprise"], -1)                     # [B, H, T] or [B, 6, H, T]
+            for c, name in enumerate(components(memory)):
+                writes[f"L{i}.{name}"] = (s[:, c] if s.dim() == 4 else s, memory.chunk_size)
+        if isinstance(block.ffn, hope.CMS):
+            for level in block.ffn.levels:
+                writes[f"L{i}.p{level.period}"] = (torch.cat(level.trace["surprise"], -1), level.period)
+    return writes
+
+
+def pass_rates(s, chunk_size, own=None):
+    """Share of writes whose gate score reaches each threshold: s_t itself (absolute) and, chunk
+    by chunk as the gate computes it, hope.relative_surprise (relative). own: (mode, γ) of the
+    run's gate, measured too if it is not in the lists."""
+    relative = torch.cat([hope.relative_surprise(c) for c in s.split(chunk_size, -1)], -1)
+    rates = {}
+    for mode, score, thresholds in [("absolute", s, ABSOLUTE_THRESHOLDS), ("relative", relative, RELATIVE_THRESHOLDS)]:
+        named = {str(g): g for g in thresholds}
+        if own and own[0] == mode:
+            named.setdefault(str(own[1]), own[1])
+        rates[f"pass_rate_{mode}"] = {key: (score >= g).double().mean().item()
+                                      for key, g in sorted(named.items(), key=lambda item: item[1])}
+    return rates
+
+
 @torch.no_grad()
 def surprise_and_loss(model, x, y):
+    """Surprise, cross-entropy and gate pass rates on (x, y). The top-level statistics are the main
+    memory's (the Titans memory, or M_mem, of every layer); `by_memory` has them per gated memory."""
     model.recording(True)
     logits, _ = model.advance(x, model.initial_state(x.shape[0]))    # keeps every write's surprise
     model.recording(False)
     ce = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none").view_as(y)
-    surprises = []
-    for _, memory in layer_memories(model):
-        s = torch.cat(memory.trace["surprise"], -1)                         # [B, H, T] or [B, 6, H, T]
-        surprises.append(s[:, -1] if s.dim() == 4 else s)                   # self-mod: M_mem's surprise
-    s = torch.stack(surprises)                                              # [layers, B, H, T]
-    C = model.config.chunk_size
-    chunks = s[..., : s.shape[-1] // C * C].unflatten(-1, (-1, C))
-    relative = chunks / (chunks.mean(-1, keepdim=True) + 1e-12)
-    d_head = model.config.d_head
+    config = model.config
+    own = (config.surprise_mode, config.surprise_threshold) if config.surprise else None
+    writes = gated_writes(model)
+    by_memory = {name: {"surprise": describe(s), **pass_rates(s, chunk_size, own)}
+                 for name, (s, chunk_size) in writes.items()}
+    main = [writes[f"L{i}.mem"][0] for i, _ in layer_memories(model)]
+    s = torch.stack(main)                                                   # [layers, B, H, T]
     return {
-        "surprise": describe(s), "surprise_per_feature": describe(s / d_head), "cross_entropy": describe(ce),
-        "pass_rate_absolute": {str(g): (s >= g).double().mean().item() for g in ABSOLUTE_THRESHOLDS},
-        "pass_rate_relative": {str(g): (relative >= g).double().mean().item() for g in RELATIVE_THRESHOLDS},
+        "surprise": describe(s), "surprise_per_feature": describe(s / config.d_head), "cross_entropy": describe(ce),
+        **pass_rates(s, config.chunk_size, own),
+        "gate": {"mode": own[0], "threshold": own[1]} if own else None,
+        "by_memory": by_memory,
     }, s.flatten().numpy(), ce.flatten().numpy()
 
 
@@ -302,9 +337,20 @@ def summary(results):
                   f"median {s['median']:.3f}; per feature (÷ d_head) mean "
                   f"{results['surprise']['surprise_per_feature']['mean']:.4f}.",
                   f"- per-token cross-entropy: mean {ce['mean']:.3f} nats, std {ce['std']:.3f}, min {ce['min']:.4f}.",
-                  "- absolute gate pass rate: " + ", ".join(f"γ={g}: {100 * v:.1f}%" for g, v in rates.items()),
-                  "- relative gate pass rate: " + ", ".join(
-                      f"γ={g}: {100 * v:.1f}%" for g, v in results["surprise"]["pass_rate_relative"].items()), ""]
+                  "- main memory, absolute gate pass rate: " + ", ".join(
+                      f"γ={g}: {100 * v:.1f}%" for g, v in rates.items()),
+                  "- main memory, relative gate pass rate: " + ", ".join(
+                      f"γ={g}: {100 * v:.1f}%" for g, v in results["surprise"]["pass_rate_relative"].items())]
+        by_memory, gate = results["surprise"]["by_memory"], results["surprise"]["gate"]
+        lines.append("- mean surprise of every gated memory: " + ", ".join(
+            f"{name} {v['surprise']['mean']:.3f}" for name, v in by_memory.items()))
+        if gate:
+            key, g = f"pass_rate_{gate['mode']}", str(gate["threshold"])
+            lines.append(f"- pass rate of every gated memory at this run's gate ({gate['mode']} γ = {g}): "
+                         + ", ".join(f"{name} {100 * v[key][g]:.1f}%" for name, v in by_memory.items()))
+        else:
+            lines.append("- this run has no gate; every memory's pass rates are in analysis.json (by_memory).")
+        lines.append("")
     if results["online"]:
         o = results["online"]
         lines += ["## Online adaptation (Figure 4)",

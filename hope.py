@@ -76,9 +76,9 @@ def init_memory_weights(heads, d, depth, expansion, branch_scale=0.1):
     memories that must differ from each other (the self-modifying generators, §6) use 1.
     """
     weights = []
-    for d_in, d_out in memory_shapes(d, depth, expansion):
+    for layer, (d_in, d_out) in enumerate(memory_shapes(d, depth, expansion)):
         W = torch.randn(heads, d_in, d_out) / math.sqrt(d_in)
-        if depth > 1 and d_out == d:
+        if depth > 1 and layer == depth - 1:                 # the branch's last layer only
             W = W * branch_scale
         weights.append(nn.Parameter(W))
     return nn.ParameterList(weights)
@@ -133,16 +133,26 @@ def inner_loss_terms(weights, keys, values):
     return prediction, loss, inputs, deltas
 
 
-def surprise_gate(surprise, threshold, relative, eps=1e-12):
+def relative_surprise(surprise):
+    """s_t / (mean of s over its chunk), surprise: [..., n] for one chunk (seed paper §4.4).
+
+    A token whose chunk has one token scores exactly 1 (s/s), and so does every token of a chunk
+    whose surprises are all 0 (s equals its mean; 0/0 is defined as 1), so a γ ≤ 1 lets it write.
+    """
+    mean = surprise.mean(-1, keepdim=True)
+    return torch.where(mean > 0, surprise / mean, torch.ones_like(surprise))
+
+
+def surprise_gate(surprise, threshold, relative):
     """1 for tokens that may write, 0 for tokens whose surprise is below the threshold γ.
 
-    Absolute mode compares s_t with γ. Relative mode compares s_t / (mean s over its chunk) with γ,
-    so it adapts to the scale of the loss. (With C = 1 every token's relative score is 1.)
+    Absolute mode compares s_t with γ. Relative mode compares relative_surprise (s_t over its
+    chunk's mean) with γ, so it adapts to the scale of the loss; with C = 1 every token scores 1.
     surprise: [B, H, n] for one chunk; returns a float mask of the same shape.
     """
     if threshold is None:
         return None
-    score = surprise / (surprise.mean(-1, keepdim=True) + eps) if relative else surprise
+    score = relative_surprise(surprise) if relative else surprise
     return (score >= threshold).to(surprise.dtype)
 
 
@@ -649,7 +659,8 @@ class MLP(nn.Module):
 # memory_update (§5), while decay and momentum still run. With `surprise` on, every memory write of
 # the model (main memory, all six self-modifying memories, every CMS level) gets the same γ.
 # Absolute mode thresholds s_t itself (γ = 0.02 by default); relative mode thresholds
-# s_t / mean(s over the chunk), which does not depend on the loss scale. Off: no gate at all.
+# s_t / mean(s over the chunk), which does not depend on the loss scale (a one-token chunk scores
+# exactly 1, so γ ≤ 1 lets it write). Off: no gate at all.
 
 def surprise_settings(config):
     """(threshold, relative) for memory_update: (None, False) when the gate is off."""

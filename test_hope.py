@@ -14,9 +14,11 @@ rates θ, η, α anywhere in (0, 1), with values 1e-6 from either end mixed in. 
   - the state carried across two calls split at a chunk boundary equals one call;
   - no output sees the future, nor keys, values or rates from its own chunk on;
   - samples of a batch never interact;
-  - the gate: γ = 0 is no gate; with every token gated the weights only decay;
+  - the gate: γ = 0 is no gate; with every token gated the weights only decay; in relative mode
+    a one-token chunk (C = 1, or a final one) scores exactly 1 and an all-zero chunk 1, not NaN;
   - extreme gates stay finite in float32, and NeuralMemory stays finite on 4096 tokens;
-  - no_grad, plain inputs, no in-place changes, checkpointing, and NeuralMemory fed in pieces.
+  - no_grad, plain inputs, no in-place changes, checkpointing, and NeuralMemory fed in pieces;
+  - the initial weights scale only the last layer of the residual branch.
 "Agree" means max |a − b| ≤ rtol · max |reference|, tensor by tensor: rtol = 1e-9 between the
 two paths (values and gradients), 1e-12 where the same numbers should come out ("unchanged").
 
@@ -24,8 +26,9 @@ The HOPE model (§6-10), on tiny float64 configs, for every ablation row and eve
 parameter gets a gradient, flags that are off create no parameters, causality, generation with
 carried state equals one forward, batch independence, self-modification (fast ≠ meta, chunk 1
 changes the keys generated in chunk 2), CMS periods, the closed gate. Then train.py (end to end,
-bit-exact resume, the non-finite guard, one-line exit-2 errors), ablate.py/analyze.py (smoke), and
-what bench.py's numbers are made of (slope fit, CPU peak memory, the component breakdown).
+bit-exact resume, the non-finite guard, one-line exit-2 errors), ablate.py/analyze.py (smoke, and
+the gate pass rate of every gated memory), and what bench.py's numbers are made of (slope fit, CPU
+peak memory, the component breakdown).
 """
 import dataclasses
 import math
@@ -180,11 +183,14 @@ def result_tensors(result):
 
 
 def gate_scores(surprise, chunk_size, relative):
-    """What the gate compares with γ: s_t, or s_t / (mean of s over t's chunk + eps)."""
+    """What the gate compares with γ: s_t, or s_t / (mean of s over t's chunk), 1 where that mean is 0."""
     if not relative:
         return surprise
-    return torch.cat([s / (s.mean(-1, keepdim=True) + 1e-12)
-                      for s in surprise.split(chunk_size, dim=-1)], dim=-1)
+    scores = []
+    for s in surprise.split(chunk_size, dim=-1):
+        mean = s.mean(-1, keepdim=True)
+        scores.append(torch.where(mean > 0, s / mean, torch.ones_like(s)))
+    return torch.cat(scores, dim=-1)
 
 
 def threshold_in_widest_gap(scores):
@@ -478,6 +484,57 @@ def test_every_token_gated_only_decays(problem, relative):
         assert_close(s, surprise, PATHS_RTOL, f"parallel={parallel}: surprise")
 
 
+@given(memory_problems(several_chunks=True))
+def test_relative_gate_lets_one_token_chunks_write_at_threshold_one(problem):
+    """A one-token chunk's relative score is exactly 1 (the token is its chunk's mean), so γ = 1
+    lets it write, on both paths: at C = 1 the gated result equals the ungated one exactly, and a
+    final one-token chunk writes as if ungated (state carried from the gated chunks before it)."""
+    C = problem.chunk_size
+    stop = C * ((problem.T - 1) // C) + 1                   # full chunks, then one token
+    ends_with_one = problem.time_slice(0, stop, problem.params, problem.momentum)
+    for parallel in (False, True):
+        online = replace(problem, chunk_size=1)
+        ungated = online.run(parallel)
+        assume_tame(result_tensors(ungated))
+        gated = online.run(parallel, threshold=1.0, relative=True)
+        for (name, x), (_, y) in zip(named(gated), named(ungated)):
+            assert torch.equal(x, y), f"parallel={parallel}, C = 1: {name}"
+
+        whole = ends_with_one.run(parallel, threshold=1.0, relative=True)
+        assume_tame(result_tensors(whole))
+        y1, params, momentum, s1 = ends_with_one.time_slice(0, stop - 1, problem.params, problem.momentum) \
+            .run(parallel, threshold=1.0, relative=True)
+        y2, params, momentum, s2 = ends_with_one.time_slice(stop - 1, stop, params, momentum).run(parallel)
+        pieces = (torch.cat([y1, y2], 2), params, momentum, torch.cat([s1, s2], 2))
+        assert_results_close(pieces, whole, PATHS_RTOL, f"parallel={parallel}, final one-token chunk: ")
+
+
+@pytest.mark.parametrize("C", [1, 3])
+@pytest.mark.parametrize("parallel", [False, True])
+def test_relative_gate_with_zero_surprise_is_finite(parallel, C):
+    """Every surprise in a chunk 0 (each s equals its chunk mean): the relative score is 1, so the
+    gate is open at γ = 1; memory_update's results and their gradients stay finite. The memory here
+    already maps every key to its value (residual branch 0, v = k), so every s_t is exactly 0."""
+    zeros = torch.zeros(2, 3, 5, dtype=torch.float64)
+    assert torch.equal(hope.surprise_gate(zeros, 1.0, relative=True), torch.ones_like(zeros))
+    B, H, T, d = 2, 2, 7, 4
+    gen = torch.Generator().manual_seed(0)
+    params = tuple(torch.zeros(B, H, i, o, dtype=torch.float64) for i, o in memory_shapes(d, 2, 2))
+    keys = unit_vectors(gen, (B, H, T, d))
+    rates = [torch.rand(B, H, T, generator=gen, dtype=torch.float64) for _ in range(3)]
+    problem = MemoryProblem(params, tuple(torch.zeros_like(W) for W in params), keys, keys.clone(),
+                            unit_vectors(gen, (B, H, T, d)), *rates, C, 0)
+    leaves = [t.clone().requires_grad_() for t in problem.tensors()]
+    result = problem.with_tensors(leaves).run(parallel, threshold=1.0, relative=True)
+    assert torch.count_nonzero(result[3]) == 0, "the surprise is not 0"
+    for name, x in named(result):
+        assert torch.isfinite(x).all(), f"{name} not finite"
+    outputs, params, momentum, _ = result
+    scalar = sum(x.sum() for x in (outputs, *params, *momentum))
+    for name, g in zip(gradient_names(problem), torch.autograd.grad(scalar, leaves, allow_unused=True)):
+        assert g is None or torch.isfinite(g).all(), f"d/d {name} not finite"
+
+
 # ------------------------------------------------------------------ robustness
 
 @given(st.integers(0, 2**32 - 1), st.integers(1, 48), st.integers(1, 52), st.sampled_from([1, 2, 3]),
@@ -600,6 +657,23 @@ def test_neural_memory_split_equals_full(seed, batch, heads, depth, C, chunks, e
                                    (*state.weights, *state.momentum))):
         assert_close(a, b, PATHS_RTOL, f"state[{i}]")
     assert_close(tail2, tail, PATHS_RTOL, "conv tail")
+
+
+# ------------------------------------------------------------------ initial memory weights
+
+@pytest.mark.parametrize("depth,expansion", [(1, 1), (2, 1), (2, 2), (3, 1), (3, 2)])
+def test_initial_memory_scales_only_the_last_layer(depth, expansion):
+    """init_memory_weights draws every layer with std 1/√d_in and multiplies only the last layer
+    of a residual memory (depth ≥ 2) by branch_scale, also when inner layers are d wide too
+    (expansion 1), so the branch starts at about branch_scale, not branch_scale^depth."""
+    torch.manual_seed(0)
+    d, scale = 64, 0.1
+    weights = hope.init_memory_weights(8, d, depth, expansion, branch_scale=scale)
+    assert [tuple(W.shape[1:]) for W in weights] == memory_shapes(d, depth, expansion)
+    for layer, W in enumerate(weights):
+        expected = (scale if depth > 1 and layer == depth - 1 else 1) / math.sqrt(W.shape[1])
+        ratio = W.std().item() / expected                  # ≥ 32k samples: within ~1 % of 1
+        assert abs(ratio - 1) < 0.05, f"layer {layer}: std is {ratio:.3f} × the expected {expected:.4f}"
 
 
 # -------------------------------------------------------------------------------------------------
@@ -1074,11 +1148,36 @@ def test_ablate_smoke_then_analyze(tmp_path, monkeypatch):
     assert results["steps"] == [0, 2, 4]
     assert results["cms"] and results["fast_vs_meta"] and results["surprise"] and results["online"]
     assert {f"L0.{c}" for c in hope.SELF_MOD_COMPONENTS} <= set(results["fast_vs_meta"])
+    assert {f"L0.{c}" for c in hope.SELF_MOD_COMPONENTS} <= set(results["surprise"]["by_memory"])
     for name in ("fig1_cms.png", "fig2_self_mod.png", "fig3_surprise.png", "fig4_online_adaptation.png"):
         assert (analysis_dir / name).read_bytes()[:4] == b"\x89PNG"
     numbers = finite_numbers(json.loads((analysis_dir / "analysis.json").read_text()))
     assert numbers and all(math.isfinite(x) for x in numbers)
     assert "## Surprise" in (analysis_dir / "analysis.md").read_text()
+
+
+@pytest.mark.parametrize("row,names", [("Full HOPE", hope.SELF_MOD_COMPONENTS), ("No Self-Mod", ("mem",))])
+def test_analyze_measures_the_gate_of_every_memory(row, names):
+    """analyze.surprise_and_loss reports surprise and pass rates for every gated memory (the Titans
+    memory or each self-modifying component, and each CMS level, in every layer) beside the main
+    memory's, each scored with its own chunk size: at C = 1 every main-memory token passes the
+    relative γ = 1, while a CMS level of period 2 scores only its chunk's larger surprise ≥ 1."""
+    model = tiny_model(row, "mac", chunk_size=1, surprise_mode="relative", surprise_threshold=0.3)
+    idx = tokens(length=TINY["seq_len"] + 1)
+    stats = analyze.surprise_and_loss(model, idx[:, :-1], idx[:, 1:])[0]
+    by_memory = stats["by_memory"]
+    assert set(by_memory) == {f"L{i}.{c}" for i in range(TINY["layers"]) for c in [*names, "p2", "p4"]}
+    assert stats["gate"] == {"mode": "relative", "threshold": 0.3}
+    for name, v in by_memory.items():
+        assert "0.3" in v["pass_rate_relative"], f"{name}: the run's own γ is not measured"
+        assert all(0 <= r <= 1 for mode in ("absolute", "relative") for r in v[f"pass_rate_{mode}"].values())
+    assert stats["pass_rate_relative"]["1.0"] == 1.0
+    for i in range(TINY["layers"]):
+        assert by_memory[f"L{i}.mem"]["pass_rate_relative"]["1.0"] == 1.0
+        assert by_memory[f"L{i}.p2"]["pass_rate_relative"]["1.0"] < 1.0
+    for g, rate in stats["pass_rate_absolute"].items():                 # layers hold equal counts
+        per_layer = [by_memory[f"L{i}.mem"]["pass_rate_absolute"][g] for i in range(TINY["layers"])]
+        assert abs(rate - sum(per_layer) / len(per_layer)) < 1e-12
 
 
 def test_ablate_a_crashing_row_loses_no_other_row(tmp_path, monkeypatch):
