@@ -226,20 +226,47 @@ def describe(t):
 
 @torch.no_grad()
 def loss_by_position(model, x, y):
+    """Per-sequence, per-position cross-entropy [N, T] with memory writes on, and frozen."""
     def per_position():
         logits, _ = model(x)
-        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none").view_as(y).mean(0)
+        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none").view_as(y)
     on = per_position()
     with frozen_memory():
         frozen = per_position()
     return on, frozen
 
 
+def online_adaptation(on, frozen, segment_len):
+    """What the writes buy, frozen − on (positive: writing helps), by position: the mean over
+    sequences of each sequence's gain averaged over windows of `window` positions, with a 95%
+    confidence band (1.96 standard errors over sequences), and the same per MAC segment."""
+    gain = (frozen - on).double()                                             # [N, T]
+    N, T = gain.shape
+    window = max(1, T // 32)
+
+    def mean_ci(per_sequence):                                                # [N, k] -> mean, half-width
+        half = 1.96 * per_sequence.std(0) / N ** 0.5 if N > 1 else torch.zeros(per_sequence.shape[1])
+        return per_sequence.mean(0).tolist(), half.tolist()
+    windows = gain[:, :T // window * window].unflatten(1, (-1, window)).mean(-1)
+    segments = gain[:, :T // segment_len * segment_len].unflatten(1, (-1, segment_len)).mean(-1) \
+        if T >= segment_len else gain.mean(1, keepdim=True)
+    q = T * 3 // 4
+    (total,), (total_ci,) = mean_ci(gain.mean(1, keepdim=True))
+    (last,), (last_ci,) = mean_ci(gain[:, q:].mean(1, keepdim=True))
+    return {"mean_on": on.mean().item(), "mean_frozen": frozen.mean().item(),
+            "last_quarter_on": on[:, q:].mean().item(), "last_quarter_frozen": frozen[:, q:].mean().item(),
+            "gain": total, "gain_ci95": total_ci, "last_quarter_gain": last, "last_quarter_gain_ci95": last_ci,
+            "window": window, "gain_by_window": mean_ci(windows)[0], "gain_by_window_ci95": mean_ci(windows)[1],
+            "segment_len": segment_len, "gain_by_segment": mean_ci(segments)[0],
+            "gain_by_segment_ci95": mean_ci(segments)[1],
+            "by_position_on": on.mean(0).tolist(), "by_position_frozen": frozen.mean(0).tolist()}
+
+
 # -------------------------------------------------------------------------------------------------
 # Figures, JSON, Markdown
 # -------------------------------------------------------------------------------------------------
 
-def plot_all(out, steps, cms, drift, divergence, s_values, ce_values, surprise, on, frozen):
+def plot_all(out, steps, cms, drift, divergence, s_values, ce_values, surprise, online):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -296,12 +323,23 @@ def plot_all(out, steps, cms, drift, divergence, s_values, ce_values, surprise, 
         ax[2].set(title="(b) gate pass rate vs threshold", xlabel="threshold", ylabel="% tokens passing")
         ax[2].legend()
         save(fig, "fig3_surprise.png")
-    if on is not None:
-        fig, ax = plt.subplots(figsize=(7, 3.8))
-        ax.plot(on.numpy(), label="memory writes on", lw=1)
-        ax.plot(frozen.numpy(), label="frozen (reads W⁰, no writes)", lw=1)
-        ax.set(title="loss by token position", xlabel="position", ylabel="cross-entropy (nats)")
-        ax.legend()
+    if online is not None:
+        fig, ax = plt.subplots(1, 2, figsize=(13, 3.8))
+        ax[0].plot(online["by_position_on"], label="memory writes on", lw=1)
+        ax[0].plot(online["by_position_frozen"], label="frozen (reads W⁰, no writes)", lw=1)
+        ax[0].set(title="(a) loss by token position", xlabel="position", ylabel="cross-entropy (nats)")
+        ax[0].legend()
+        w = online["window"]
+        centers = np.arange(len(online["gain_by_window"])) * w + (w - 1) / 2
+        mean, half = np.array(online["gain_by_window"]), np.array(online["gain_by_window_ci95"])
+        ax[1].plot(centers, mean, marker=".", label=f"frozen − on, mean over sequences ({w}-token windows)")
+        ax[1].fill_between(centers, mean - half, mean + half, alpha=0.3, label="95% confidence band")
+        ax[1].axhline(0, color="k", lw=0.8)
+        for boundary in range(online["segment_len"], len(online["by_position_on"]), online["segment_len"]):
+            ax[1].axvline(boundary, color="grey", lw=0.5, ls=":")
+        ax[1].set(title="(b) what the writes buy, by position (dotted: MAC segments)", xlabel="position",
+                  ylabel="Δ loss (nats)")
+        ax[1].legend(fontsize=7)
         save(fig, "fig4_online_adaptation.png")
     return written
 
@@ -355,11 +393,16 @@ def summary(results):
         o = results["online"]
         lines += ["## Online adaptation (Figure 4)",
                   f"- mean loss with memory writes {o['mean_on']:.4f} vs frozen {o['mean_frozen']:.4f} nats "
-                  f"(last quarter of positions: {o['last_quarter_on']:.4f} vs {o['last_quarter_frozen']:.4f}).", ""]
+                  f"(last quarter of positions: {o['last_quarter_on']:.4f} vs {o['last_quarter_frozen']:.4f}).",
+                  f"- what the writes buy (frozen − on, 95% CI over {results['sequences']} sequences): "
+                  f"{o['gain']:+.4f} ± {o['gain_ci95']:.4f} nats overall, {o['last_quarter_gain']:+.4f} ± "
+                  f"{o['last_quarter_gain_ci95']:.4f} in the last quarter; by {o['segment_len']}-token segment: "
+                  + ", ".join(f"{g:+.3f} ± {h:.3f}" for g, h in zip(o["gain_by_segment"], o["gain_by_segment_ci95"])),
+                  ""]
     return "\n".join(lines)
 
 
-def analyze(run_dir, sequences=16, seq_len=None, out_dir=None):
+def analyze(run_dir, sequences=64, seq_len=None, out_dir=None):
     run_dir = Path(run_dir)
     out = Path(out_dir or run_dir / "analysis")
     out.mkdir(parents=True, exist_ok=True)
@@ -372,18 +415,12 @@ def analyze(run_dir, sequences=16, seq_len=None, out_dir=None):
     steps, cms, drift = over_training(snapshots, x)
     divergence = fast_vs_meta(model, x) if is_hope else {}
     surprise, s_values, ce_values = surprise_and_loss(model, x, y) if is_hope else (None, None, None)
-    on, frozen = loss_by_position(model, x, y) if is_hope else (None, None)
-    online = None
-    if on is not None:
-        q = len(on) * 3 // 4
-        online = {"mean_on": on.mean().item(), "mean_frozen": frozen.mean().item(),
-                  "last_quarter_on": on[q:].mean().item(), "last_quarter_frozen": frozen[q:].mean().item(),
-                  "by_position_on": on.tolist(), "by_position_frozen": frozen.tolist()}
+    online = online_adaptation(*loss_by_position(model, x, y), model.config.segment_len) if is_hope else None
     results = {"run_dir": str(run_dir), "model": model.config.model if not is_hope else
                f"hope (cms={model.config.cms}, self_mod={model.config.self_mod}, surprise={model.config.surprise}, "
                f"mixer={model.config.mixer})", "steps": steps, "sequences": sequences, "seq_len": seq_len,
                "cms": cms, "meta_drift": drift, "fast_vs_meta": divergence, "surprise": surprise, "online": online}
-    results["figures"] = plot_all(out, steps, cms, drift, divergence, s_values, ce_values, surprise, on, frozen)
+    results["figures"] = plot_all(out, steps, cms, drift, divergence, s_values, ce_values, surprise, online)
     train.atomic_write(out / "analysis.json", lambda tmp: tmp.write_text(json.dumps(results, indent=1)))
     train.atomic_write(out / "analysis.md", lambda tmp: tmp.write_text(summary(results)))
     return results, out
@@ -392,7 +429,7 @@ def analyze(run_dir, sequences=16, seq_len=None, out_dir=None):
 def main(argv=None):
     p = train.OneLineParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", help="a train.py --out-dir with snapshot checkpoints (--save-every)")
-    p.add_argument("--sequences", type=int, default=16, help="held-out sequences to read")
+    p.add_argument("--sequences", type=int, default=64, help="held-out sequences to read")
     p.add_argument("--seq-len", type=int, default=None, help="their length (default: the training context)")
     p.add_argument("--out-dir", default=None, help="where to write (default: RUN_DIR/analysis)")
     args = p.parse_args(argv)
