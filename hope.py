@@ -616,7 +616,7 @@ class CMSLevel(nn.Module):
         keys = F.normalize(feats, dim=-1)                                          # also the queries
         threshold, relative = self.gate
         out, weights, momentum, surprise = memory_update(
-            state.weights, state.momentum, keys, self.to_value(feats), keys,
+            state.weights, state.momentum, keys, F.normalize(self.to_value(feats), dim=-1), keys,
             *self.rates(feats), self.period, threshold=threshold,
             relative=relative, checkpoint=self.checkpoint)
         if self.recording:
@@ -946,8 +946,9 @@ class HOPEConfig:
     cms_periods: tuple = (8, 32)
     seq_len: int = 512                 # training context (RoPE lets models run past it)
     checkpoint: bool = False           # recompute each memory chunk in backward (memory ∝ T/C)
-    init_std: float = 0.02             # None: PyTorch's default init; x: N(0, x) (GPT-2's 0.02)
-    tied_head: bool = True             # output head = the token embedding (transposed)
+    embed_std: float = 1.0             # token embedding ~ N(0, embed_std²) (PyTorch's default: 1)
+    init_std: float = None             # linear maps ~ N(0, init_std²); None: PyTorch's default init
+    tied_head: bool = False            # output head = the token embedding (transposed)
 
     def __post_init__(self):
         self.cms_periods = tuple(self.cms_periods)
@@ -975,6 +976,7 @@ class HOPEConfig:
             (self.memory_depth >= 1 and self.expansion >= 1, "memory depth and expansion must be >= 1"),
             (self.persistent_tokens >= 0, "persistent_tokens must be >= 0"),
             (self.lr_max >= 0, "lr_max must be >= 0 (0 freezes every memory: no writes)"),
+            (self.embed_std > 0 and (self.init_std is None or self.init_std > 0), "init stds must be positive"),
         ]
         for ok, message in checks:
             if not ok:
@@ -1008,15 +1010,16 @@ class LanguageModel(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.layers))
         self.norm = nn.LayerNorm(config.dim)
         self.head = None if config.tied_head else nn.Linear(config.dim, config.vocab_size, bias=False)
-        if config.init_std is not None:
-            self.apply(lambda module: self._init_weights(module, config.init_std))
+        self.apply(lambda module: self._init_weights(module, config))
 
     @staticmethod
-    def _init_weights(module, std):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=std)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+    def _init_weights(module, config):
+        if isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=config.embed_std)
+        elif isinstance(module, nn.Linear) and config.init_std is not None:
+            nn.init.normal_(module.weight, std=config.init_std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())

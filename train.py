@@ -115,8 +115,9 @@ def build_arg_parser():
     p.add_argument("--lr-max", type=float, help="θ_max, the largest inner learning rate of every memory")
     p.add_argument("--cms-periods", type=lambda s: tuple(int(p) for p in s.split(",")),
                    help="update periods of the CMS levels, comma-separated (default 8,32)")
-    p.add_argument("--init-std", type=float, help="N(0, x) init of linear maps and embeddings "
-                   "(default: PyTorch's own init; 0.02 is GPT-2's)")
+    p.add_argument("--embed-std", type=float, help="N(0, x²) init of the token embedding (default 1)")
+    p.add_argument("--init-std", type=float, help="N(0, x²) init of the linear maps (default: PyTorch's "
+                   "own; GPT-2 uses 0.02 for these and the embedding, with a tied head)")
     p.add_argument("--tied-head", action=on_off, help="output head shares the token embedding")
     p.add_argument("--checkpoint", action=on_off, help="recompute memory chunks in backward")
     p.add_argument("--data", help="shakespeare (default, offline) | openwebtext | PATH (.txt/.md, folder) | "
