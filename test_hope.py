@@ -24,8 +24,9 @@ The HOPE model (§6-10), on tiny float64 configs, for every ablation row and eve
 parameter gets a gradient, flags that are off create no parameters, causality, generation with
 carried state equals one forward, batch independence, self-modification (fast ≠ meta, chunk 1
 changes the keys generated in chunk 2), CMS periods, the closed gate. Then train.py (end to end,
-bit-exact resume, the non-finite guard, one-line exit-2 errors), ablate.py/analyze.py (smoke), and
-what bench.py's numbers are made of (slope fit, CPU peak memory, the component breakdown).
+bit-exact resume, the non-finite guard, the width-scaled lr and warmup, one-line exit-2 errors),
+ablate.py/analyze.py (smoke), and what bench.py's numbers are made of (slope fit, CPU peak
+memory, the component breakdown).
 """
 import dataclasses
 import math
@@ -930,6 +931,22 @@ def test_non_finite_loss_stops_with_one_line_and_keeps_the_checkpoint(corpus, tm
     assert len(errors) == 1 and errors[0].startswith("error: non-finite") and "at step 4;" in errors[0]
     assert path.read_bytes() == before
     assert train.load_checkpoint(path)["step"] == 2
+
+
+def test_width_scales_the_lr_and_warmup_never_rounds_to_zero():
+    parse = train.build_arg_parser().parse_args
+    model_cfg, cfg = train.resolve_config(parse(["--dim", "512"]))
+    assert cfg.lr == pytest.approx(5e-4)                                 # 4e-3 × 64 / 512
+    assert train.lr_summary(model_cfg, cfg).startswith("lr 5.0e-04 (scaled from 4.0e-03 at dim 64)")
+    assert train.resolve_config(parse(["--dim", "512", "--lr", "1e-3"]))[1].lr == 1e-3
+    assert train.resolve_config(parse(["--preset", "small", "--dim", "512"]))[1].lr == pytest.approx(1.5e-4)
+    assert train.resolve_config(parse(["--heads", "2"]))[1].lr == 4e-3  # heads split dim, the width stays
+    checkpoint = {"config": {"model": dataclasses.asdict(model_cfg), "train": dataclasses.asdict(cfg)}}
+    assert train.resolve_config(parse(["--resume"]), checkpoint)[1].lr == cfg.lr
+    for steps, warmup in [(1, 1), (2, 1), (10, 5), (100, 10), (250, 12), (2000, 100)]:
+        assert train.warmup_steps(steps) == warmup, steps
+        lrs = [train.learning_rate(step, train.TrainConfig(steps=steps, lr=1.0)) for step in range(steps)]
+        assert lrs[0] > 0 and lrs[warmup - 1] == max(lrs) == 1.0
 
 
 def test_bad_input_exits_2_with_one_line(corpus, tmp_path, capsys, monkeypatch):

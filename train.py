@@ -60,7 +60,7 @@ class TrainConfig:
     batch_size: int = 8            # sequences per micro-batch
     grad_accum: int = 1            # micro-batches per optimizer step
     steps: int = 250
-    lr: float = 4e-3               # peak: linear warmup over the first 5% of steps, cosine to lr/10
+    lr: float = 4e-3               # peak: linear warmup (see learning_rate), cosine to lr/10
     weight_decay: float = 0.1      # on tensors with >= 2 dimensions only
     grad_clip: float = 1.0
     eval_every: int = 50
@@ -127,15 +127,27 @@ def build_arg_parser():
     return p
 
 
+def width_scaled_lr(preset, dim):
+    """The peak learning rate when --dim changes the preset's width and --lr is not given:
+    lr = preset lr × preset dim / dim, inverse in width as μP sets it for hidden matrices (tiny:
+    4e-3 at dim 64 -> 5e-4 at dim 512; measured, 6e-4 trains dim 512 with 8 layers, 4e-3 diverges).
+    --heads and --d-head split dim between the heads: they leave the width and the lr as they are."""
+    return PRESETS[preset]["lr"] * PRESETS[preset]["dim"] / dim
+
+
 def resolve_config(args, checkpoint=None):
     """(hope.HOPEConfig, TrainConfig) from the preset, or the checkpoint's saved config, and the
-    flags that were given. Resuming, a model or data flag must agree with the checkpoint."""
+    flags that were given. Resuming, a model or data flag must agree with the checkpoint, and the
+    checkpoint's lr is kept; else a --dim other than the preset's, without --lr, scales the lr
+    (width_scaled_lr)."""
     given = {k: v for k, v in vars(args).items() if v is not None and k in MODEL_FIELDS | TRAIN_FIELDS}
     if checkpoint is None:
         preset = given.get("preset", "tiny")
         if preset not in PRESETS:
             raise UserError(f"unknown preset '{preset}' ({', '.join(PRESETS)})")
         settings = {**PRESETS[preset], **given, "preset": preset}
+        if "lr" not in given and settings["dim"] > 0 and settings["dim"] != PRESETS[preset]["dim"]:
+            settings["lr"] = width_scaled_lr(preset, settings["dim"])
         settings.setdefault("tokenizer", "gpt2" if settings.get("data") == "openwebtext" else "byte")
         settings["vocab_size"] = VOCAB_SIZES[settings["tokenizer"]]
     else:
@@ -337,13 +349,28 @@ def pick_device(name):
     return torch.device(name)
 
 
+def warmup_steps(steps):
+    """5% of the steps, but at least min(10, steps // 2) and at least 1: a short run warms up too."""
+    return max(1, steps // 20, min(10, steps // 2))
+
+
 def learning_rate(step, cfg):
-    """Linear warmup over the first 5% of steps, then cosine decay to lr/10. step: 0-based."""
-    warmup = max(1, cfg.steps // 20)
+    """Linear warmup over warmup_steps(cfg.steps) steps (5% of them, but at least min(10, steps // 2)
+    and at least 1: --steps 10 warms up over 5), then cosine decay to lr/10. step: 0-based."""
+    warmup = warmup_steps(cfg.steps)
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, cfg.steps - warmup))
     return cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+
+
+def lr_summary(model_cfg, cfg):
+    """'lr 5.0e-04 (scaled from 4.0e-03 at dim 64), warmup 12 steps': the schedule this run uses."""
+    preset = PRESETS.get(cfg.preset, {})
+    scaled = (bool(preset) and model_cfg.dim != preset["dim"]
+              and cfg.lr == width_scaled_lr(cfg.preset, model_cfg.dim))
+    source = f" (scaled from {preset['lr']:.1e} at dim {preset['dim']})" if scaled else ""
+    return f"lr {cfg.lr:.1e}{source}, warmup {warmup_steps(cfg.steps)} steps"
 
 
 def make_optimizer(model, cfg, device):
@@ -469,7 +496,7 @@ def train_model(model_cfg, cfg, checkpoint=None):
     flags = "" if m.model == "transformer" else \
         f" {m.mixer}, cms={m.cms}, self_mod={m.self_mod}, surprise={m.surprise},"
     print(f"model: {m.model}{flags} dim {m.dim}, {m.layers} layers, {model.num_params():,} params, "
-          f"on {device}{', bf16' if bf16 else ''}{', compiled' if compiled else ''}")
+          f"on {device}{', bf16' if bf16 else ''}{', compiled' if compiled else ''}, {lr_summary(m, cfg)}")
 
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
