@@ -24,9 +24,9 @@ The HOPE model (§6-10), on tiny float64 configs, for every ablation row and eve
 parameter gets a gradient, flags that are off create no parameters, causality, generation with
 carried state equals one forward, batch independence, self-modification (fast ≠ meta, chunk 1
 changes the keys generated in chunk 2), CMS periods, the closed gate. Then train.py (end to end,
-bit-exact resume, the non-finite guard, the width-scaled lr and warmup, one-line exit-2 errors),
-ablate.py/analyze.py (smoke), and what bench.py's numbers are made of (slope fit, CPU peak
-memory, the component breakdown).
+bit-exact resume, the non-finite guard and the divergence stop, the width-scaled lr and warmup,
+one-line exit-2 errors), ablate.py/analyze.py (smoke), and what bench.py's numbers are made of
+(slope fit, CPU peak memory, the component breakdown).
 """
 import dataclasses
 import math
@@ -931,6 +931,22 @@ def test_non_finite_loss_stops_with_one_line_and_keeps_the_checkpoint(corpus, tm
     assert len(errors) == 1 and errors[0].startswith("error: non-finite") and "at step 4;" in errors[0]
     assert path.read_bytes() == before
     assert train.load_checkpoint(path)["step"] == 2
+
+
+def test_divergence_stops_with_one_line_and_keeps_the_checkpoint(corpus, tmp_path, capsys):
+    run(flags(corpus, tmp_path, "out", *GPT, "--steps", "2", "--eval-every", "2"))
+    path = tmp_path / "out" / "ckpt.pt"
+    before = path.read_bytes()
+    capsys.readouterr()
+    # lr 50 keeps the loss finite (about 1e5 at step 4), far above step 0's ~5.5, read from the checkpoint
+    with pytest.raises(SystemExit) as stopped:
+        train.main(["--resume", "--out-dir", str(tmp_path / "out"), "--steps", "6", "--eval-every", "2",
+                    "--lr", "50"])
+    assert stopped.value.code == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and errors[0].startswith("error: val loss ") and errors[0].endswith("(now 50)")
+    assert "at step 4 rose above its step-0 value" in errors[0] and "training diverged" in errors[0]
+    assert path.read_bytes() == before
 
 
 def test_width_scales_the_lr_and_warmup_never_rounds_to_zero():

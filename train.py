@@ -86,6 +86,10 @@ class NonFiniteLoss(RuntimeError):
     """The loss or the gradient became inf or NaN; the last checkpoint on disk is still good."""
 
 
+class Diverged(NonFiniteLoss):
+    """The val loss rose above its step-0 value; the diverged state is not saved over the checkpoint."""
+
+
 class OneLineParser(argparse.ArgumentParser):
     def error(self, message):                    # argparse would add the usage: keep it to one line
         print(f"error: {message}", file=sys.stderr)
@@ -407,13 +411,14 @@ def load_checkpoint(path):
     return checkpoint
 
 
-def save_checkpoint(path, model, optimizer, model_cfg, cfg, step, elapsed, recent_losses):
-    """Everything a resume needs: weights, optimizer, step, RNG states and the resolved config."""
+def save_checkpoint(path, model, optimizer, model_cfg, cfg, step, elapsed, recent_losses, val_loss_0=None):
+    """Everything a resume needs: weights, optimizer, step, RNG states, the resolved config and the
+    step-0 val loss (the divergence check's reference)."""
     checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                   "config": {"model": asdict(model_cfg), "train": asdict(cfg)},
                   "rng": {"torch": torch.get_rng_state(),
                           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-                  "elapsed": elapsed, "recent_losses": recent_losses}
+                  "elapsed": elapsed, "recent_losses": recent_losses, "val_loss_0": val_loss_0}
     atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
@@ -461,8 +466,8 @@ def run(args):
 def train_model(model_cfg, cfg, checkpoint=None):
     """Train from scratch, or from a loaded checkpoint. Returns a dict: train_loss and val_loss (of
     the last evaluation), tokens_per_s, params, step, elapsed, curve (the log's records), baselines.
-    Raises UserError for bad input, NonFiniteLoss if training diverges, KeyboardInterrupt (after
-    saving) on Ctrl-C."""
+    Raises UserError for bad input, NonFiniteLoss if the loss or gradient is not finite, Diverged
+    if the val loss rises above its step-0 value, KeyboardInterrupt (after saving) on Ctrl-C."""
     train_data, val_data, meta = get_data(cfg.data, cfg.tokenizer, cfg.max_tokens, cfg.data_dir)
     if min(len(train_data), len(val_data)) <= model_cfg.seq_len:
         raise UserError(f"corpus too small: {len(train_data)} train and {len(val_data)} val tokens "
@@ -480,6 +485,7 @@ def train_model(model_cfg, cfg, checkpoint=None):
     model = hope.build_model(model_cfg).to(device)
     optimizer = make_optimizer(model, cfg, device)
     step, elapsed, recent_losses = 0, 0.0, []    # recent_losses: train losses since the last eval
+    val_loss_0 = None                            # the step-0 val loss: a later one above it stops
     if checkpoint is not None:
         load_model_state(model, checkpoint)
         try:
@@ -487,6 +493,7 @@ def train_model(model_cfg, cfg, checkpoint=None):
         except (RuntimeError, ValueError, KeyError) as e:
             raise UserError(f"checkpoint's optimizer state does not fit the model: {str(e).splitlines()[0]}") from None
         step, elapsed, recent_losses = checkpoint["step"], checkpoint["elapsed"], checkpoint["recent_losses"]
+        val_loss_0 = checkpoint.get("val_loss_0", math.inf)     # an older checkpoint: NaN stops only
         torch.set_rng_state(checkpoint["rng"]["torch"])
         if device.type == "cuda" and checkpoint["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
@@ -510,11 +517,15 @@ def train_model(model_cfg, cfg, checkpoint=None):
     interval_time, run_time, run_tokens, start = 0.0, 0.0, 0, time.perf_counter() - elapsed
 
     def save(path):
-        save_checkpoint(path, model, optimizer, model_cfg, cfg, step, elapsed, recent_losses)
+        save_checkpoint(path, model, optimizer, model_cfg, cfg, step, elapsed, recent_losses, val_loss_0)
 
     def evaluate_log_save():              # train loss: the mean over the steps since the last eval
-        nonlocal recent_losses, interval_time
+        nonlocal recent_losses, interval_time, val_loss_0
         val_loss = evaluate(model, val_batches, device, autocast)
+        if val_loss_0 is not None and not val_loss <= val_loss_0:        # NaN too; before any save
+            raise Diverged(f"val loss {val_loss:.4f} at step {step} rose above its step-0 value "
+                           f"{val_loss_0:.4f}: training diverged; try a smaller --lr (now {cfg.lr:g})")
+        val_loss_0 = val_loss if val_loss_0 is None else val_loss_0
         train_loss = sum(recent_losses) / len(recent_losses) if recent_losses else None
         tokens_per_s = len(recent_losses) * tokens_per_step / interval_time if interval_time else None
         record = dict(step=step, train_loss=train_loss, val_loss=val_loss,
