@@ -25,8 +25,9 @@ parameter gets a gradient, flags that are off create no parameters, causality, g
 carried state equals one forward, batch independence, self-modification (fast ≠ meta, chunk 1
 changes the keys generated in chunk 2), CMS periods, the closed gate. Then train.py (end to end,
 bit-exact resume, the non-finite guard and the divergence stop, the width-scaled lr and warmup,
-one-line exit-2 errors), ablate.py/analyze.py (smoke), and what bench.py's numbers are made of
-(slope fit, CPU peak memory, the component breakdown).
+torchrun with 2 ranks = 1 rank with grad-accum 2, one-line exit-2 errors), ablate.py/analyze.py
+(smoke), and what bench.py's numbers are made of (slope fit, CPU peak memory, the component
+breakdown).
 """
 import dataclasses
 import math
@@ -963,6 +964,29 @@ def test_width_scales_the_lr_and_warmup_never_rounds_to_zero():
         assert train.warmup_steps(steps) == warmup, steps
         lrs = [train.learning_rate(step, train.TrainConfig(steps=steps, lr=1.0)) for step in range(steps)]
         assert lrs[0] > 0 and lrs[warmup - 1] == max(lrs) == 1.0
+
+
+def test_ddp_torchrun_two_ranks_equal_one_rank_with_grad_accum_2(corpus, tmp_path):
+    """Rank r draws the batches of micro-steps r × grad_accum + micro: the same batches, the same
+    averaged gradients, the same weights, also after --resume; rank 0 alone prints and saves."""
+    common = [*GPT, "--batch-size", "2", "--steps", "3", "--eval-every", "3", "--device", "cpu"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                os.path.join(ROOT, "train.py")]
+    resume = lambda out: ["--resume", "--out-dir", str(tmp_path / out), "--steps", "4"]
+    for one_argv, two_argv in [(flags(corpus, tmp_path, "one", *common, "--grad-accum", "2"),
+                                flags(corpus, tmp_path, "two", *common)), (resume("one"), resume("two"))]:
+        one = run(one_argv)                                 # first, so that the data is prepared
+        two = subprocess.run(torchrun + two_argv, capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert two.returncode == 0, two.stderr[-3000:]
+        assert two.stdout.count("model:") == 1                             # rank 0 alone prints
+        assert "batch: 2 × grad-accum 1 × world size 2 = 4 sequences, 128 tokens per step" in two.stdout
+        a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("one", "two"))
+        assert b["step"] == one["step"] and a["model"].keys() == b["model"].keys()
+        assert all(torch.allclose(a["model"][k], b["model"][k], rtol=0, atol=1e-5) for k in a["model"])
+        log = [json.loads(line) for line in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in log] == [r["step"] for r in one["curve"]]
+        assert log[-1]["train_loss"] == pytest.approx(one["curve"][-1]["train_loss"], abs=1e-5)
 
 
 def test_bad_input_exits_2_with_one_line(corpus, tmp_path, capsys, monkeypatch):
