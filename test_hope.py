@@ -26,9 +26,16 @@ The HOPE model (§6-10), on tiny float64 configs, for every ablation row and eve
 parameter gets a gradient, flags that are off create no parameters, causality, generation with
 carried state equals one forward, batch independence, self-modification (fast ≠ meta, chunk 1
 changes the keys generated in chunk 2), CMS periods, the closed gate. Then train.py (end to end,
+<<<<<<< HEAD
 bit-exact resume, the non-finite guard, one-line exit-2 errors), ablate.py/analyze.py (smoke, and
 the gate pass rate of every gated memory), and what bench.py's numbers are made of (slope fit, CPU
 peak memory, the component breakdown).
+=======
+bit-exact resume, the non-finite guard and the divergence stop, the width-scaled lr and warmup,
+torchrun with 2 ranks = 1 rank with grad-accum 2, one-line exit-2 errors), ablate.py/analyze.py
+(smoke), and what bench.py's numbers are made of (slope fit, CPU peak memory, the component
+breakdown).
+>>>>>>> scale
 """
 import dataclasses
 import math
@@ -1048,6 +1055,61 @@ def test_non_finite_loss_stops_with_one_line_and_keeps_the_checkpoint(corpus, tm
     assert len(errors) == 1 and errors[0].startswith("error: non-finite") and "at step 4;" in errors[0]
     assert path.read_bytes() == before
     assert train.load_checkpoint(path)["step"] == 2
+
+
+def test_divergence_stops_with_one_line_and_keeps_the_checkpoint(corpus, tmp_path, capsys):
+    run(flags(corpus, tmp_path, "out", *GPT, "--steps", "2", "--eval-every", "2"))
+    path = tmp_path / "out" / "ckpt.pt"
+    before = path.read_bytes()
+    capsys.readouterr()
+    # lr 50 keeps the loss finite (about 1e5 at step 4), far above step 0's ~5.5, read from the checkpoint
+    with pytest.raises(SystemExit) as stopped:
+        train.main(["--resume", "--out-dir", str(tmp_path / "out"), "--steps", "6", "--eval-every", "2",
+                    "--lr", "50"])
+    assert stopped.value.code == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and errors[0].startswith("error: val loss ") and errors[0].endswith("(now 50)")
+    assert "at step 4 rose above its step-0 value" in errors[0] and "training diverged" in errors[0]
+    assert path.read_bytes() == before
+
+
+def test_width_scales_the_lr_and_warmup_never_rounds_to_zero():
+    parse = train.build_arg_parser().parse_args
+    model_cfg, cfg = train.resolve_config(parse(["--dim", "512"]))
+    assert cfg.lr == pytest.approx(5e-4)                                 # 4e-3 × 64 / 512
+    assert train.lr_summary(model_cfg, cfg).startswith("lr 5.0e-04 (scaled from 4.0e-03 at dim 64)")
+    assert train.resolve_config(parse(["--dim", "512", "--lr", "1e-3"]))[1].lr == 1e-3
+    assert train.resolve_config(parse(["--preset", "small", "--dim", "512"]))[1].lr == pytest.approx(1.5e-4)
+    assert train.resolve_config(parse(["--heads", "2"]))[1].lr == 4e-3  # heads split dim, the width stays
+    checkpoint = {"config": {"model": dataclasses.asdict(model_cfg), "train": dataclasses.asdict(cfg)}}
+    assert train.resolve_config(parse(["--resume"]), checkpoint)[1].lr == cfg.lr
+    for steps, warmup in [(1, 1), (2, 1), (10, 5), (100, 10), (250, 12), (2000, 100)]:
+        assert train.warmup_steps(steps) == warmup, steps
+        lrs = [train.learning_rate(step, train.TrainConfig(steps=steps, lr=1.0)) for step in range(steps)]
+        assert lrs[0] > 0 and lrs[warmup - 1] == max(lrs) == 1.0
+
+
+def test_ddp_torchrun_two_ranks_equal_one_rank_with_grad_accum_2(corpus, tmp_path):
+    """Rank r draws the batches of micro-steps r × grad_accum + micro: the same batches, the same
+    averaged gradients, the same weights, also after --resume; rank 0 alone prints and saves."""
+    common = [*GPT, "--batch-size", "2", "--steps", "3", "--eval-every", "3", "--device", "cpu"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                os.path.join(ROOT, "train.py")]
+    resume = lambda out: ["--resume", "--out-dir", str(tmp_path / out), "--steps", "4"]
+    for one_argv, two_argv in [(flags(corpus, tmp_path, "one", *common, "--grad-accum", "2"),
+                                flags(corpus, tmp_path, "two", *common)), (resume("one"), resume("two"))]:
+        one = run(one_argv)                                 # first, so that the data is prepared
+        two = subprocess.run(torchrun + two_argv, capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert two.returncode == 0, two.stderr[-3000:]
+        assert two.stdout.count("model:") == 1                             # rank 0 alone prints
+        assert "batch: 2 × grad-accum 1 × world size 2 = 4 sequences, 128 tokens per step" in two.stdout
+        a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("one", "two"))
+        assert b["step"] == one["step"] and a["model"].keys() == b["model"].keys()
+        assert all(torch.allclose(a["model"][k], b["model"][k], rtol=0, atol=1e-5) for k in a["model"])
+        log = [json.loads(line) for line in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in log] == [r["step"] for r in one["curve"]]
+        assert log[-1]["train_loss"] == pytest.approx(one["curve"][-1]["train_loss"], abs=1e-5)
 
 
 def test_bad_input_exits_2_with_one_line(corpus, tmp_path, capsys, monkeypatch):

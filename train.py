@@ -5,11 +5,14 @@ train.py — data, training loop, checkpoints and sampling for hope.py, in the s
     python train.py --no-cms --dim 512 --layers 8       # flags override the preset
     python train.py --preset small --data openwebtext   # the seed paper's setting (GPU; network once)
     python train.py --resume                            # continue out/ckpt.pt exactly where it stopped
+    torchrun --standalone --nproc_per_node=8 train.py --preset small --data openwebtext   # 8 GPUs (DDP)
     python train.py --sample --prompt "ROMEO"           # generate text from out/ckpt.pt
 
 Sections: 1. presets and command line, 2. data, 3. training, 4. sampling and main.
 ablate.py uses PRESETS, build_arg_parser, resolve_config, get_data, run and train_model.
 Bad input (flags, data, checkpoint) raises UserError; main() prints it as one line, exit code 2.
+Under torchrun every rank trains a replica (DistributedDataParallel) on its own batches, and rank 0
+alone evaluates, logs, prints and saves.
 """
 import argparse
 import contextlib
@@ -28,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import hope
@@ -60,7 +65,7 @@ class TrainConfig:
     batch_size: int = 8            # sequences per micro-batch
     grad_accum: int = 1            # micro-batches per optimizer step
     steps: int = 250
-    lr: float = 4e-3               # peak: linear warmup over the first 5% of steps, cosine to lr/10
+    lr: float = 4e-3               # peak: linear warmup (see learning_rate), cosine to lr/10
     weight_decay: float = 0.1      # on tensors with >= 2 dimensions only
     grad_clip: float = 1.0
     eval_every: int = 50
@@ -89,6 +94,10 @@ class UserError(Exception):
 
 class NonFiniteLoss(RuntimeError):
     """The loss or the gradient became inf or NaN; the last checkpoint on disk is still good."""
+
+
+class Diverged(NonFiniteLoss):
+    """The val loss rose above its step-0 value; the diverged state is not saved over the checkpoint."""
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -150,15 +159,27 @@ def build_arg_parser():
     return p
 
 
+def width_scaled_lr(preset, dim):
+    """The peak learning rate when --dim changes the preset's width and --lr is not given:
+    lr = preset lr × preset dim / dim, inverse in width as μP sets it for hidden matrices (tiny:
+    4e-3 at dim 64 -> 5e-4 at dim 512; measured, 6e-4 trains dim 512 with 8 layers, 4e-3 diverges).
+    --heads and --d-head split dim between the heads: they leave the width and the lr as they are."""
+    return PRESETS[preset]["lr"] * PRESETS[preset]["dim"] / dim
+
+
 def resolve_config(args, checkpoint=None):
     """(hope.HOPEConfig, TrainConfig) from the preset, or the checkpoint's saved config, and the
-    flags that were given. Resuming, a model or data flag must agree with the checkpoint."""
+    flags that were given. Resuming, a model or data flag must agree with the checkpoint, and the
+    checkpoint's lr is kept; else a --dim other than the preset's, without --lr, scales the lr
+    (width_scaled_lr)."""
     given = {k: v for k, v in vars(args).items() if v is not None and k in MODEL_FIELDS | TRAIN_FIELDS}
     if checkpoint is None:
         preset = given.get("preset", "tiny")
         if preset not in PRESETS:
             raise UserError(f"unknown preset '{preset}' ({', '.join(PRESETS)})")
         settings = {**PRESETS[preset], **given, "preset": preset}
+        if "lr" not in given and settings["dim"] > 0 and settings["dim"] != PRESETS[preset]["dim"]:
+            settings["lr"] = width_scaled_lr(preset, settings["dim"])
         settings.setdefault("tokenizer", "gpt2" if settings.get("data") == "openwebtext" else "byte")
         settings["vocab_size"] = VOCAB_SIZES[settings["tokenizer"]]
         if settings.get("data") in RECALL_TASKS:         # the task sets the vocabulary and context
@@ -338,7 +359,9 @@ def prepare(folder, data, tokenizer, max_tokens, files):
 
 def get_batch(tokens, batch_size, seq_len, seed, step, micro=0):
     """A random batch that is a pure function of (seed, step, micro): a resumed run draws exactly
-    the batches that the uninterrupted run would have drawn. Returns x, y: [batch, seq_len] int64."""
+    the batches that the uninterrupted run would have drawn. micro is global, rank × grad_accum +
+    micro-step: 1 rank with --grad-accum 2 draws the batches of 2 ranks with 1. Returns x, y:
+    [batch, seq_len] int64."""
     rng = np.random.default_rng([seed, step, micro])
     if isinstance(tokens, RecallTask):
         return tokens.batch(rng, batch_size, seq_len)
@@ -469,13 +492,116 @@ def pick_device(name):
     return torch.device(name)
 
 
+# Several processes (torchrun): each rank trains a replica of the model on its own batches and
+# DistributedDataParallel averages the gradients. A plain `python train.py` is rank 0 of 1, and then
+# every helper below does nothing (no process group, no communication).
+
+def rank_and_world():
+    """(rank, world size) from torchrun's environment; (0, 1) outside torchrun."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def join_process_group(cfg):
+    """(rank, world size, device). Under torchrun this process joins the process group: nccl with
+    one GPU per rank (cuda:LOCAL_RANK), or gloo on the CPU with one thread per rank (the ranks share
+    the cores). Ranks other than 0 print nothing."""
+    rank, world = rank_and_world()
+    device = pick_device(cfg.device)
+    if world == 1:
+        return rank, world, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    elif device.type == "cpu":
+        torch.set_num_threads(1)
+    else:
+        raise UserError(f"torchrun trains on --device cuda or cpu, not {device.type}")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+    if rank != 0:
+        sys.stdout = open(os.devnull, "w")
+    return rank, world, device
+
+
+def leave_process_group():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank_zero_first(work, rank, world):
+    """work() on rank 0, then on the other ranks (the data is prepared once). If it fails on rank 0,
+    every rank raises instead of waiting."""
+    if world == 1:
+        return work()
+    if rank == 0:
+        try:
+            result = work()
+        except Exception as e:
+            dist.broadcast_object_list([str(e) or type(e).__name__], src=0)
+            raise
+        dist.broadcast_object_list([None], src=0)
+        return result
+    failure = [None]
+    dist.broadcast_object_list(failure, src=0)
+    if failure[0] is not None:
+        raise UserError(failure[0])
+    return work()
+
+
+def from_rank_zero(value, world, device):
+    """Rank 0's float on every rank."""
+    if world == 1:
+        return value
+    value = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.broadcast(value, src=0)
+    return value.item()
+
+
+def mean_over_ranks(value, world, device):
+    """The mean of a float over the ranks, on every rank: they all take the same decisions from it."""
+    if world == 1:
+        return value
+    value = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(value)
+    return value.item() / world
+
+
+def wait_for_all_ranks(world):
+    if world > 1:
+        dist.barrier()
+
+
+def gradient_sync(forward, sync):
+    """DDP all-reduces the gradients in backward only when sync (the last micro-step); no_sync()
+    leaves them to accumulate on each rank until then."""
+    if sync or not isinstance(forward, DistributedDataParallel):
+        return contextlib.nullcontext()
+    return forward.no_sync()
+
+
+def warmup_steps(steps):
+    """5% of the steps, but at least min(10, steps // 2) and at least 1: a short run warms up too."""
+    return max(1, steps // 20, min(10, steps // 2))
+
+
 def learning_rate(step, cfg):
-    """Linear warmup over the first 5% of steps, then cosine decay to lr/10. step: 0-based."""
-    warmup = max(1, cfg.steps // 20)
+    """Linear warmup over warmup_steps(cfg.steps) steps (5% of them, but at least min(10, steps // 2)
+    and at least 1: --steps 10 warms up over 5), then cosine decay to lr/10. step: 0-based."""
+    warmup = warmup_steps(cfg.steps)
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, cfg.steps - warmup))
     return cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+
+
+def lr_summary(model_cfg, cfg):
+    """'lr 5.0e-04 (scaled from 4.0e-03 at dim 64), warmup 12 steps': the schedule this run uses."""
+    preset = PRESETS.get(cfg.preset, {})
+    scaled = (bool(preset) and model_cfg.dim != preset["dim"]
+              and cfg.lr == width_scaled_lr(cfg.preset, model_cfg.dim))
+    source = f" (scaled from {preset['lr']:.1e} at dim {preset['dim']})" if scaled else ""
+    return f"lr {cfg.lr:.1e}{source}, warmup {warmup_steps(cfg.steps)} steps"
 
 
 def make_optimizer(model, cfg, device):
@@ -512,13 +638,14 @@ def load_checkpoint(path):
     return checkpoint
 
 
-def save_checkpoint(path, model, optimizer, model_cfg, cfg, step, elapsed, recent_losses):
-    """Everything a resume needs: weights, optimizer, step, RNG states and the resolved config."""
+def save_checkpoint(path, model, optimizer, model_cfg, cfg, step, elapsed, recent_losses, val_loss_0=None):
+    """Everything a resume needs: weights, optimizer, step, RNG states, the resolved config and the
+    step-0 val loss (the divergence check's reference)."""
     checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                   "config": {"model": asdict(model_cfg), "train": asdict(cfg)},
                   "rng": {"torch": torch.get_rng_state(),
                           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-                  "elapsed": elapsed, "recent_losses": recent_losses}
+                  "elapsed": elapsed, "recent_losses": recent_losses, "val_loss_0": val_loss_0}
     atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
@@ -590,12 +717,14 @@ def load_data(cfg, model_cfg):
 
 def train_model(model_cfg, cfg, checkpoint=None):
     """Train from scratch, or from a loaded checkpoint. Returns a dict: train_loss and val_loss (of
-    the last evaluation), tokens_per_s, params, step, elapsed, curve (the log's records), baselines.
-    Raises UserError for bad input, NonFiniteLoss if training diverges, KeyboardInterrupt (after
-    saving) on Ctrl-C."""
-    train_data, val_data, meta, unit = load_data(cfg, model_cfg)
+    the last evaluation), accuracy (recall tasks), tokens_per_s, params, step, elapsed, curve (the
+    log's records), baselines. Raises UserError for bad input, NonFiniteLoss if the loss or gradient
+    is not finite, Diverged if the val loss rises above its step-0 value, KeyboardInterrupt (after
+    saving) on Ctrl-C. Under torchrun every rank calls it; they stop together, and rank 0
+    evaluates, logs and saves."""
+    rank, world, device = join_process_group(cfg)
+    train_data, val_data, meta, unit = rank_zero_first(lambda: load_data(cfg, model_cfg), rank, world)
 
-    device = pick_device(cfg.device)
     bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -603,6 +732,7 @@ def train_model(model_cfg, cfg, checkpoint=None):
     model = hope.build_model(model_cfg).to(device)
     optimizer = make_optimizer(model, cfg, device)
     step, elapsed, recent_losses = 0, 0.0, []    # recent_losses: train losses since the last eval
+    val_loss_0 = None                            # the step-0 val loss: a later one above it stops
     if checkpoint is not None:
         load_model_state(model, checkpoint)
         try:
@@ -610,16 +740,22 @@ def train_model(model_cfg, cfg, checkpoint=None):
         except (RuntimeError, ValueError, KeyError) as e:
             raise UserError(f"checkpoint's optimizer state does not fit the model: {str(e).splitlines()[0]}") from None
         step, elapsed, recent_losses = checkpoint["step"], checkpoint["elapsed"], checkpoint["recent_losses"]
+        val_loss_0 = checkpoint.get("val_loss_0", math.inf)     # an older checkpoint: NaN stops only
         torch.set_rng_state(checkpoint["rng"]["torch"])
         if device.type == "cuda" and checkpoint["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
     compiled = cfg.compile if cfg.compile is not None else device.type == "cuda"
     forward = torch.compile(model) if compiled else model
+    if world > 1:                                # averages the gradients over the ranks in backward
+        forward = DistributedDataParallel(forward, device_ids=[device] if device.type == "cuda" else None)
     m = model_cfg
     flags = "" if m.model == "transformer" else \
         f" {m.mixer}, cms={m.cms}, self_mod={m.self_mod}, surprise={m.surprise},"
     print(f"model: {m.model}{flags} dim {m.dim}, {m.layers} layers, {model.num_params():,} params, "
-          f"on {device}{', bf16' if bf16 else ''}{', compiled' if compiled else ''}")
+          f"on {device}{', bf16' if bf16 else ''}{', compiled' if compiled else ''}, {lr_summary(m, cfg)}")
+    print(f"batch: {cfg.batch_size} × grad-accum {cfg.grad_accum} × world size {world} = "
+          f"{cfg.batch_size * cfg.grad_accum * world} sequences, "
+          f"{cfg.batch_size * cfg.grad_accum * world * m.seq_len:,} tokens per step")
 
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -627,17 +763,24 @@ def train_model(model_cfg, cfg, checkpoint=None):
     if checkpoint is None and ckpt_path.exists():
         print(f"note: this new run overwrites {ckpt_path} (--resume would have continued it)")
     old_log = log_path.read_text().splitlines() if checkpoint is not None and log_path.exists() else []
-    log_path.write_text("".join(line + "\n" for line in old_log if json.loads(line)["step"] <= step))
+    if rank == 0:
+        log_path.write_text("".join(line + "\n" for line in old_log if json.loads(line)["step"] <= step))
     val_batches = eval_batches(val_data, cfg.batch_size, model_cfg.seq_len, cfg.eval_batches)
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * model_cfg.seq_len
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * world * model_cfg.seq_len
     interval_time, run_time, run_tokens, start = 0.0, 0.0, 0, time.perf_counter() - elapsed
 
     def save(path):
-        save_checkpoint(path, model, optimizer, model_cfg, cfg, step, elapsed, recent_losses)
+        if rank == 0:
+            save_checkpoint(path, model, optimizer, model_cfg, cfg, step, elapsed, recent_losses, val_loss_0)
 
     def evaluate_log_save():              # train loss: the mean over the steps since the last eval
-        nonlocal recent_losses, interval_time
-        val_loss, accuracy = evaluate(model, val_batches, device, autocast)
+        nonlocal recent_losses, interval_time, val_loss_0
+        val_loss, accuracy = evaluate(model, val_batches, device, autocast) if rank == 0 else (0.0, None)
+        val_loss = from_rank_zero(val_loss, world, device)
+        if val_loss_0 is not None and not val_loss <= val_loss_0:        # NaN too; before any save
+            raise Diverged(f"val loss {val_loss:.4f} at step {step} rose above its step-0 value "
+                           f"{val_loss_0:.4f}: training diverged; try a smaller --lr (now {cfg.lr:g})")
+        val_loss_0 = val_loss if val_loss_0 is None else val_loss_0
         train_loss = sum(recent_losses) / len(recent_losses) if recent_losses else None
         tokens_per_s = len(recent_losses) * tokens_per_step / interval_time if interval_time else None
         record = dict(step=step, train_loss=train_loss, val_loss=val_loss,
@@ -648,8 +791,9 @@ def train_model(model_cfg, cfg, checkpoint=None):
             record["accuracy"] = accuracy
             recall = f", recall accuracy {accuracy:.3f} (chance {meta['chance']:.3f})"
         tqdm.write(f"step {step}: train loss {shown}, val loss {val_loss:.4f} ({unit}){recall}")
-        with open(log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if rank == 0:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
         recent_losses, interval_time = [], 0.0
         save(ckpt_path)
 
@@ -657,18 +801,22 @@ def train_model(model_cfg, cfg, checkpoint=None):
         evaluate_log_save()
         if cfg.save_every:                       # the initialization, for analyze.py's drift
             save(out_dir / f"ckpt_{step:06d}.pt")
-    with CtrlC() as ctrl_c, tqdm(total=cfg.steps, initial=step, unit="step", mininterval=1) as bar:
+    with CtrlC() as ctrl_c, tqdm(total=cfg.steps, initial=step, unit="step", mininterval=1,
+                                  disable=rank != 0) as bar:
         while step < cfg.steps:
             t0 = time.perf_counter()
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, cfg)
             loss_sum = 0.0
             for micro in range(cfg.grad_accum):
-                x, y = get_batch(train_data, cfg.batch_size, model_cfg.seq_len, cfg.seed, step, micro)
-                with autocast:
-                    loss = forward(x.to(device), y.to(device))[1] / cfg.grad_accum
-                loss.backward()
+                x, y = get_batch(train_data, cfg.batch_size, model_cfg.seq_len, cfg.seed, step,
+                                 rank * cfg.grad_accum + micro)
+                with gradient_sync(forward, micro == cfg.grad_accum - 1):
+                    with autocast:
+                        loss = forward(x.to(device), y.to(device))[1] / cfg.grad_accum
+                    loss.backward()
                 loss_sum += loss.item()
+            loss_sum = mean_over_ranks(loss_sum, world, device)      # every rank checks the same loss
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             if not (math.isfinite(loss_sum) and torch.isfinite(grad_norm)):
                 what = "loss" if not math.isfinite(loss_sum) else "gradient"
@@ -687,13 +835,15 @@ def train_model(model_cfg, cfg, checkpoint=None):
                 evaluate_log_save()
             if cfg.save_every and step % cfg.save_every == 0:
                 save(out_dir / f"ckpt_{step:06d}.pt")
-            if ctrl_c.pressed:
+            if mean_over_ranks(float(ctrl_c.pressed), world, device) > 0:     # on any rank
                 save(ckpt_path)
                 tqdm.write(f"interrupted: saved step {step} to {ckpt_path}; continue with --resume")
                 raise KeyboardInterrupt
+    wait_for_all_ranks(world)                        # rank 0 has written the log
     curve = [json.loads(line) for line in log_path.read_text().splitlines()]
     if not curve or curve[-1]["step"] != step:       # --resume of a finished run whose log is gone
         evaluate_log_save()
+        wait_for_all_ranks(world)
         curve = [json.loads(line) for line in log_path.read_text().splitlines()]
     last, tokens_per_s = curve[-1], run_tokens / run_time if run_time else None
     reference = f"chance {meta['chance']:.3f}" if "chance" in meta else f"bigram baseline {meta['bigram']:.2f}"
@@ -731,10 +881,15 @@ def main(argv=None):
     try:
         sample(args) if args.sample else run(args)
     except (UserError, NonFiniteLoss) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if rank_and_world()[0] == 0:             # under torchrun every rank stops with the same error
+            print(f"error: {e}", file=sys.stderr)
+        if dist.is_initialized():                # torchrun stops every rank at the first exit:
+            dist.barrier()                       # the others wait until rank 0 has printed
         sys.exit(2 if isinstance(e, UserError) else 1)
     except KeyboardInterrupt:
         sys.exit(130)
+    finally:
+        leave_process_group()
 
 
 if __name__ == "__main__":
