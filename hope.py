@@ -529,8 +529,9 @@ class NeuralMemory(MemoryLayer):
     """Titans neural long-term memory: read before write, chunk-parallel, state carried."""
 
     def __init__(self, dim, heads, d_head, depth=2, expansion=2, chunk_size=16, lr_max=0.02,
-                 threshold=None, relative=False, checkpoint=False):
+                 threshold=None, relative=False, checkpoint=False, read_mode="chunk_start"):
         super().__init__(dim, heads, d_head, chunk_size, threshold, relative, checkpoint)
+        self.read_mode = read_mode                      # memory_update's (§4); not read()'s
         self.to_query = HeadLinear(heads, d_head, d_head)
         self.to_key_value = HeadLinear(heads, d_head, 2 * d_head)
         self.rates = RateHeads(heads, d_head, lr_max)
@@ -548,7 +549,7 @@ class NeuralMemory(MemoryLayer):
         out, weights, momentum, surprise = memory_update(
             state.weights, state.momentum, k, v, self.queries(feats) if read else None,
             *self.rates(feats), self.chunk_size, threshold=self.threshold,
-            relative=self.relative, checkpoint=self.checkpoint)
+            relative=self.relative, checkpoint=self.checkpoint, read_mode=self.read_mode)
         if self.recording:
             self.trace.setdefault("surprise", []).append(surprise)  # [B, H, T] per write
         return out, MemoryState(weights, momentum)
@@ -618,6 +619,8 @@ class SelfModifyingMemory(MemoryLayer):
         """One chunk [B, H, n, d] of steps 1-4; returns (M_mem(q) or None, new state, surprise)."""
         k, v, q, lr, momentum_decay, forget = self.generate(feats, state.weights)
         W = self.by_component(state.weights)
+        # Step 4 reads M_mem at the chunk-start state in either read mode (HOPEConfig.read_mode):
+        # the generators of step 1 must read that state to make the chunk's keys and rates.
         out = memory_forward(tuple(w[:, 5] for w in W), q) if read else None       # step 4
         targets = memory_forward(W, v[:, None]).flatten(1, 2)                     # step 2 [B, 6H, n, d]
         n = len(SELF_MOD_COMPONENTS)
@@ -663,7 +666,7 @@ class CMSLevel(nn.Module):
         super().__init__()
         H, d = config.heads, config.d_head
         self.heads, self.period, self.gate = H, period, surprise_settings(config)
-        self.checkpoint = config.checkpoint
+        self.checkpoint, self.read_mode = config.checkpoint, config.read_mode
         self.in_proj = nn.Linear(config.dim, H * d, bias=False)
         self.to_value = HeadLinear(H, d, d)
         self.rates = RateHeads(H, d, config.lr_max)
@@ -680,7 +683,7 @@ class CMSLevel(nn.Module):
         out, weights, momentum, surprise = memory_update(
             state.weights, state.momentum, keys, self.to_value(feats), keys,
             *self.rates(feats), self.period, threshold=threshold,
-            relative=relative, checkpoint=self.checkpoint)
+            relative=relative, checkpoint=self.checkpoint, read_mode=self.read_mode)
         if self.recording:
             self.trace.setdefault("surprise", []).append(surprise)
         return self.out_proj(merge_heads(out.to(x.dtype))), MemoryState(weights, momentum)
@@ -840,10 +843,12 @@ class LayerState:
 
 def make_memory(config):
     """The mixer's memory: self-modifying (§6) when `self_mod`, else Titans (§5)."""
-    cls = SelfModifyingMemory if config.self_mod else NeuralMemory
     threshold, relative = surprise_settings(config)
-    return cls(config.dim, config.heads, config.d_head, config.memory_depth, config.expansion,
-               config.chunk_size, config.lr_max, threshold, relative, config.checkpoint)
+    args = (config.dim, config.heads, config.d_head, config.memory_depth, config.expansion,
+            config.chunk_size, config.lr_max, threshold, relative, config.checkpoint)
+    if config.self_mod:
+        return SelfModifyingMemory(*args)               # reads at the chunk start in either mode
+    return NeuralMemory(*args, read_mode=config.read_mode)
 
 
 class MACMixer(nn.Module):
@@ -999,6 +1004,7 @@ class HOPEConfig:
     surprise_threshold: float = 0.02   # γ
     surprise_mode: str = "absolute"    # absolute | relative
     chunk_size: int = 16               # C
+    read_mode: str = "chunk_start"     # chunk_start | in_chunk (§4; Titans memory and CMS levels)
     segment_len: int = 64              # MAC segment, MAG/MAL attention window
     persistent_tokens: int = 4         # N_p
     memory_depth: int = 2
@@ -1027,6 +1033,10 @@ class HOPEConfig:
              f"dim {self.dim} is not divisible by heads {self.heads}"),
             (self.d_head % 2 == 0, f"head width {self.d_head} must be even (RoPE)"),
             (self.chunk_size > 0, f"chunk size must be positive, got {self.chunk_size}"),
+            (self.read_mode in READ_MODES,
+             f"unknown read mode '{self.read_mode}' ({', '.join(READ_MODES)})"),
+            (not (self.read_mode == "in_chunk" and self.surprise and self.surprise_mode == "relative"),
+             "read mode in_chunk takes no relative surprise gate (its chunk mean sees later tokens)"),
             (self.chunk_size > 0 and self.segment_len > 0 and self.segment_len % self.chunk_size == 0,
              f"segment_len {self.segment_len} must be a positive multiple of chunk size {self.chunk_size}"),
             (all(p > 0 for p in self.cms_periods) and len(self.cms_periods) > 0,

@@ -24,10 +24,11 @@ two paths (values and gradients), 1e-12 where the same numbers should come out (
 
 The HOPE model (§6-10), on tiny float64 configs, for every ablation row and every mixer: every
 parameter gets a gradient, flags that are off create no parameters, causality, generation with
-carried state equals one forward, batch independence, self-modification (fast ≠ meta, chunk 1
-changes the keys generated in chunk 2), CMS periods, the closed gate. Then train.py (end to end,
-bit-exact resume, the non-finite guard, one-line exit-2 errors), ablate.py/analyze.py (smoke), and
-what bench.py's numbers are made of (slope fit, CPU peak memory, the component breakdown).
+carried state equals one forward (both also with in_chunk reads), batch independence,
+self-modification (fast ≠ meta, chunk 1 changes the keys generated in chunk 2), CMS periods, the
+closed gate. Then train.py (end to end, bit-exact resume, the non-finite guard, one-line exit-2
+errors), ablate.py/analyze.py (smoke), and what bench.py's numbers are made of (slope fit, CPU
+peak memory, the component breakdown).
 """
 import dataclasses
 import math
@@ -714,10 +715,8 @@ def test_flags_that_are_off_create_no_parameters():
         assert hope.count_params(dataclasses.replace(matched, dim=matched.dim - 64)) < full
 
 
-@pytest.mark.parametrize("row,mixer", CASES)
-def test_causality(row, mixer):
-    """Changing tokens after position t changes no logit at positions <= t."""
-    model = tiny_model(row, mixer)
+def assert_causal(model):
+    """Tokens changed after t (t = 0, 5, 13) change no logit up to t, and some logit after t."""
     idx = tokens()
     for t in (0, 5, 13):
         changed = idx.clone()
@@ -728,14 +727,36 @@ def test_causality(row, mixer):
 
 
 @pytest.mark.parametrize("row,mixer", CASES)
-def test_generate_with_carried_state_matches_full_forward(row, mixer):
-    """Greedy generation, which carries state and recomputes at most one period per token, gives
-    the logits of one forward over the whole generated sequence."""
-    model = tiny_model(row, mixer).eval()
+def test_causality(row, mixer):
+    """Changing tokens after position t changes no logit at positions <= t."""
+    assert_causal(tiny_model(row, mixer))
+
+
+def assert_generation_matches_forward(model):
+    """14 greedy tokens after an 11-token prompt: their logits equal one forward's to 1e-10."""
+    model = model.eval()
     prompt = tokens(length=11)
     out, logits = model.generate(prompt, 14, temperature=0, return_logits=True)
     full = model(out[:, :-1])[0][:, prompt.shape[1] - 1:]
     torch.testing.assert_close(logits, full, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("row,mixer", CASES)
+def test_generate_with_carried_state_matches_full_forward(row, mixer):
+    """Greedy generation, which carries state and recomputes at most one period per token, gives
+    the logits of one forward over the whole generated sequence."""
+    assert_generation_matches_forward(tiny_model(row, mixer))
+
+
+def test_in_chunk_read_mode_model():
+    """read_mode="in_chunk" reaches the Titans memory and the CMS levels (the logits change),
+    keeps the model causal and generation with carried state equal to one forward (lmm mixer:
+    memories only, so every read is in-chunk)."""
+    model = tiny_model("No Self-Mod", "lmm", read_mode="in_chunk")
+    assert_causal(model)
+    assert_generation_matches_forward(model)
+    idx = tokens()
+    assert not torch.allclose(model(idx)[0], tiny_model("No Self-Mod", "lmm")(idx)[0])
 
 
 @pytest.mark.parametrize("mixer", list(hope.MIXERS))
@@ -847,7 +868,8 @@ def test_surprise_is_recorded_for_analysis():
 
 def test_config_rejects_bad_values():
     for bad in [dict(dim=30, heads=4), dict(chunk_size=0), dict(mixer="xyz"), dict(segment_len=6),
-                dict(surprise_mode="nope"), dict(model="rnn")]:
+                dict(surprise_mode="nope"), dict(model="rnn"), dict(read_mode="latest"),
+                dict(read_mode="in_chunk", surprise_mode="relative")]:
         with pytest.raises(ValueError):
             hope.HOPEConfig(**{**TINY, **bad}).validate()
 
