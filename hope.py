@@ -170,6 +170,7 @@ def surprise_gate(surprise, threshold, relative, eps=1e-12):
 
 READ_MODES = ("chunk_start", "in_chunk")
 
+
 def _token_gradient(weights, key, value, create_graph):
     """∇_W ℓ(W) for one token (all samples and heads at once) via autograd on the weights."""
     with torch.enable_grad():
@@ -326,8 +327,8 @@ def _memory_update_parallel(weights, momentum, keys, values, queries, lr, beta, 
     # The coefficients do not depend on the memory, so all chunks get theirs in one batch.
     split = n_full * chunk_size
     full_chunks = (g[:, :, :split].unflatten(2, (n_full, chunk_size)) for g in (lr, beta, alpha))
-    coefficients = chunk_coefficients(*full_chunks, in_chunk_reads)        # [B, H, chunks, ...]
-    blocks = list(zip(*(c.unbind(2) for c in coefficients)))
+    batched = chunk_coefficients(*full_chunks, in_chunk_reads)             # [B, H, chunks, ...]
+    blocks = list(zip(*(c.unbind(2) for c in batched)))
     if split < T:                                                        # a final partial chunk
         blocks.append(chunk_coefficients(lr[:, :, split:], beta[:, :, split:], alpha[:, :, split:],
                                          in_chunk_reads))
