@@ -596,11 +596,13 @@ def test_neural_memory_long_sequence_finite(seed):
         assert torch.isfinite(p.grad).all(), f"gradient of {name} not finite"
 
 
-@given(memory_problems(), gate_modes)
-def test_no_grad_plain_inputs_and_no_side_effects(problem, gate):
+@given(memory_problems(), read_and_gate_modes())
+def test_no_grad_plain_inputs_and_no_side_effects(problem, modes):
     """memory_update runs under torch.no_grad() and on inputs that do not require grad, gives the
     same numbers as with grad, and never modifies an input in place (values and version
-    counters unchanged, also after backward)."""
+    counters unchanged, also after backward), in both read modes."""
+    read_mode, gate = modes
+    problem = replace(problem, read_mode=read_mode)
     kwargs = gate_kwargs(problem, gate)
     for parallel in (False, True):
         inputs = problem.tensors()
@@ -623,10 +625,12 @@ def test_no_grad_plain_inputs_and_no_side_effects(problem, gate):
                 f"parallel={parallel}: {name} modified in place"
 
 
-@given(memory_problems(), gate_modes)
-def test_checkpointing_changes_nothing(problem, gate):
+@given(memory_problems(), read_and_gate_modes())
+def test_checkpointing_changes_nothing(problem, modes):
     """Per-chunk activation checkpointing (checkpoint=True) gives the same outputs, state and
-    gradients w.r.t. every input as without it."""
+    gradients w.r.t. every input as without it, in both read modes."""
+    read_mode, gate = modes
+    problem = replace(problem, read_mode=read_mode)
     kwargs = gate_kwargs(problem, gate)
     reference = problem.run(True, **kwargs)
     assume_tame(result_tensors(reference), limit=1e30)
