@@ -37,7 +37,8 @@ torch.set_flush_denormal(True)
 #   θ_t  learning rate      (`lr`,    in (0, lr_max))   how far one token moves the memory
 #   η_t  momentum decay     (`beta`,  in (0, 1))        how long a past surprise keeps pushing
 #   α_t  forget gate        (`alpha`, in (0, 1))        how much of the old memory is erased
-# C is the chunk size: tokens inside one chunk all see the memory as it was at the chunk start.
+# C is the chunk size: tokens inside one chunk take their gradients at the memory as it was at the
+# chunk start, and by default also read it there (§4 has the in-chunk read mode).
 # Every memory state carries a leading batch dimension: each sequence has its own memory.
 # Shapes: B batch, H heads, T tokens, d head width, h hidden width of the memory MLP.
 
@@ -51,11 +52,15 @@ GATE_EPS = 1e-6  # η and α are clamped to [GATE_EPS, 1 - GATE_EPS] so their lo
 # M_W(x) = x W (the classic fast-weight memory); depth L >= 2 is a residual MLP
 # M_W(x) = x + MLP_W(x) with SiLU between layers. Each head has its own memory.
 
-def memory_forward(weights, x):
-    """Apply the memory M_W to x. weights: tuple of [B, H, d_in, d_out]; x: [B, H, T, d]."""
+def memory_forward(weights, x, layer_product=torch.matmul):
+    """Apply the memory M_W to x. weights: tuple of [B, H, d_in, d_out]; x: [B, H, T, d].
+
+    layer_product(h, W) is h W. §5's in-chunk read passes per-layer terms of its own instead of W,
+    with the product that gives every token the weights it reads.
+    """
     h = x
     for layer, W in enumerate(weights):
-        h = h @ W                                    # [B, H, T, d_out]
+        h = layer_product(h, W)                      # [B, H, T, d_out]
         if layer < len(weights) - 1:
             h = F.silu(h)
     return h if len(weights) == 1 else x + h
@@ -165,6 +170,16 @@ def surprise_gate(surprise, threshold, relative):
 # a(t) is the last token of the previous chunk: every token of a chunk takes its gradient at, and
 # reads, the chunk-start weights (C = 1 is the plain online rule). This loop is the readable
 # reference; §5 computes exactly the same numbers much faster.
+#
+# Read modes. The default above, "chunk_start", reads weights up to C − 1 tokens stale. "in_chunk"
+# reads the weights after the writes of every token before t instead, gradients still at W_a(t):
+#     y_t = M_{W_{t−1}}(q_t)                         mini-batch form of Titans Eq. 16 (as in TTT)
+# Then y_t depends on the tokens before t and never on t or later ones. With C = 1 the two modes
+# are the same. The relative surprise gate (§8) does not go with it: a token's gate compares its
+# surprise with the mean over its whole chunk, so y_t would see the tokens after t.
+
+READ_MODES = ("chunk_start", "in_chunk")
+
 
 def _token_gradient(weights, key, value, create_graph):
     """∇_W ℓ(W) for one token (all samples and heads at once) via autograd on the weights."""
@@ -176,7 +191,7 @@ def _token_gradient(weights, key, value, create_graph):
 
 
 def _memory_update_sequential(weights, momentum, keys, values, queries, lr, beta, alpha,
-                              chunk_size, threshold, relative):
+                              chunk_size, threshold, relative, read_mode):
     T = keys.shape[2]
     create_graph = torch.is_grad_enabled() and any(
         t.requires_grad for t in (*weights, *momentum, keys, values, lr, beta, alpha))
@@ -188,8 +203,9 @@ def _memory_update_sequential(weights, momentum, keys, values, queries, lr, beta
         surprises.append(surprise)                   # [B, H, n]
         gate = surprise_gate(surprise, threshold, relative)
         for i, t in enumerate(range(chunk.start, chunk.stop)):
-            if queries is not None:
-                outputs.append(memory_forward(anchor, queries[:, :, t:t + 1]))
+            if queries is not None:                  # W_a(t), or W_{t−1} in the in-chunk mode
+                read_weights = weights if read_mode == "in_chunk" else anchor
+                outputs.append(memory_forward(read_weights, queries[:, :, t:t + 1]))
             grads = _token_gradient(anchor, keys[:, :, t:t + 1], values[:, :, t:t + 1], create_graph)
             lr_t = lr[:, :, t] if gate is None else lr[:, :, t] * gate[:, :, i]
             lr_t, beta_t, alpha_t = (g[:, :, None, None] for g in (lr_t, beta[:, :, t], alpha[:, :, t]))
@@ -210,6 +226,14 @@ def _memory_update_sequential(weights, momentum, keys, values, queries, lr, beta
 # product x_iᵀ δ_i (§3), hence Σ_i c_i u_i = Xᵀ diag(c θ) Δ: one matmul, no per-token gradients.
 # Products of decays are sums of logs, taken as masked segment sums (never differences of
 # cumulative sums, which turn into −inf − (−inf) = NaN, and never divisions of cumulative products).
+#
+# In-chunk reads (§4; Titans Eq. 16). Every state inside the chunk has the same form, with
+# K(t,i) = Σ_{r=max(i,1)..t} A(t,r) E(r,i):
+#     W_t = A(t,0) W_a + K(t,0) S_a − Σ_{i≤t} K(t,i) u_i
+# Token t reads W_{t−1}. A layer's product with it, for the layer's input h_t, needs no W_{t−1}:
+#     h_t W_{t−1} = A(t−1,0) h_t W_a + K(t−1,0) h_t S_a − Σ_{i<t} K(t−1,i) θ_i (h_t · x_i) δ_i
+# For the whole chunk the last sum is one masked matmul, ((H Xᵀ) ⊙ [θ_i K(t−1,i)]) Δ, and the
+# layer's inputs H come from the earlier layers read the same way (TTT's dual form).
 
 def segment_sum(x):
     """out[..., t, i] = Σ_{i<j≤t} x[..., j] for i ≤ t, −inf above the diagonal. x: [..., m]."""
@@ -221,12 +245,15 @@ def segment_sum(x):
     return sums.masked_fill(~on_or_below, -math.inf)
 
 
-def chunk_coefficients(lr, beta, alpha):
+def chunk_coefficients(lr, beta, alpha, in_chunk_reads=False):
     """Coefficients of the chunk form for chunks laid out as lr, beta, alpha: [..., n].
 
     Returns (anchor, tokens): anchor [..., 3, 1, 1] holds E(n,0), A(n,0) and Σ_{r≥1} A(n,r)E(r,0),
     the weights of S_a and W_a; tokens [..., n, 2] holds θ_i·E(n,i) and θ_i·Σ_{r≥i} A(n,r)E(r,i),
     the weights of ∇ℓ_i in S_n and W_n. Index 0 of the segment sums is the anchor.
+    With in_chunk_reads, also the weights of W_{t−1}, which token t reads: read_anchor [..., n, 2]
+    holds A(t−1,0) and K(t−1,0), the weights of W_a and S_a; read_tokens [..., n, n] holds
+    θ_i·K(t−1,i) for token t (row) and ∇ℓ_i (column), zero for i ≥ t.
     """
     # Both decays in one batch; position 0 is the anchor, whose own factor is never used.
     logs = F.pad(torch.stack([torch.log(beta), torch.log1p(-alpha)]), (1, 0))   # [2, ..., n+1]
@@ -236,20 +263,54 @@ def chunk_coefficients(lr, beta, alpha):
     K = (A_last[..., None, 1:] @ E[..., 1:, :]).squeeze(-2)   # [..., n+1]
     anchor = torch.stack([E_last[..., 0], A_last[..., 0], K[..., 0]], -1)[..., None, None]
     tokens = torch.stack([E_last[..., 1:], K[..., 1:]], -1) * lr[..., None]
-    return anchor, tokens
+    if not in_chunk_reads:
+        return anchor, tokens
+    # The other rows of the same product: K(t,i) for t = 0..n−1, the states the tokens read.
+    # Row 0 is W_a itself (A(0,r) = 0 for r ≥ 1), and K(t,i) = 0 for i > t.
+    K_read = A[..., :-1, 1:] @ E[..., 1:, :]                   # [..., n, n+1]
+    read_anchor = torch.stack([A[..., :-1, 0], K_read[..., 0]], -1)
+    read_tokens = K_read[..., 1:] * lr[..., None, :]
+    return anchor, tokens, read_anchor, read_tokens
+
+
+def _read_in_chunk(weights, momentum, queries, inputs, deltas, read_anchor, read_tokens):
+    """y_t = M_{W_{t−1}}(q_t) for every token t of a chunk, no W_{t−1} built (Titans Eq. 16).
+
+    weights, momentum: the anchor (W_a, S_a); queries [B, H, n, d]; inputs, deltas: the x_i and
+    δ_i of inner_loss_terms at W_a; read_anchor, read_tokens: from chunk_coefficients, gate applied.
+    """
+    weight_keep, momentum_into_weight = read_anchor[..., None].unbind(-2)   # each [B, H, n, 1]
+
+    def product_with_read_weights(h, layer):
+        W, S, x, delta = layer                                # h: [B, H, n, d_in]
+        earlier_writes = (h @ x.transpose(-1, -2)) * read_tokens          # [B, H, n, n]
+        return weight_keep * (h @ W) + momentum_into_weight * (h @ S) - earlier_writes @ delta
+
+    layers = tuple(zip(weights, momentum, inputs, deltas))
+    return memory_forward(layers, queries, product_with_read_weights)
 
 
 def _chunk_step(weights, momentum, keys, values, queries, coefficients, threshold, relative):
-    """Advance (W, S) over one chunk of n tokens; read before write. Shapes as in memory_update."""
-    anchor, tokens = coefficients                             # [B, H, 3, 1, 1], [B, H, n, 2]
+    """Advance (W, S) over one chunk of n tokens; read before write. Shapes as in memory_update.
+
+    coefficients: chunk_coefficients() of the chunk; with its in-chunk read terms token t reads
+    W_{t−1}, without them the chunk-start weights.
+    """
+    anchor, tokens, *read_terms = coefficients                # [B, H, 3, 1, 1], [B, H, n, 2]
     momentum_keep, weight_keep, momentum_into_weight = anchor.unbind(2)
     prediction, surprise, inputs, deltas = inner_loss_terms(weights, keys, values)
-    outputs = None
-    if queries is not None:                                   # read at the chunk-start weights
-        outputs = prediction if queries is keys else memory_forward(weights, queries)
     gate = surprise_gate(surprise, threshold, relative)
-    if gate is not None:
-        tokens = tokens * gate[..., None]                     # gated tokens write nothing (§8)
+    if gate is not None:                                      # gated tokens write nothing (§8)
+        tokens = tokens * gate[..., None]
+    outputs = None
+    if read_terms:                                            # read W_{t−1}
+        read_anchor, read_tokens = read_terms                 # [B, H, n, 2], [B, H, n, n]
+        if gate is not None:
+            read_tokens = read_tokens * gate[..., None, :]
+        outputs = _read_in_chunk(weights, momentum, queries, inputs, deltas, read_anchor,
+                                 read_tokens)
+    elif queries is not None:                                 # read at the chunk-start weights
+        outputs = prediction if queries is keys else memory_forward(weights, queries)
     new_weights, new_momentum = [], []
     for W, S, x, delta in zip(weights, momentum, inputs, deltas):
         # Σ_i c_i x_iᵀ δ_i for both coefficient sets in one matmul: Xᵀ [c_S·Δ ‖ c_W·Δ]
@@ -269,16 +330,18 @@ def maybe_recompute(step, enabled):
 
 
 def _memory_update_parallel(weights, momentum, keys, values, queries, lr, beta, alpha,
-                            chunk_size, threshold, relative, checkpoint):
+                            chunk_size, threshold, relative, checkpoint, read_mode):
     B, H, T, _ = keys.shape
     n_full = T // chunk_size
+    in_chunk_reads = read_mode == "in_chunk" and queries is not None
     # The coefficients do not depend on the memory, so all chunks get theirs in one batch.
     split = n_full * chunk_size
-    anchor, tokens = chunk_coefficients(*(g[:, :, :split].unflatten(2, (n_full, chunk_size))
-                                          for g in (lr, beta, alpha)))   # [B, H, chunks, ...]
-    blocks = list(zip(anchor.unbind(2), tokens.unbind(2)))
+    full_chunks = (g[:, :, :split].unflatten(2, (n_full, chunk_size)) for g in (lr, beta, alpha))
+    batched = chunk_coefficients(*full_chunks, in_chunk_reads)             # [B, H, chunks, ...]
+    blocks = list(zip(*(c.unbind(2) for c in batched)))
     if split < T:                                                        # a final partial chunk
-        blocks.append(chunk_coefficients(lr[:, :, split:], beta[:, :, split:], alpha[:, :, split:]))
+        blocks.append(chunk_coefficients(lr[:, :, split:], beta[:, :, split:], alpha[:, :, split:],
+                                         in_chunk_reads))
     outputs, surprises = [], []
     step = maybe_recompute(_chunk_step, checkpoint)
     # Split once (a slice per chunk would make backward add T-long zero tensors: quadratic in T).
@@ -295,23 +358,32 @@ def _memory_update_parallel(weights, momentum, keys, values, queries, lr, beta, 
 
 
 def memory_update(params, momentum, keys, values, queries, lr, beta, alpha, chunk_size,
-                  parallel=True, threshold=None, relative=False, checkpoint=False):
+                  parallel=True, threshold=None, relative=False, checkpoint=False,
+                  read_mode="chunk_start"):
     """Read and write a neural memory over a sequence: the functional core of the project.
 
     params, momentum: tuples of [B, H, d_in, d_out] (the memory state, §2, and its momentum)
     keys, values:     [B, H, T, d]     what to store (k_t -> v_t)
     queries:          [B, H, T, d]     what to read, or None when only the write is needed
     lr, beta, alpha:  [B, H, T]        θ_t, η_t, α_t (η and α are clamped to [1e-6, 1 − 1e-6])
-    chunk_size:       C; tokens of a chunk read and take gradients at the chunk-start weights
+    chunk_size:       C; tokens of a chunk take their gradients at the chunk-start weights
     parallel:         True: the chunk form of §5; False: the token loop of §4 (same numbers)
     threshold:        surprise gate γ of §8 (None: no gate); relative: score s_t / chunk mean
     checkpoint:       recompute each chunk in backward, keeping only the chunk-boundary states
+    read_mode:        "chunk_start": y_t reads the chunk-start weights; "in_chunk": y_t reads
+                      W_{t−1}, the weights after the writes of the tokens before t (§4; not with
+                      the relative gate)
 
     Returns (outputs [B, H, T, d] or None, new params, new momentum, surprise [B, H, T] detached).
     Nothing is modified in place; a final partial chunk is updated with its own tokens only.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    if read_mode not in READ_MODES:
+        raise ValueError(f"unknown read_mode {read_mode!r} ({', '.join(READ_MODES)})")
+    if read_mode == "in_chunk" and threshold is not None and relative:
+        raise ValueError("read_mode 'in_chunk' takes no relative surprise gate: its chunk mean "
+                         "would let y_t see the tokens after t")
     params, momentum = tuple(params), tuple(momentum)
     device_type = keys.device.type
     with torch.autocast(device_type, enabled=False):         # the memory always runs in fp32+
@@ -324,9 +396,10 @@ def memory_update(params, momentum, keys, values, queries, lr, beta, alpha, chun
         alpha = alpha.clamp(GATE_EPS, 1 - GATE_EPS)
         if parallel:
             return _memory_update_parallel(params, momentum, keys, values, queries, lr, beta,
-                                           alpha, chunk_size, threshold, relative, checkpoint)
+                                           alpha, chunk_size, threshold, relative, checkpoint,
+                                           read_mode)
         return _memory_update_sequential(params, momentum, keys, values, queries, lr, beta,
-                                         alpha, chunk_size, threshold, relative)
+                                         alpha, chunk_size, threshold, relative, read_mode)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -467,8 +540,9 @@ class NeuralMemory(MemoryLayer):
     """Titans neural long-term memory: read before write, chunk-parallel, state carried."""
 
     def __init__(self, dim, heads, d_head, depth=2, expansion=2, chunk_size=16, lr_max=0.02,
-                 threshold=None, relative=False, checkpoint=False):
+                 threshold=None, relative=False, checkpoint=False, read_mode="chunk_start"):
         super().__init__(dim, heads, d_head, chunk_size, threshold, relative, checkpoint)
+        self.read_mode = read_mode                      # memory_update's (§4); not read()'s
         self.to_query = HeadLinear(heads, d_head, d_head)
         self.to_key_value = HeadLinear(heads, d_head, 2 * d_head)
         self.rates = RateHeads(heads, d_head, lr_max)
@@ -486,7 +560,7 @@ class NeuralMemory(MemoryLayer):
         out, weights, momentum, surprise = memory_update(
             state.weights, state.momentum, k, v, self.queries(feats) if read else None,
             *self.rates(feats), self.chunk_size, threshold=self.threshold,
-            relative=self.relative, checkpoint=self.checkpoint)
+            relative=self.relative, checkpoint=self.checkpoint, read_mode=self.read_mode)
         if self.recording:
             self.trace.setdefault("surprise", []).append(surprise)  # [B, H, T] per write
         return out, MemoryState(weights, momentum)
@@ -556,6 +630,8 @@ class SelfModifyingMemory(MemoryLayer):
         """One chunk [B, H, n, d] of steps 1-4; returns (M_mem(q) or None, new state, surprise)."""
         k, v, q, lr, momentum_decay, forget = self.generate(feats, state.weights)
         W = self.by_component(state.weights)
+        # Step 4 reads M_mem at the chunk-start state in either read mode (HOPEConfig.read_mode):
+        # the generators of step 1 must read that state to make the chunk's keys and rates.
         out = memory_forward(tuple(w[:, 5] for w in W), q) if read else None       # step 4
         targets = memory_forward(W, v[:, None]).flatten(1, 2)                     # step 2 [B, 6H, n, d]
         n = len(SELF_MOD_COMPONENTS)
@@ -601,7 +677,7 @@ class CMSLevel(nn.Module):
         super().__init__()
         H, d = config.heads, config.d_head
         self.heads, self.period, self.gate = H, period, surprise_settings(config)
-        self.checkpoint = config.checkpoint
+        self.checkpoint, self.read_mode = config.checkpoint, config.read_mode
         self.in_proj = nn.Linear(config.dim, H * d, bias=False)
         self.to_value = HeadLinear(H, d, d)
         self.rates = RateHeads(H, d, config.lr_max)
@@ -618,7 +694,7 @@ class CMSLevel(nn.Module):
         out, weights, momentum, surprise = memory_update(
             state.weights, state.momentum, keys, F.normalize(self.to_value(feats), dim=-1), keys,
             *self.rates(feats), self.period, threshold=threshold,
-            relative=relative, checkpoint=self.checkpoint)
+            relative=relative, checkpoint=self.checkpoint, read_mode=self.read_mode)
         if self.recording:
             self.trace.setdefault("surprise", []).append(surprise)
         return self.out_proj(merge_heads(out.to(x.dtype))), MemoryState(weights, momentum)
@@ -779,10 +855,12 @@ class LayerState:
 
 def make_memory(config):
     """The mixer's memory: self-modifying (§6) when `self_mod`, else Titans (§5)."""
-    cls = SelfModifyingMemory if config.self_mod else NeuralMemory
     threshold, relative = surprise_settings(config)
-    return cls(config.dim, config.heads, config.d_head, config.memory_depth, config.expansion,
-               config.chunk_size, config.lr_max, threshold, relative, config.checkpoint)
+    args = (config.dim, config.heads, config.d_head, config.memory_depth, config.expansion,
+            config.chunk_size, config.lr_max, threshold, relative, config.checkpoint)
+    if config.self_mod:
+        return SelfModifyingMemory(*args)               # reads at the chunk start in either mode
+    return NeuralMemory(*args, read_mode=config.read_mode)
 
 
 class MACMixer(nn.Module):
@@ -938,6 +1016,7 @@ class HOPEConfig:
     surprise_threshold: float = 0.02   # γ
     surprise_mode: str = "absolute"    # absolute | relative
     chunk_size: int = 16               # C
+    read_mode: str = "chunk_start"     # chunk_start | in_chunk (§4; Titans memory and CMS levels)
     segment_len: int = 64              # MAC segment, MAG/MAL attention window
     persistent_tokens: int = 4         # N_p
     memory_depth: int = 2
@@ -969,6 +1048,10 @@ class HOPEConfig:
              f"dim {self.dim} is not divisible by heads {self.heads}"),
             (self.d_head % 2 == 0, f"head width {self.d_head} must be even (RoPE)"),
             (self.chunk_size > 0, f"chunk size must be positive, got {self.chunk_size}"),
+            (self.read_mode in READ_MODES,
+             f"unknown read mode '{self.read_mode}' ({', '.join(READ_MODES)})"),
+            (not (self.read_mode == "in_chunk" and self.surprise and self.surprise_mode == "relative"),
+             "read mode in_chunk takes no relative surprise gate (its chunk mean sees later tokens)"),
             (self.chunk_size > 0 and self.segment_len > 0 and self.segment_len % self.chunk_size == 0,
              f"segment_len {self.segment_len} must be a positive multiple of chunk size {self.chunk_size}"),
             (all(p > 0 for p in self.cms_periods) and len(self.cms_periods) > 0,

@@ -7,12 +7,14 @@ derandomized Hypothesis profile is loaded, so CI runs the same examples every ti
 Memory core (DESIGN.md §2-5; hope.memory_update and NeuralMemory), in float64 unless stated, over
 random batch sizes, heads, head widths, memory depths 1-3, expansions, sequence lengths T (also
 T not a multiple of C and T < C), chunk sizes C from 1 to beyond T, nonzero initial momentum, and
-rates θ, η, α anywhere in (0, 1), with values 1e-6 from either end mixed in. It shows that
+rates θ, η, α anywhere in (0, 1), with values 1e-6 from either end mixed in, and both read modes
+(chunk_start: y_t reads the chunk-start weights; in_chunk: y_t reads W_{t−1}). It shows that
   - the chunk-parallel path equals the token-by-token loop (outputs, final weights, momentum,
     surprise), with and without the surprise gate, and so do their gradients w.r.t. every input;
-  - C = 1 is the plain online rule, written out independently in this file;
+  - C = 1 is the plain online rule, written out independently in this file, in both read modes;
   - the state carried across two calls split at a chunk boundary equals one call;
-  - no output sees the future, nor keys, values or rates from its own chunk on;
+  - no output sees the future, nor keys, values or rates from its own chunk on (chunk_start) or
+    from its own position on (in_chunk); in_chunk reads do see the earlier tokens of the chunk;
   - samples of a batch never interact;
   - the gate: γ = 0 is no gate; with every token gated the weights only decay; in relative mode
     a one-token chunk (C = 1, or a final one) scores exactly 1 and an all-zero chunk 1, not NaN;
@@ -24,18 +26,13 @@ two paths (values and gradients), 1e-12 where the same numbers should come out (
 
 The HOPE model (§6-10), on tiny float64 configs, for every ablation row and every mixer: every
 parameter gets a gradient, flags that are off create no parameters, causality, generation with
-carried state equals one forward, batch independence, self-modification (fast ≠ meta, chunk 1
-changes the keys generated in chunk 2), CMS periods, the closed gate. Then train.py (end to end,
-<<<<<<< HEAD
-bit-exact resume, the non-finite guard, one-line exit-2 errors), ablate.py/analyze.py (smoke, and
-the gate pass rate of every gated memory), and what bench.py's numbers are made of (slope fit, CPU
-peak memory, the component breakdown).
-=======
-bit-exact resume, the non-finite guard and the divergence stop, the width-scaled lr and warmup,
-torchrun with 2 ranks = 1 rank with grad-accum 2, one-line exit-2 errors), ablate.py/analyze.py
-(smoke), and what bench.py's numbers are made of (slope fit, CPU peak memory, the component
+carried state equals one forward (both also with in_chunk reads), batch independence,
+self-modification (fast ≠ meta, chunk 1 changes the keys generated in chunk 2), CMS periods, the
+closed gate. Then train.py (end to end, the recall tasks, bit-exact resume, the non-finite guard and
+the divergence stop, the width-scaled lr and warmup, torchrun with 2 ranks = 1 rank with grad-accum
+2, one-line exit-2 errors), ablate.py/analyze.py (smoke, and the gate pass rate of every gated
+memory), and what bench.py's numbers are made of (slope fit, CPU peak memory, the component
 breakdown).
->>>>>>> scale
 """
 import dataclasses
 import math
@@ -90,6 +87,8 @@ class MemoryProblem:
     alpha: torch.Tensor
     chunk_size: int
     seed: int
+    read_mode: str = "chunk_start"
+
 
     @property
     def T(self):
@@ -107,7 +106,7 @@ class MemoryProblem:
     def run(self, parallel, **kwargs):
         return memory_update(self.params, self.momentum, self.keys, self.values, self.queries,
                              self.lr, self.beta, self.alpha, self.chunk_size, parallel=parallel,
-                             **kwargs)
+                             read_mode=self.read_mode, **kwargs)
 
     def time_slice(self, start, stop, params, momentum):
         """Tokens [start, stop) starting from the state (params, momentum)."""
@@ -230,6 +229,16 @@ def gated_reference(problem, relative):
 
 
 gate_modes = st.sampled_from([None, "absolute", "relative"])
+read_modes = st.sampled_from(hope.READ_MODES)
+
+
+@st.composite
+def read_and_gate_modes(draw, gates=(None, "absolute", "relative")):
+    """(read mode, gate mode) from `gates`; the relative gate only with chunk_start reads
+    (memory_update rejects it with in_chunk reads: its chunk mean sees later tokens)."""
+    read_mode = draw(read_modes, label="read mode")
+    allowed = [g for g in gates if not (read_mode == "in_chunk" and g == "relative")]
+    return read_mode, draw(st.sampled_from(allowed), label="gate")
 
 
 def gate_kwargs(problem, mode):
@@ -269,10 +278,12 @@ def perturb(problem, gen, fields, start, stop=None, samples=slice(None)):
 
 # ------------------------------------------------------------------ parallel == sequential
 
-@given(memory_problems(), st.booleans())
-def test_parallel_equals_sequential(problem, queries_are_keys):
+@given(memory_problems(), st.booleans(), read_modes)
+def test_parallel_equals_sequential(problem, queries_are_keys, read_mode):
     """The chunk form (§5) equals the token loop (§4): outputs, final weights, final momentum and
-    surprise agree to 1e-9 relative (also with the keys passed as queries, one tensor)."""
+    surprise agree to 1e-9 relative (also with the keys passed as queries, one tensor), in both
+    read modes (in_chunk: the dual form of §5 against reads of the loop's current weights)."""
+    problem = replace(problem, read_mode=read_mode)
     if queries_are_keys:
         problem = replace(problem, queries=problem.keys)
     reference = problem.run(parallel=False)
@@ -280,9 +291,11 @@ def test_parallel_equals_sequential(problem, queries_are_keys):
     assert_results_close(problem.run(parallel=True), reference, PATHS_RTOL)
 
 
-@given(memory_problems(), st.booleans())
-def test_parallel_equals_sequential_with_gate(problem, relative):
+@given(memory_problems(), read_and_gate_modes(gates=("absolute", "relative")))
+def test_parallel_equals_sequential_with_gate(problem, modes):
     """Same with the surprise gate on (absolute or relative), γ in the widest gap of the scores."""
+    read_mode, gate = modes
+    problem, relative = replace(problem, read_mode=read_mode), gate == "relative"
     threshold, reference = gated_reference(problem, relative)
     result = problem.run(parallel=True, threshold=threshold, relative=relative)
     assert_results_close(result, reference, PATHS_RTOL)
@@ -316,11 +329,14 @@ def gradient_names(problem):
             + list(SEQUENCE_FIELDS))
 
 
-@given(memory_problems(), gate_modes, st.booleans())
-def test_gradients_parallel_equal_sequential(problem, gate, queries_are_keys):
+@given(memory_problems(), read_and_gate_modes(), st.booleans())
+def test_gradients_parallel_equal_sequential(problem, modes, queries_are_keys):
     """Gradients of a random scalar of the outputs and final state w.r.t. params, momentum, keys,
     values, queries, θ, η, α agree between the paths to 1e-9 relative (per input tensor), gate
-    off or on, also with the keys passed as queries (one tensor, one gradient)."""
+    off or on, in both read modes, also with the keys passed as queries (one tensor, one
+    gradient)."""
+    read_mode, gate = modes
+    problem = replace(problem, read_mode=read_mode)
     if queries_are_keys:
         problem = replace(problem, queries=problem.keys)
     kwargs = gate_kwargs(problem, gate)
@@ -340,7 +356,8 @@ def test_gradients_parallel_equal_sequential(problem, gate, queries_are_keys):
 def test_chunk_size_one_is_the_online_loop(problem):
     """With C = 1 both paths equal the online recurrence written out here, per sample and head:
     y_t = M_{W_{t-1}}(q_t), s_t = ‖M_{W_{t-1}}(k_t) − v_t‖², S_t = η_t S_{t−1} − θ_t ∇s_t,
-    W_t = (1 − α_t) W_{t−1} + S_t, with ∇ from torch.autograd.grad."""
+    W_t = (1 − α_t) W_{t−1} + S_t, with ∇ from torch.autograd.grad. The chunk start is then
+    t − 1, so both read modes read W_{t−1}: they agree exactly."""
     problem = replace(problem, chunk_size=1)
     B, H, T, _ = problem.keys.shape
     outputs, surprise = torch.zeros_like(problem.queries), torch.zeros_like(problem.lr)
@@ -366,16 +383,21 @@ def test_chunk_size_one_is_the_online_loop(problem):
     reference = (outputs, tuple(final_W), tuple(final_S), surprise)
     assume_tame(result_tensors(reference))
     for parallel in (False, True):
-        assert_results_close(problem.run(parallel), reference, PATHS_RTOL,
-                             f"parallel={parallel} ")
+        chunk_start = problem.run(parallel)
+        assert_results_close(chunk_start, reference, PATHS_RTOL, f"parallel={parallel} ")
+        in_chunk = replace(problem, read_mode="in_chunk").run(parallel)
+        assert_results_close(in_chunk, chunk_start, 0.0, f"parallel={parallel} in_chunk ")
 
 
 # ------------------------------------------------------------------ state carry
 
-@given(memory_problems(several_chunks=True), gate_modes, st.data())
-def test_state_carry_equals_one_call(problem, gate, data):
+@given(memory_problems(several_chunks=True), read_and_gate_modes(), st.data())
+def test_state_carry_equals_one_call(problem, modes, data):
     """Two calls split at a chunk boundary, (new_params, new_momentum) carried from the first to
-    the second, equal one call on the whole sequence (both paths, gate off or on)."""
+    the second, equal one call on the whole sequence (both paths, gate off or on, both read
+    modes)."""
+    read_mode, gate = modes
+    problem = replace(problem, read_mode=read_mode)
     C, T = problem.chunk_size, problem.T
     split = C * data.draw(st.integers(1, (T - 1) // C), label="split after chunks")
     kwargs = gate_kwargs(problem, gate)
@@ -405,21 +427,57 @@ def test_memory_causality_future_inputs(problem, data):
                      f"parallel={parallel}: outputs before s")
 
 
-@given(memory_problems(), st.data())
-def test_memory_causality_within_chunk(problem, data):
-    """y_t reads the chunk-start weights: changing keys, values, θ, η, α at every position from
-    the start of t's chunk on changes no output of t's chunk (queries kept: y_t reads q_t)."""
+@given(memory_problems(), read_and_gate_modes(), st.data())
+def test_memory_causality_within_chunk(problem, modes, data):
+    """y_t reads the chunk-start weights (chunk_start) or W_{t−1} (in_chunk): changing keys,
+    values, θ, η, α at every position from the start of t's chunk on (chunk_start) or from t on
+    (in_chunk), and queries after t, changes no output up to t (both paths, gate off or on)."""
+    read_mode, gate = modes
+    problem = replace(problem, read_mode=read_mode)
     C = problem.chunk_size
     t = data.draw(st.integers(0, problem.T - 1), label="t")
-    start = t - t % C
-    changed = perturb(problem, torch.Generator().manual_seed(problem.seed),
-                      ("keys", "values", "lr", "beta", "alpha"), start)
+    first = t - t % C if read_mode == "chunk_start" else t
+    gen = torch.Generator().manual_seed(problem.seed)
+    changed = perturb(perturb(problem, gen, ("keys", "values", "lr", "beta", "alpha"), first),
+                      gen, ("queries",), t + 1)
+    kwargs = gate_kwargs(problem, gate)
     for parallel in (False, True):
-        before = problem.run(parallel)[0]
+        before = problem.run(parallel, **kwargs)[0]
         assume_tame([before])
-        after = changed.run(parallel)[0]
-        assert_close(after[:, :, start:start + C], before[:, :, start:start + C], SAME_RTOL,
-                     f"parallel={parallel}: outputs of t's chunk")
+        after = changed.run(parallel, **kwargs)[0]
+        assert_close(after[:, :, :t + 1], before[:, :, :t + 1], SAME_RTOL,
+                     f"parallel={parallel}: outputs up to t")
+
+
+@given(memory_problems(min_T=2), st.data())
+def test_in_chunk_reads_see_earlier_tokens_of_the_chunk(problem, data):
+    """In the in_chunk mode y_t reads the writes of its chunk's earlier tokens: changing the key
+    and value of one token s < t of t's chunk changes y_t (both paths). θ = η = 0.5 and α = 0.1
+    here, so that the change stands far above rounding (θ = 1e-6 would hide it)."""
+    C = problem.chunk_size
+    assume(C >= 2)
+    t = data.draw(st.sampled_from([t for t in range(problem.T) if t % C]), label="t")
+    s = data.draw(st.integers(t - t % C, t - 1), label="s")
+    half = torch.full_like(problem.lr, 0.5)
+    problem = replace(problem, lr=half, beta=half, alpha=torch.full_like(half, 0.1),
+                      read_mode="in_chunk")
+    gen = torch.Generator().manual_seed(problem.seed)
+    changed = perturb(problem, gen, ("keys", "values"), s, s + 1)
+    for parallel in (False, True):
+        before = problem.run(parallel)[0][:, :, t]
+        assume_tame([before])
+        change = (changed.run(parallel)[0][:, :, t] - before).abs().max().item()
+        assert change > 1e-9 * before.abs().max().item(), f"parallel={parallel}: y_t unchanged"
+
+
+def test_read_mode_is_checked():
+    """An unknown read mode, and the relative gate with in_chunk reads, are rejected."""
+    W, rates, x = torch.zeros(1, 1, 2, 2), torch.full((1, 1, 3), 0.5), torch.ones(1, 1, 3, 2)
+    problem = MemoryProblem((W,), (W,), x, x, x, rates, rates, rates, chunk_size=2, seed=0)
+    with pytest.raises(ValueError, match="unknown read_mode"):
+        replace(problem, read_mode="latest").run(True)
+    with pytest.raises(ValueError, match="relative"):
+        replace(problem, read_mode="in_chunk").run(False, threshold=0.1, relative=True)
 
 
 # ------------------------------------------------------------------ per-sample independence
@@ -596,11 +654,13 @@ def test_neural_memory_long_sequence_finite(seed):
         assert torch.isfinite(p.grad).all(), f"gradient of {name} not finite"
 
 
-@given(memory_problems(), gate_modes)
-def test_no_grad_plain_inputs_and_no_side_effects(problem, gate):
+@given(memory_problems(), read_and_gate_modes())
+def test_no_grad_plain_inputs_and_no_side_effects(problem, modes):
     """memory_update runs under torch.no_grad() and on inputs that do not require grad, gives the
     same numbers as with grad, and never modifies an input in place (values and version
-    counters unchanged, also after backward)."""
+    counters unchanged, also after backward), in both read modes."""
+    read_mode, gate = modes
+    problem = replace(problem, read_mode=read_mode)
     kwargs = gate_kwargs(problem, gate)
     for parallel in (False, True):
         inputs = problem.tensors()
@@ -623,10 +683,12 @@ def test_no_grad_plain_inputs_and_no_side_effects(problem, gate):
                 f"parallel={parallel}: {name} modified in place"
 
 
-@given(memory_problems(), gate_modes)
-def test_checkpointing_changes_nothing(problem, gate):
+@given(memory_problems(), read_and_gate_modes())
+def test_checkpointing_changes_nothing(problem, modes):
     """Per-chunk activation checkpointing (checkpoint=True) gives the same outputs, state and
-    gradients w.r.t. every input as without it."""
+    gradients w.r.t. every input as without it, in both read modes."""
+    read_mode, gate = modes
+    problem = replace(problem, read_mode=read_mode)
     kwargs = gate_kwargs(problem, gate)
     reference = problem.run(True, **kwargs)
     assume_tame(result_tensors(reference), limit=1e30)
@@ -732,10 +794,8 @@ def test_flags_that_are_off_create_no_parameters():
         assert hope.count_params(dataclasses.replace(matched, dim=matched.dim - 64)) < full
 
 
-@pytest.mark.parametrize("row,mixer", CASES)
-def test_causality(row, mixer):
-    """Changing tokens after position t changes no logit at positions <= t."""
-    model = tiny_model(row, mixer)
+def assert_causal(model):
+    """Tokens changed after t (t = 0, 5, 13) change no logit up to t, and some logit after t."""
     idx = tokens()
     for t in (0, 5, 13):
         changed = idx.clone()
@@ -746,14 +806,36 @@ def test_causality(row, mixer):
 
 
 @pytest.mark.parametrize("row,mixer", CASES)
-def test_generate_with_carried_state_matches_full_forward(row, mixer):
-    """Greedy generation, which carries state and recomputes at most one period per token, gives
-    the logits of one forward over the whole generated sequence."""
-    model = tiny_model(row, mixer).eval()
+def test_causality(row, mixer):
+    """Changing tokens after position t changes no logit at positions <= t."""
+    assert_causal(tiny_model(row, mixer))
+
+
+def assert_generation_matches_forward(model):
+    """14 greedy tokens after an 11-token prompt: their logits equal one forward's to 1e-10."""
+    model = model.eval()
     prompt = tokens(length=11)
     out, logits = model.generate(prompt, 14, temperature=0, return_logits=True)
     full = model(out[:, :-1])[0][:, prompt.shape[1] - 1:]
     torch.testing.assert_close(logits, full, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("row,mixer", CASES)
+def test_generate_with_carried_state_matches_full_forward(row, mixer):
+    """Greedy generation, which carries state and recomputes at most one period per token, gives
+    the logits of one forward over the whole generated sequence."""
+    assert_generation_matches_forward(tiny_model(row, mixer))
+
+
+def test_in_chunk_read_mode_model():
+    """read_mode="in_chunk" reaches the Titans memory and the CMS levels (the logits change),
+    keeps the model causal and generation with carried state equal to one forward (lmm mixer:
+    memories only, so every read is in-chunk)."""
+    model = tiny_model("No Self-Mod", "lmm", read_mode="in_chunk")
+    assert_causal(model)
+    assert_generation_matches_forward(model)
+    idx = tokens()
+    assert not torch.allclose(model(idx)[0], tiny_model("No Self-Mod", "lmm")(idx)[0])
 
 
 @pytest.mark.parametrize("mixer", list(hope.MIXERS))
@@ -865,7 +947,8 @@ def test_surprise_is_recorded_for_analysis():
 
 def test_config_rejects_bad_values():
     for bad in [dict(dim=30, heads=4), dict(chunk_size=0), dict(mixer="xyz"), dict(segment_len=6),
-                dict(surprise_mode="nope"), dict(model="rnn")]:
+                dict(surprise_mode="nope"), dict(model="rnn"), dict(read_mode="latest"),
+                dict(read_mode="in_chunk", surprise_mode="relative")]:
         with pytest.raises(ValueError):
             hope.HOPEConfig(**{**TINY, **bad}).validate()
 
