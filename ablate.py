@@ -234,32 +234,35 @@ def sweep(preset="cpu", seed=1337, out_dir=None, device="auto"):
 # --data mqar) at dim 64, 2 layers, heads of 16, attention-free (`lmm`) unless a variant says
 # otherwise, each memory with its writes on and frozen (θ_max = 0: no token ever writes, only the
 # forget gate still decays the initial weights). Then passkey retrieval against distance.
-RECALL_BASE = dict(dim=64, layers=2, d_head=16, chunk_size=16, segment_len=64, batch_size=64, steps=1500,
-                   lr=1e-3, eval_every=250, eval_batches=4, mixer="lmm", cms=False, self_mod=False,
+RECALL_BASE = dict(dim=64, layers=2, d_head=16, chunk_size=16, segment_len=64, batch_size=32, steps=500,
+                   lr=1e-3, eval_every=250, eval_batches=8, mixer="lmm", cms=False, self_mod=False,
                    surprise=False, data="mqar", tokenizer="byte")
 FROZEN = dict(lr_max=0.0)
+FAST = dict(lr_max=0.1)                                    # θ_max 0.1 instead of 0.02
+MAC16 = dict(mixer="mac", chunk_size=8, segment_len=16)    # attention sees 16 tokens: not the pairs
 RECALL_VARIANTS = [
-    ("Transformer (calibration)", dict(model="transformer")),
+    ("Transformer (calibration, batch 64, 1500 steps)", dict(model="transformer", batch_size=64, steps=1500)),
     ("Titans", {}),
     ("Titans, frozen", FROZEN),
-    ("Titans, θ_max 0.1", dict(lr_max=0.1)),
-    ("Titans, in-chunk reads", dict(read_mode="in_chunk")),
-    ("Titans, in-chunk reads, θ_max 0.1", dict(read_mode="in_chunk", lr_max=0.1)),
+    ("Titans, θ_max 0.1", FAST),
+    ("Titans, θ_max 0.1, in-chunk reads", dict(**FAST, read_mode="in_chunk")),
     ("Self-Mod", dict(self_mod=True)),
     ("Self-Mod, frozen", dict(self_mod=True, **FROZEN)),
     ("CMS (+ Titans)", dict(cms=True)),
     ("CMS (+ Titans), frozen", dict(cms=True, **FROZEN)),
     ("Full HOPE", dict(cms=True, self_mod=True, surprise=True)),
     ("Full HOPE, frozen", dict(cms=True, self_mod=True, surprise=True, **FROZEN)),
-    ("Titans MAC, segment 16", dict(mixer="mac", chunk_size=8, segment_len=16)),
-    ("Titans MAC, segment 16, frozen", dict(mixer="mac", chunk_size=8, segment_len=16, **FROZEN)),
-    ("Titans, 32 pairs", dict(mqar_pairs=32, batch_size=16)),
-    ("Titans, 32 pairs, frozen", dict(mqar_pairs=32, batch_size=16, **FROZEN)),
+    ("Titans MAC, segment 16", MAC16),
+    ("Titans MAC, segment 16, frozen", dict(**MAC16, **FROZEN)),
+    ("Titans, θ_max 0.1, 32 pairs", dict(**FAST, mqar_pairs=32, batch_size=8)),
+    ("Titans, θ_max 0.1, 32 pairs, frozen", dict(mqar_pairs=32, batch_size=8, **FROZEN)),
 ]
-PASSKEY_DISTANCES = (32, 128, 512)
-PASSKEY_VARIANTS = [("Titans", dict(data="passkey", batch_size=16)),
-                    ("Titans, frozen", dict(data="passkey", batch_size=16, **FROZEN)),
-                    ("Transformer", dict(data="passkey", batch_size=16, model="transformer"))]
+PASSKEY_DISTANCES = (32, 256)
+PASSKEY = dict(data="passkey", batch_size=8, steps=400)
+PASSKEY_VARIANTS = [("passkey: Titans, θ_max 0.1", dict(**PASSKEY, **FAST)),
+                    ("passkey: Titans, frozen", dict(**PASSKEY, **FROZEN)),
+                    ("passkey: Titans MAC, window 64", dict(**PASSKEY, **FAST, mixer="mac"))]
+RECALL_LABELS = [label for label, _ in RECALL_VARIANTS + PASSKEY_VARIANTS]
 
 
 def recall_runs(variants, seeds, seed, out_dir, device, extra=None):
@@ -280,9 +283,16 @@ def accuracy_cell(runs):
     return "failed" if mean is None else fmt(mean, std)
 
 
-def recall(seeds=2, seed=1337, out_dir=None, device="auto"):
-    """MQAR accuracy of every memory with writes on and frozen; passkey accuracy against distance."""
+def recall(seeds=2, seed=1337, out_dir=None, device="auto", rows=None):
+    """MQAR accuracy of every memory with writes on and frozen; passkey accuracy against distance.
+    rows: a subset of RECALL_LABELS to train (e.g. one half per process); the table has them all."""
     out_dir = Path(out_dir or "ablation_recall")
+    if rows is not None:
+        for d in PASSKEY_DISTANCES:
+            recall_runs([v for v in PASSKEY_VARIANTS if v[0] in rows], seeds, seed, out_dir, device,
+                        dict(passkey_distance=d))
+        recall_runs([v for v in RECALL_VARIANTS if v[0] in rows], seeds, seed, out_dir, device)
+        return f"trained {len(rows)} recall rows; run without --rows for the table", out_dir
     mqar = recall_runs(RECALL_VARIANTS, seeds, seed, out_dir, device)
     lines = [f"### Recall (MQAR, {RECALL_BASE['steps']} steps, mean ± std over {seeds} seeds)", "",
              "| variant | mixer | pairs | accuracy | chance | val loss (nats/answer) | params |",
@@ -298,8 +308,8 @@ def recall(seeds=2, seed=1337, out_dir=None, device="auto"):
                      f"{good[0]['params'] / 1e3:.0f}K |" if good else f"| {label} | {mixer} | {pairs} | failed | | | |")
     passkey = {d: recall_runs(PASSKEY_VARIANTS, seeds, seed, out_dir, device, dict(passkey_distance=d))
                for d in PASSKEY_DISTANCES}
-    lines += ["", f"### Passkey (4 digits; accuracy per digit against distance; segment/window "
-              f"{RECALL_BASE['segment_len']}; chance 0.100)", "",
+    lines += ["", f"### Passkey (4 digits, {PASSKEY['steps']} steps; accuracy per digit against the distance "
+              f"from code to question; MAC attention window {RECALL_BASE['segment_len']}; chance 0.100)", "",
               "| variant | " + " | ".join(f"distance {d}" for d in PASSKEY_DISTANCES) + " |",
               "|---|" + "---|" * len(PASSKEY_DISTANCES)]
     for label, _ in PASSKEY_VARIANTS:
@@ -334,9 +344,12 @@ def main(argv=None):
     p = train.OneLineParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="cpu", help="cpu (tiny scale) | paper (Small + Scaled, GPU) | smoke (tests)")
     p.add_argument("--rows", default=None, help=f"comma-separated subset of: {', '.join(hope.ABLATION_ROWS)}")
-    p.add_argument("--seeds", type=int, default=1, help="seeds per row (mean ± std when > 1)")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per row (mean ± std when > 1; "
+                   "default 1, 2 for --recall)")
     p.add_argument("--seed", type=int, default=1337, help="first seed")
     p.add_argument("--sweep", action="store_true", help="the surprise-threshold sweep (Table 2) instead")
+    p.add_argument("--recall", action="store_true", help="the recall table (MQAR, passkey) instead; "
+                   "--rows then takes recall labels (a subset to train, e.g. one per process)")
     p.add_argument("--params", action="store_true", help="print parameter counts of every row and exit")
     p.add_argument("--out-dir", default=None, help="default: ablation_<preset>")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
@@ -347,16 +360,19 @@ def main(argv=None):
             return
         if args.preset not in PRESETS:
             raise train.UserError(f"unknown preset '{args.preset}' ({', '.join(PRESETS)})")
-        if args.seeds < 1 or args.seed < 0:
+        if (args.seeds is not None and args.seeds < 1) or args.seed < 0:
             raise train.UserError("--seeds must be >= 1 and --seed >= 0")
-        rows = [r.strip() for r in args.rows.split(",")] if args.rows else None
-        unknown = [r for r in rows or [] if r not in hope.ABLATION_ROWS]
+        rows = [r.strip() for r in args.rows.split(";" if args.recall else ",")] if args.rows else None
+        known = RECALL_LABELS if args.recall else list(hope.ABLATION_ROWS)
+        unknown = [r for r in rows or [] if r not in known]
         if unknown:
-            raise train.UserError(f"unknown rows {unknown} (choose from: {', '.join(hope.ABLATION_ROWS)})")
-        if args.sweep:
+            raise train.UserError(f"unknown rows {unknown} (choose from: {'; '.join(known)})")
+        if args.recall:
+            md, out = recall(args.seeds or 2, args.seed, args.out_dir, args.device, rows)
+        elif args.sweep:
             md, out = sweep(args.preset, args.seed, args.out_dir, args.device)
         else:
-            md, out = ablate(args.preset, rows, args.seeds, args.seed, args.out_dir, args.device)
+            md, out = ablate(args.preset, rows, args.seeds or 1, args.seed, args.out_dir, args.device)
     except train.UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -606,6 +606,14 @@ class SelfModifyingMemory(MemoryLayer):
         self.initial_weights = init_memory_weights(n * heads, d_head, depth, expansion, branch_scale=1.0)
         self.rates = RateHeads(heads, d_head, lr_max)  # w_lr, w_forget read-outs and η's linear map
 
+    def features(self, x, conv_tail=None):
+        """Unit-norm per-head inputs [B, H, T, d]: the generators feed on their own outputs chunk after
+        chunk, so their gradients compound over the sequence; fixing the input scale keeps that
+        recurrence from exploding whatever the scale of in_proj (measured: gradient norms of 1e3
+        within 30 steps under PyTorch's default init without it)."""
+        feats, conv_tail = super().features(x, conv_tail)
+        return F.normalize(feats, dim=-1), conv_tail
+
     def by_component(self, weights):
         """[B, 6·H, ...] -> [B, 6, H, ...] (a view)."""
         return tuple(W.unflatten(1, (len(SELF_MOD_COMPONENTS), self.heads)) for W in weights)
@@ -1084,7 +1092,17 @@ class ModelState:
 
 
 class LanguageModel(nn.Module):
-    """Token embedding -> blocks -> norm -> output head. HOPE, its ablations and GPT."""
+    """Token embedding -> blocks -> norm -> output head. HOPE, its ablations and GPT.
+
+    The init recipe (measured on in-context recall and on language; README, "Training recipe"): the
+    token embedding ~ N(0, 1) and PyTorch's own init for every linear map (U(±1/√fan_in)), with an
+    untied output head. GPT-2's recipe (N(0, 0.02) everywhere, tied head) leaves every model here,
+    the Transformer included, on a plateau at MQAR: with 0.02 weights the attention logits start
+    near 0 (uniform attention, tiny gradients for q and k), and with a 0.02 embedding the token
+    identity is a small part of the residual stream that later layers must match on. A unit-scale
+    embedding cannot be tied to the head: the initial logits would have a standard deviation of
+    √dim (an initial loss of ~60 nats at dim 64).
+    """
 
     def __init__(self, config):
         super().__init__()

@@ -128,6 +128,8 @@ def build_arg_parser():
     p.add_argument("--init-std", type=float, help="N(0, x²) init of the linear maps (default: PyTorch's "
                    "own; GPT-2 uses 0.02 for these and the embedding, with a tied head)")
     p.add_argument("--tied-head", action=on_off, help="output head shares the token embedding")
+    p.add_argument("--read-mode", choices=hope.READ_MODES, help="chunk_start (default): every token reads "
+                   "the memory as it was at its chunk's start; in_chunk: after the earlier tokens' writes")
     p.add_argument("--checkpoint", action=on_off, help="recompute memory chunks in backward")
     p.add_argument("--data", help="shakespeare (default, offline) | openwebtext | PATH (.txt/.md, folder) | "
                    "mqar | passkey (recall tasks, generated on the fly)")
