@@ -45,6 +45,8 @@ def configs(scale_settings, data, tokenizer, row, seed, out_dir, device, overrid
     """(model config, train config) of one run; the run directory is named by a hash of both."""
     settings = {**scale_settings, "data": data, "tokenizer": tokenizer, "seed": seed, "device": device,
                 "vocab_size": train.VOCAB_SIZES[tokenizer], **(overrides or {})}
+    if data in train.RECALL_TASKS:
+        train.apply_recall_task(settings)
     base = hope.HOPEConfig(**{k: v for k, v in settings.items() if k in train.MODEL_FIELDS})
     model_cfg = hope.ablation_config(row, base) if row in hope.ABLATION_ROWS else base
     cfg = train.TrainConfig(**{k: v for k, v in settings.items() if k in train.TRAIN_FIELDS})

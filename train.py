@@ -169,6 +169,18 @@ def width_scaled_lr(preset, dim):
     return PRESETS[preset]["lr"] * PRESETS[preset]["dim"] / dim
 
 
+def apply_recall_task(settings, seq_len=None):
+    """A recall task sets the vocabulary and the context (seq_len if given, else the task's own)."""
+    task = recall_task(TrainConfig(**{k: v for k, v in settings.items() if k in TRAIN_FIELDS}),
+                       settings.get("segment_len", hope.HOPEConfig.segment_len))
+    settings["vocab_size"] = task.vocab_size
+    settings["seq_len"] = seq_len or task.default_seq_len
+    if settings["seq_len"] < task.min_len - 1:
+        raise UserError(f"--seq-len {settings['seq_len']} is too short for --data {settings['data']} "
+                        f"(needs >= {task.min_len - 1})")
+    return settings
+
+
 def resolve_config(args, checkpoint=None):
     """(hope.HOPEConfig, TrainConfig) from the preset, or the checkpoint's saved config, and the
     flags that were given. Resuming, a model or data flag must agree with the checkpoint, and the
@@ -184,14 +196,8 @@ def resolve_config(args, checkpoint=None):
             settings["lr"] = width_scaled_lr(preset, settings["dim"])
         settings.setdefault("tokenizer", "gpt2" if settings.get("data") == "openwebtext" else "byte")
         settings["vocab_size"] = VOCAB_SIZES[settings["tokenizer"]]
-        if settings.get("data") in RECALL_TASKS:         # the task sets the vocabulary and context
-            task = recall_task(TrainConfig(**{k: v for k, v in settings.items() if k in TRAIN_FIELDS}),
-                               settings["segment_len"])
-            settings["vocab_size"] = task.vocab_size
-            settings["seq_len"] = given.get("seq_len", task.default_seq_len)
-            if settings["seq_len"] < task.min_len - 1:
-                raise UserError(f"--seq-len {settings['seq_len']} is too short for --data {settings['data']} "
-                                f"(needs >= {task.min_len - 1})")
+        if settings.get("data") in RECALL_TASKS:
+            apply_recall_task(settings, given.get("seq_len"))
     else:
         settings = {**checkpoint["config"]["model"], **checkpoint["config"]["train"]}
         conflicts = [f"{k}={settings[k]!r} in the checkpoint, {v!r} given"
