@@ -242,6 +242,7 @@ RECALL_BASE = dict(dim=64, layers=2, d_head=16, chunk_size=16, segment_len=64, b
 FROZEN = dict(lr_max=0.0)
 FAST = dict(lr_max=0.1)                                    # θ_max 0.1 instead of 0.02
 MAC16 = dict(mixer="mac", chunk_size=8, segment_len=16)    # attention sees 16 tokens: not the pairs
+LONG = dict(steps=4000, eval_every=1000)
 RECALL_VARIANTS = [
     ("Transformer (calibration, batch 64, 1500 steps)", dict(model="transformer", batch_size=64, steps=1500)),
     ("Titans", {}),
@@ -258,6 +259,11 @@ RECALL_VARIANTS = [
     ("Titans MAC, segment 16, frozen", dict(**MAC16, **FROZEN)),
     ("Titans, θ_max 0.1, 32 pairs", dict(**FAST, mqar_pairs=32, batch_size=8)),
     ("Titans, θ_max 0.1, 32 pairs, frozen", dict(mqar_pairs=32, batch_size=8, **FROZEN)),
+    # The attention-free memory with a long training budget: does it reach the Transformer?
+    ("Titans, 4000 steps", LONG),
+    ("Titans, θ_max 0.5, 4000 steps", dict(**LONG, lr_max=0.5)),
+    ("Titans, 4000 steps, frozen", dict(**LONG, **FROZEN)),
+    ("Titans, θ_max 0.5, 32 pairs, 4000 steps", dict(**LONG, lr_max=0.5, mqar_pairs=32, batch_size=8)),
 ]
 PASSKEY_DISTANCES = (32, 256)
 PASSKEY = dict(data="passkey", batch_size=8, steps=400)
