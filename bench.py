@@ -8,7 +8,9 @@ bench.py — how fast is hope.py, and how does its cost grow with the sequence?
     python bench.py scaling  [--quick]   one block of each mixer and of attention, T = 512 .. 8192
     python bench.py roofline [--quick]   achieved fp32 GFLOP/s of the memory update vs the machine's
                                          measured matmul peak
-    python bench.py all      [--quick]   all four
+    python bench.py stability            every ablation row and every mixer trains 30 steps at three
+                                         sizes with the default lr rule (not part of `all`)
+    python bench.py all      [--quick]   memory, models, scaling and roofline
 
 Global flags: --device cpu|cuda, --threads N (default 2), --quick, --json PATH, --seed N; `models`
 also takes --scales, --rows, --compile and --checkpoint (python bench.py --help lists them all).
@@ -842,8 +844,96 @@ def bench_roofline(args, device):
 # -------------------------------------------------------------------------------------------------
 # Command line
 # -------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
+# stability: does every row train at every size with the default learning-rate rule?
+# -------------------------------------------------------------------------------------------------
+
+STABILITY_SIZES = {"tiny": [], "dim 256, 6 layers": ["--dim", "256", "--layers", "6"],
+                   "dim 512, 8 layers": ["--dim", "512", "--layers", "8"]}
+STABILITY_ROWS = {"Full HOPE": [], "No CMS": ["--no-cms"], "No Self-Mod": ["--no-self-mod"],
+                  "No Surprise": ["--no-surprise"], "Titans": ["--no-self-mod", "--no-surprise"],
+                  "Transformer": ["--model", "transformer"], "Transformer (matched)": ["--model", "transformer"],
+                  "Full HOPE, mag": ["--mixer", "mag"], "Full HOPE, mal": ["--mixer", "mal"],
+                  "Full HOPE, lmm": ["--mixer", "lmm"]}
+
+
+def memory_state_norm(state):
+    """The largest Frobenius norm of any memory weight tensor (per sample and head) in a ModelState."""
+    norms = [0.0]
+    for layer in state.layers:
+        for memory in [layer.memory, *(layer.cms or [])]:
+            if memory is not None:
+                norms += [W.detach().flatten(2).norm(dim=-1).max().item() for W in memory.weights]
+    return max(norms)
+
+
+def stability_row(row, size_flags, steps, seed):
+    """Train one row for `steps` steps as train.py would (the `tiny` preset, the size's flags, the
+    default lr rule) and report val loss before and after, the largest gradient norm (before
+    clipping), the largest memory-state norm after reading a validation batch, non-finite values."""
+    torch.set_num_threads(1)
+    args = train.build_arg_parser().parse_args(
+        [*STABILITY_ROWS[row], *size_flags, "--steps", str(steps), "--eval-batches", "4", "--seed", str(seed)])
+    model_cfg, cfg = train.resolve_config(args)
+    if row == "Transformer (matched)":
+        model_cfg = hope.ablation_config(row, model_cfg)
+    train_data, val_data, _ = train.get_data(cfg.data, cfg.tokenizer, cfg.max_tokens, cfg.data_dir)
+    val_batches = train.eval_batches(val_data, cfg.batch_size, model_cfg.seq_len, cfg.eval_batches)
+    torch.manual_seed(cfg.seed)
+    model = hope.build_model(model_cfg)
+    optimizer = train.make_optimizer(model, cfg, torch.device("cpu"))
+    evaluate = lambda: train.evaluate(model, val_batches, torch.device("cpu"), contextlib.nullcontext())[0]
+    val_start, max_grad, non_finite, start = evaluate(), 0.0, None, time.perf_counter()
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = train.learning_rate(step, cfg)
+        x, y = train.get_batch(train_data, cfg.batch_size, model_cfg.seq_len, cfg.seed, step)
+        loss = model(x, y)[1]
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+        if not (math.isfinite(loss.item()) and math.isfinite(grad_norm)):
+            non_finite = f"step {step + 1}"
+            break
+        max_grad = max(max_grad, grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    val_end = evaluate() if non_finite is None else float("nan")
+    state_norm = 0.0
+    if model_cfg.model == "hope" and non_finite is None:
+        with torch.no_grad():
+            x = val_batches[0][0]
+            state_norm = memory_state_norm(model.advance(x, model.initial_state(x.shape[0]))[1])
+    passed = non_finite is None and val_end <= val_start - 0.5
+    return dict(row=row, params=model.num_params(), lr=cfg.lr, val_start=val_start, val_end=val_end,
+                max_grad_norm=max_grad, max_state_norm=state_norm, non_finite=non_finite, passed=passed,
+                seconds=time.perf_counter() - start)
+
+
+def bench_stability(args, device):
+    sizes = list(STABILITY_SIZES) if args.sizes is None else args.sizes
+    results = {}
+    for size in sizes:
+        print_header(f"stability: {size}, {args.stability_steps} steps of every row, default lr rule", args)
+        rows = []
+        for row in STABILITY_ROWS:
+            r = run_isolated(device, stability_row, row, STABILITY_SIZES[size], args.stability_steps, args.seed)
+            rows.append(r)
+            print(f"  {row}: val {r['val_start']:.3f} -> {r['val_end']:.3f}, {r['seconds']:.0f} s", flush=True)
+        results[size] = rows
+        print_table(["row", "params", "lr", "val step 0", f"val step {args.stability_steps}", "max grad norm",
+                     "max memory-state norm", "non-finite", "pass"],
+                    [[r["row"], f"{r['params'] / 1e6:.2f}M", f"{r['lr']:.1e}", f"{r['val_start']:.3f}",
+                      f"{r['val_end']:.3f}", f"{r['max_grad_norm']:.2f}",
+                      f"{r['max_state_norm']:.2f}" if r["max_state_norm"] else "–", r["non_finite"] or "none",
+                      "yes" if r["passed"] else "NO"] for r in rows])
+    failed = [(size, r["row"]) for size, rows in results.items() for r in rows if not r["passed"]]
+    print(f"pass (every run ends >= 0.5 below its step-0 val loss, none diverges): "
+          f"{'yes' if not failed else 'NO: ' + ', '.join(f'{r} at {s}' for s, r in failed)}")
+    return results
+
+
 COMMANDS = {"memory": bench_memory, "models": bench_models, "scaling": bench_scaling,
-            "roofline": bench_roofline}
+            "roofline": bench_roofline, "stability": bench_stability}
 
 
 def parse_args(argv=None):
@@ -877,6 +967,10 @@ def parse_args(argv=None):
     group.add_argument("--mixers", default="mac,mag,mal,lmm")
     group.add_argument("--flags", choices=["titans", "hope"], default="titans",
                        help="memory flags of the mixer blocks (default titans: cms/self_mod/surprise off)")
+    group = parser.add_argument_group("stability")
+    group.add_argument("--sizes", default=None, help=f"comma list of: {'; '.join(STABILITY_SIZES)} "
+                       "(separated by ';'; default all)")
+    group.add_argument("--stability-steps", type=int, default=30)
     group = parser.add_argument_group("roofline")
     group.add_argument("--matmul-size", type=int, default=2048)
     args = parser.parse_args(argv)
@@ -887,6 +981,14 @@ def parse_args(argv=None):
     args.rows = MODEL_ROWS if args.rows is None else [r.strip() for r in args.rows.split(",") if r.strip()]
     if not args.rows or not set(args.rows) <= set(MODEL_ROWS):
         parser.error(f"--rows: choose from {', '.join(MODEL_ROWS)} (got {','.join(args.rows)})")
+    if args.sizes is not None:
+        args.sizes = [s.strip() for s in args.sizes.split(";") if s.strip()]
+        if not args.sizes or not set(args.sizes) <= set(STABILITY_SIZES):
+            parser.error(f"--sizes: choose from {'; '.join(STABILITY_SIZES)} (got {';'.join(args.sizes)})")
+    if args.stability_steps < 1:
+        parser.error("--stability-steps must be >= 1")
+    if args.command == "stability" and args.device != "cpu":
+        parser.error("stability trains on the CPU only, as `python train.py` does there")
     args.mixers = [m.strip() for m in args.mixers.split(",") if m.strip()]
     if not args.mixers or not set(args.mixers) <= set(hope.MIXERS):
         parser.error(f"--mixers: choose from {', '.join(hope.MIXERS)} (got {','.join(args.mixers)})")
@@ -901,7 +1003,7 @@ def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    commands = list(COMMANDS) if args.command == "all" else [args.command]
+    commands = [c for c in COMMANDS if c != "stability"] if args.command == "all" else [args.command]
     report = dict(command=args.command, argv=sys.argv[1:] if argv is None else list(argv),
                   machine=machine_info(args), results={})
     for name in commands:

@@ -1152,35 +1152,32 @@ def test_ctrl_c_then_resume_equals_uninterrupted_run(corpus, tmp_path, monkeypat
     assert all(torch.equal(state_a[i]["exp_avg_sq"], state_b[i]["exp_avg_sq"]) for i in state_a)
 
 
-def test_non_finite_loss_stops_with_one_line_and_keeps_the_checkpoint(corpus, tmp_path, capsys):
+def stop_a_resumed_run(corpus, tmp_path, capsys, *argv):
+    """Train 2 steps, resume with argv until the run stops itself (exit code 1). Returns the one
+    error line, and whether ckpt.pt is still the one written before the resume."""
     run(flags(corpus, tmp_path, "out", *GPT, "--steps", "2", "--eval-every", "2"))
     path = tmp_path / "out" / "ckpt.pt"
     before = path.read_bytes()
     capsys.readouterr()
-    # AdamW moves every weight by ~lr: after step 3 the weights are ~1e30, and step 4's logits overflow
     with pytest.raises(SystemExit) as stopped:
-        train.main(["--resume", "--out-dir", str(tmp_path / "out"), "--steps", "8", "--lr", "1e30"])
+        train.main(["--resume", "--out-dir", str(tmp_path / "out"), *argv])
     assert stopped.value.code == 1
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
-    assert len(errors) == 1 and errors[0].startswith("error: non-finite") and "at step 4;" in errors[0]
-    assert path.read_bytes() == before
-    assert train.load_checkpoint(path)["step"] == 2
+    assert len(errors) == 1
+    return errors[0], path.read_bytes() == before and train.load_checkpoint(path)["step"] == 2
+
+
+def test_non_finite_loss_stops_with_one_line_and_keeps_the_checkpoint(corpus, tmp_path, capsys):
+    # AdamW moves every weight by ~lr: after step 3 the weights are ~1e30, and step 4's logits overflow
+    error, kept = stop_a_resumed_run(corpus, tmp_path, capsys, "--steps", "8", "--lr", "1e30")
+    assert error.startswith("error: non-finite") and "at step 4;" in error and kept
 
 
 def test_divergence_stops_with_one_line_and_keeps_the_checkpoint(corpus, tmp_path, capsys):
-    run(flags(corpus, tmp_path, "out", *GPT, "--steps", "2", "--eval-every", "2"))
-    path = tmp_path / "out" / "ckpt.pt"
-    before = path.read_bytes()
-    capsys.readouterr()
     # lr 50 keeps the loss finite (about 1e5 at step 4), far above step 0's ~5.5, read from the checkpoint
-    with pytest.raises(SystemExit) as stopped:
-        train.main(["--resume", "--out-dir", str(tmp_path / "out"), "--steps", "6", "--eval-every", "2",
-                    "--lr", "50"])
-    assert stopped.value.code == 1
-    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
-    assert len(errors) == 1 and errors[0].startswith("error: val loss ") and errors[0].endswith("(now 50)")
-    assert "at step 4 rose above its step-0 value" in errors[0] and "training diverged" in errors[0]
-    assert path.read_bytes() == before
+    error, kept = stop_a_resumed_run(corpus, tmp_path, capsys, "--steps", "6", "--eval-every", "2", "--lr", "50")
+    assert error.startswith("error: val loss ") and error.endswith("(now 50)")
+    assert "at step 4 rose above its step-0 value" in error and "training diverged" in error and kept
 
 
 def test_width_scales_the_lr_and_warmup_never_rounds_to_zero():
