@@ -688,7 +688,7 @@ class CMSLevel(nn.Module):
         self.checkpoint, self.read_mode = config.checkpoint, config.read_mode
         self.in_proj = nn.Linear(config.dim, H * d, bias=False)
         self.to_value = HeadLinear(H, d, d)
-        self.rates = RateHeads(H, d, config.lr_max)
+        self.rates = RateHeads(H, d, config.lr_max if config.cms_lr_max is None else config.cms_lr_max)
         self.initial_weights = init_memory_weights(H, d, config.memory_depth, config.expansion)
         self.out_proj = nn.Linear(H * d, config.dim, bias=False)
 
@@ -728,9 +728,9 @@ class CMS(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, dim):
+    def __init__(self, dim, hidden):
         super().__init__()
-        self.up, self.down = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+        self.up, self.down = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
 
     def forward(self, x):
         return self.down(F.gelu(self.up(x)))
@@ -987,7 +987,8 @@ class Block(nn.Module):
         transformer = config.model == "transformer"
         self.norm1, self.norm2 = nn.LayerNorm(config.dim), nn.LayerNorm(config.dim)
         self.mixer = AttentionMixer(config) if transformer else MIXERS[config.mixer](config)
-        self.ffn = CMS(config) if config.cms and not transformer else MLP(config.dim)
+        hidden = config.mlp_hidden or 4 * config.dim
+        self.ffn = CMS(config) if config.cms and not transformer else MLP(config.dim, hidden)
 
     def initial_state(self, batch):
         memory = getattr(self.mixer, "memory", None)
@@ -1030,6 +1031,8 @@ class HOPEConfig:
     memory_depth: int = 2
     expansion: int = 2                 # memory MLP hidden width = expansion · d_head
     lr_max: float = 0.02               # θ_max (see RateHeads on stability)
+    cms_lr_max: float = None           # θ_max of the CMS levels (None: lr_max; 0 freezes CMS alone)
+    mlp_hidden: int = None             # hidden width of the plain MLP feed-forward (None: 4 · dim)
     cms_periods: tuple = (8, 32)
     seq_len: int = 512                 # training context (RoPE lets models run past it)
     checkpoint: bool = False           # recompute each memory chunk in backward (memory ∝ T/C)
@@ -1067,6 +1070,8 @@ class HOPEConfig:
             (self.memory_depth >= 1 and self.expansion >= 1, "memory depth and expansion must be >= 1"),
             (self.persistent_tokens >= 0, "persistent_tokens must be >= 0"),
             (self.lr_max >= 0, "lr_max must be >= 0 (0 freezes every memory: no writes)"),
+            (self.cms_lr_max is None or self.cms_lr_max >= 0, "cms_lr_max must be >= 0"),
+            (self.mlp_hidden is None or self.mlp_hidden > 0, "mlp_hidden must be positive"),
             (self.embed_std > 0 and (self.init_std is None or self.init_std > 0), "init stds must be positive"),
         ]
         for ok, message in checks:
@@ -1206,6 +1211,9 @@ ABLATION_ROWS = {
     "Titans": dict(model="hope", cms=True, self_mod=False, surprise=False),
     "Transformer": dict(model="transformer"),
     "Transformer (matched)": dict(model="transformer"),
+    # Two rows that pull apart what "No CMS" mixes (issue: in-context learning vs capacity):
+    "CMS frozen": dict(model="hope", cms=True, self_mod=True, surprise=True, cms_lr_max=0.0),
+    "No CMS (matched MLP)": dict(model="hope", cms=False, self_mod=True, surprise=True),
 }
 
 
@@ -1228,6 +1236,11 @@ def ablation_config(row, config):
         while count_params(HOPEConfig(**{**base, **ABLATION_ROWS[row], "dim": dim})) < target:
             dim += 64
         row_config = HOPEConfig(**{**base, **ABLATION_ROWS[row], "dim": dim})
+    if row == "No CMS (matched MLP)":
+        # the MLP's hidden width h whose parameters, (2·dim + 1)·h + dim, come closest to CMS's
+        with torch.device("meta"):
+            cms = sum(p.numel() for p in CMS(row_config).parameters())
+        row_config.mlp_hidden = max(1, round((cms - config.dim) / (2 * config.dim + 1)))
     return row_config
 
 

@@ -794,6 +794,33 @@ def test_flags_that_are_off_create_no_parameters():
         assert hope.count_params(dataclasses.replace(matched, dim=matched.dim - 64)) < full
 
 
+def test_unconfounded_cms_rows():
+    """"CMS frozen" keeps CMS's parameters but never writes it (its fast weights only decay, so they
+    stay proportional to W⁰ per sample and head), while the main memory still writes; "No CMS
+    (matched MLP)" swaps CMS for an MLP with as many parameters (to within one hidden unit)."""
+    def cms_states(row):
+        model = tiny_model(row)
+        state = model.advance(tokens(), model.initial_state(2))[1]
+        meta = [level.initial_weights for level in model.blocks[0].ffn.levels]
+        return state.layers[0], meta
+    frozen, meta = cms_states("CMS frozen")
+    full, _ = cms_states("Full HOPE")
+    for level_frozen, level_full, level_meta in zip(frozen.cms, full.cms, meta):
+        for W_frozen, W_full, W0 in zip(level_frozen.weights, level_full.weights, level_meta):
+            cosine = torch.cosine_similarity(W_frozen.flatten(2), W0.detach().expand_as(W_frozen).flatten(2), dim=-1)
+            assert torch.allclose(cosine, torch.ones_like(cosine), atol=1e-12)     # decayed, not written
+            cosine = torch.cosine_similarity(W_full.flatten(2), W0.detach().expand_as(W_full).flatten(2), dim=-1)
+            assert cosine.min() < 1 - 1e-6                                       # Full HOPE writes
+    assert not torch.equal(frozen.memory.weights[0], tiny_model("CMS frozen").blocks[0].mixer.memory
+                           .initial_state(2).weights[0])                         # the main memory writes
+    base = hope.HOPEConfig(**TINY)
+    matched = hope.ablation_config("No CMS (matched MLP)", base)
+    full_params = hope.count_params(hope.ablation_config("Full HOPE", base))
+    assert matched.mlp_hidden != 4 * base.dim
+    assert abs(hope.count_params(matched) - full_params) <= base.layers * (2 * base.dim + 1)
+    assert hope.count_params(hope.ablation_config("CMS frozen", base)) == full_params
+
+
 def assert_causal(model):
     """Tokens changed after t (t = 0, 5, 13) change no logit up to t, and some logit after t."""
     idx = tokens()

@@ -122,6 +122,8 @@ def build_arg_parser():
                  "memory-depth", "expansion", "persistent-tokens"):
         p.add_argument(f"--{name}", type=int)
     p.add_argument("--lr-max", type=float, help="θ_max, the largest inner learning rate of every memory")
+    p.add_argument("--cms-lr-max", type=float, help="θ_max of the CMS levels (default: --lr-max; 0 freezes them)")
+    p.add_argument("--mlp-hidden", type=int, help="hidden width of the plain MLP feed-forward (default 4 x dim)")
     p.add_argument("--cms-periods", type=lambda s: tuple(int(p) for p in s.split(",")),
                    help="update periods of the CMS levels, comma-separated (default 8,32)")
     p.add_argument("--embed-std", type=float, help="N(0, x²) init of the token embedding (default 1)")
