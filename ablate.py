@@ -41,18 +41,20 @@ CODE_VERSION = hashlib.sha1(b"".join(Path(m.__file__).read_bytes() for m in (hop
 SWEEP = [("absolute", g) for g in (0.005, 0.01, 0.02, 0.05, 0.1)] + [("relative", g) for g in (0.1, 0.3, 1.0, 3.0)]
 
 
-def configs(scale_settings, data, tokenizer, row, seed, out_dir, device, overrides=None):
-    """(model config, train config) of one run; the run directory is named by a hash of both."""
+def configs(scale_settings, data, tokenizer, row, seed, out_dir, device, overrides=None, label=None):
+    """(model config, train config) of one run; the run directory is named by a hash of both.
+    row: an ablation row, applied to the settings, or None (the settings are the model); label: the
+    run's name, if not the row's."""
     settings = {**scale_settings, "data": data, "tokenizer": tokenizer, "seed": seed, "device": device,
                 "vocab_size": train.VOCAB_SIZES[tokenizer], **(overrides or {})}
     if data in train.RECALL_TASKS:
         train.apply_recall_task(settings)
     base = hope.HOPEConfig(**{k: v for k, v in settings.items() if k in train.MODEL_FIELDS})
-    model_cfg = hope.ablation_config(row, base) if row in hope.ABLATION_ROWS else base
+    model_cfg = base if row is None else hope.ablation_config(row, base)
     cfg = train.TrainConfig(**{k: v for k, v in settings.items() if k in train.TRAIN_FIELDS})
     key = json.dumps([dataclasses.asdict(model_cfg), {**dataclasses.asdict(cfg), "out_dir": None, "device": None},
                       CODE_VERSION], sort_keys=True, default=str)
-    slug = "".join(c if c.isalnum() else "-" for c in row.lower())
+    slug = "".join(c if c.isalnum() else "-" for c in (label or row).lower())
     cfg.out_dir = str(Path(out_dir) / "runs" / f"{slug}-seed{seed}-{hashlib.sha1(key.encode()).hexdigest()[:10]}")
     return model_cfg, cfg
 
@@ -281,7 +283,7 @@ def recall_runs(variants, seeds, seed, out_dir, device, extra=None):
         for s in range(seed, seed + seeds):
             print(f"== recall · {label} · seed {s}", flush=True)
             settings = {**RECALL_BASE, **overrides, **(extra or {})}
-            model_cfg, cfg = configs(settings, settings["data"], "byte", label, s, out_dir, device)
+            model_cfg, cfg = configs(settings, settings["data"], "byte", None, s, out_dir, device, label=label)
             results.setdefault(label, []).append(run_once(model_cfg, cfg))
     return results
 
@@ -360,7 +362,8 @@ def recipe(seed=1337, out_dir=None, device="auto"):
         cells = []
         for task, data, settings, key in RECIPE_TASKS:
             print(f"== recipe · {label} · {task}", flush=True)
-            model_cfg, cfg = configs({**settings, **overrides}, data, "byte", f"{label} {task}", seed, out_dir, device)
+            model_cfg, cfg = configs({**settings, **overrides}, data, "byte", None, seed, out_dir, device,
+                                     label=f"{label} {task}")
             result = run_once(model_cfg, cfg)
             payload.setdefault(label, {})[task] = {k: v for k, v in result.items() if k not in ("traceback", "curve")}
             cells.append("failed" if "error" in result else f"{result[key]:.3f}")
