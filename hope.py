@@ -699,9 +699,16 @@ class CMSLevel(nn.Module):
         feats = split_heads(self.in_proj(x), self.heads)                           # [B, H, T, d]
         keys = F.normalize(feats, dim=-1)                                          # also the queries
         threshold, relative = self.gate
+        lr, momentum_decay, forget = self.rates(feats)                             # each [B, H, T]
+        # A level writes p tokens per chunk, all at the chunk start, and momentum weighs each
+        # gradient by up to 1/(1 − η): the inner descent diverges once 2·θ·p/(1 − η) passes ~2
+        # (RateHeads). At p = 32 training drove η to 0.9 and the slow level to NaN within 512
+        # tokens. θ·(1 − η) makes the momentum an average of the surprise: a chunk then moves
+        # the memory by at most 2·θ_max·p times the error, whatever η (1.28 at p = 32).
+        lr = lr * (1 - momentum_decay)
         out, weights, momentum, surprise = memory_update(
             state.weights, state.momentum, keys, F.normalize(self.to_value(feats), dim=-1), keys,
-            *self.rates(feats), self.period, threshold=threshold,
+            lr, momentum_decay, forget, self.period, threshold=threshold,
             relative=relative, checkpoint=self.checkpoint, read_mode=self.read_mode)
         if self.recording:
             self.trace.setdefault("surprise", []).append(surprise)

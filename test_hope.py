@@ -654,6 +654,19 @@ def test_neural_memory_long_sequence_finite(seed):
         assert torch.isfinite(p.grad).all(), f"gradient of {name} not finite"
 
 
+def test_cms_slow_level_stays_bounded_whatever_the_momentum():
+    """The worst case of a chunked write: every key of a long sequence the same, θ at θ_max and
+    η near 1. A CMS level's θ·(1 − η) keeps its state bounded there (raw θ diverges to inf/NaN)."""
+    torch.manual_seed(0)
+    config = hope.HOPEConfig(dim=32, d_head=8, cms_periods=(32,))
+    level = hope.CMS(config).levels[0]
+    with torch.no_grad():
+        level.rates.bias.copy_(torch.tensor([20.0, 4.0, -20.0]))      # θ = θ_max, η = 0.98, α ≈ 0
+    x = torch.randn(1, 1, 32).expand(2, 1024, 32)                       # one token, 1024 times
+    _, state = level(x, level.initial_state(2))
+    assert all(torch.isfinite(W).all() and W.abs().max() < 100 for W in state.weights)
+
+
 @given(memory_problems(), read_and_gate_modes())
 def test_no_grad_plain_inputs_and_no_side_effects(problem, modes):
     """memory_update runs under torch.no_grad() and on inputs that do not require grad, gives the
