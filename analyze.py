@@ -337,6 +337,9 @@ def plot_all(out, steps, cms, drift, divergence, s_values, ce_values, surprise, 
         ax[1].axhline(0, color="k", lw=0.8)
         for boundary in range(online["segment_len"], len(online["by_position_on"]), online["segment_len"]):
             ax[1].axvline(boundary, color="grey", lw=0.5, ls=":")
+        if online["training_context"] < len(online["by_position_on"]):
+            ax[1].axvline(online["training_context"], color="tab:red", lw=1, ls="--",
+                          label=f"training context ({online['training_context']} tokens)")
         ax[1].set(title="(b) what the writes buy, by position (dotted: MAC segments)", xlabel="position",
                   ylabel="Δ loss (nats)")
         ax[1].legend(fontsize=7)
@@ -416,6 +419,8 @@ def analyze(run_dir, sequences=64, seq_len=None, out_dir=None):
     divergence = fast_vs_meta(model, x) if is_hope else {}
     surprise, s_values, ce_values = surprise_and_loss(model, x, y) if is_hope else (None, None, None)
     online = online_adaptation(*loss_by_position(model, x, y), model.config.segment_len) if is_hope else None
+    if online is not None:
+        online["training_context"] = model.config.seq_len
     results = {"run_dir": str(run_dir), "model": model.config.model if not is_hope else
                f"hope (cms={model.config.cms}, self_mod={model.config.self_mod}, surprise={model.config.surprise}, "
                f"mixer={model.config.mixer})", "steps": steps, "sequences": sequences, "seq_len": seq_len,
