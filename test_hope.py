@@ -654,16 +654,18 @@ def test_neural_memory_long_sequence_finite(seed):
         assert torch.isfinite(p.grad).all(), f"gradient of {name} not finite"
 
 
-def test_cms_slow_level_stays_bounded_whatever_the_momentum():
+@pytest.mark.parametrize("kind", ["titans", "cms"])
+def test_memory_stays_bounded_whatever_the_momentum(kind):
     """The worst case of a chunked write: every key of a long sequence the same, θ at θ_max and
-    η near 1. A CMS level's θ·(1 − η) keeps its state bounded there (raw θ diverges to inf/NaN)."""
+    η near 1 (where training drives it). θ·(1 − η) keeps the state bounded there, for the Titans
+    memory (C = 16) and a CMS level (period 32); a raw θ diverges to inf/NaN."""
     torch.manual_seed(0)
     config = hope.HOPEConfig(dim=32, d_head=8, cms_periods=(32,))
-    level = hope.CMS(config).levels[0]
+    memory = hope.CMS(config).levels[0] if kind == "cms" else NeuralMemory(dim=32, heads=4, d_head=8)
     with torch.no_grad():
-        level.rates.bias.copy_(torch.tensor([20.0, 4.0, -20.0]))      # θ = θ_max, η = 0.98, α ≈ 0
+        memory.rates.bias.copy_(torch.tensor([20.0, 4.0, -20.0]))     # θ = θ_max, η = 0.98, α ≈ 0
     x = torch.randn(1, 1, 32).expand(2, 1024, 32)                       # one token, 1024 times
-    _, state = level(x, level.initial_state(2))
+    state = memory(x, memory.initial_state(2))[1]
     assert all(torch.isfinite(W).all() and W.abs().max() < 100 for W in state.weights)
 
 
