@@ -60,7 +60,8 @@ def configs(scale_settings, data, tokenizer, row, seed, out_dir, device, overrid
 
 
 def run_once(model_cfg, cfg):
-    """Train one run, or read its cached result. A crash is recorded, not raised."""
+    """Train one run, or read its cached result. A crash is recorded, not raised; a diverged run
+    (NonFiniteLoss) is cached like a finished one, as it would diverge again."""
     result_path = Path(cfg.out_dir) / "result.json"
     if result_path.exists():
         return json.loads(result_path.read_text())
@@ -72,7 +73,10 @@ def run_once(model_cfg, cfg):
         raise
     except Exception as e:                                     # NonFiniteLoss, out of memory, a bug
         print(f"run {cfg.out_dir} failed: {type(e).__name__}: {e}", file=sys.stderr)
-        return {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+        failure = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+        if isinstance(e, train.NonFiniteLoss):                 # deterministic: it would diverge again
+            train.atomic_write(result_path, lambda tmp: tmp.write_text(json.dumps(failure)))
+        return failure
     train.atomic_write(result_path, lambda tmp: tmp.write_text(json.dumps(result)))
     return result
 
