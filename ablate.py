@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import re
 import statistics
 import sys
 import traceback
@@ -293,9 +294,13 @@ def recall_runs(variants, seeds, seed, out_dir, device, extra=None):
 
 
 def accuracy_cell(runs):
+    """mean ± std of the finished runs' accuracy, or why none finished ("diverged at step N")."""
     values = [r["accuracy"] for r in runs if "error" not in r]
     mean, std = mean_std(values)
-    return "failed" if mean is None else fmt(mean, std)
+    if mean is not None:
+        return fmt(mean, std)
+    steps = [m.group(1) for r in runs if (m := re.search(r"non-finite \w+ at step (\d+)", r["error"]))]
+    return f"diverged at step {', '.join(steps)}" if len(steps) == len(runs) else "failed"
 
 
 def recall(seeds=2, seed=1337, out_dir=None, device="auto", rows=None):
@@ -320,7 +325,7 @@ def recall(seeds=2, seed=1337, out_dir=None, device="auto", rows=None):
         lines.append(f"| {label} | {mixer} | {pairs} | {accuracy_cell(runs)} | "
                      f"{1 / train.TrainConfig.mqar_values:.3f} | "
                      f"{fmt(*mean_std([r['val_loss'] for r in good]))} | "
-                     f"{good[0]['params'] / 1e3:.0f}K |" if good else f"| {label} | {mixer} | {pairs} | failed | | | |")
+                     f"{good[0]['params'] / 1e3:.0f}K |" if good else f"| {label} | {mixer} | {pairs} | {accuracy_cell(runs)} | | | |")
     passkey = {d: recall_runs(PASSKEY_VARIANTS, seeds, seed, out_dir, device, dict(passkey_distance=d))
                for d in PASSKEY_DISTANCES}
     lines += ["", f"### Passkey (4 digits, {PASSKEY['steps']} steps; accuracy per digit against the distance "

@@ -2,7 +2,7 @@
 analyze.py — the internal dynamics of a trained HOPE run (seed paper §4.2-4.4, Figures 1-3).
 
     python train.py --save-every 50 --out-dir out/hope     # snapshots out/hope/ckpt_000050.pt, ...
-    python analyze.py out/hope                              # figures, analysis.json, analysis.md
+    python analyze.py out/hope --seq-len 512                # figures, analysis.json, analysis.md
 
 From the run's snapshot checkpoints, on held-out (validation) sequences:
   1. CMS (Figure 1): parameter norms of each level over training, drift between snapshots, cosine
@@ -16,7 +16,9 @@ From the run's snapshot checkpoints, on held-out (validation) sequences:
      for the main memory M_mem, and per gated memory (Titans memory, each self-modifying
      component, each CMS level).
   4. Beyond the paper (Figure 4): loss by token position with memory writes on, and frozen (no
-     memory_update; every read uses the meta weights W⁰): does the memory adapt online?
+     memory_update; every read uses the meta weights W⁰), and their difference with a 95% band
+     over sequences, per position and per MAC segment: does the memory adapt online? Read it at
+     a context several segments long (--seq-len), past the training context too.
 Sections that do not apply to the run's model (e.g. CMS for a No CMS run) are skipped and said so.
 """
 import argparse
