@@ -679,8 +679,9 @@ class SelfModifyingMemory(MemoryLayer):
 # CMS replaces the block's feed-forward by memories that keep learning in context, each at its own
 # pace: a level with period p is a per-head memory whose chunk size is p, so its fast weights
 # change once every p tokens (fast level p = 8, slow level p = 32). Keys are the level's input,
-# values a learned projection of it. A per-token softmax gate mixes the levels' outputs (seed
-# paper §2); NL chains the levels instead (a documented departure). Off: a plain 2-layer MLP.
+# values a learned projection of it (both unit-norm). A per-token softmax gate mixes the levels'
+# outputs (seed paper §2); NL chains the levels instead (a documented departure). Off: a plain
+# 2-layer MLP.
 
 class CMSLevel(nn.Module):
     recording = False
@@ -704,6 +705,8 @@ class CMSLevel(nn.Module):
         keys = F.normalize(feats, dim=-1)                                          # also the queries
         threshold, relative = self.gate
         out, weights, momentum, surprise = memory_update(
+            # values unit-norm like the keys: larger values make larger writes, and larger fast
+            # weights a steeper inner loss (raw values sent the slow level to NaN in training)
             state.weights, state.momentum, keys, F.normalize(self.to_value(feats), dim=-1), keys,
             *self.rates(feats), self.period, threshold=threshold,
             relative=relative, checkpoint=self.checkpoint, read_mode=self.read_mode)
