@@ -303,17 +303,22 @@ def accuracy_cell(runs):
     return f"diverged at step {', '.join(steps)}" if len(steps) == len(runs) else "failed"
 
 
+def brief(result):
+    """A run's result without its traceback and curve, for the summary JSON files."""
+    return {k: v for k, v in result.items() if k not in ("traceback", "curve")}
+
+
 def recall(seeds=2, seed=1337, out_dir=None, device="auto", rows=None):
     """MQAR accuracy of every memory with writes on and frozen; passkey accuracy against distance.
-    rows: a subset of RECALL_LABELS to train (e.g. one half per process); the table has them all."""
+    rows: a subset of RECALL_LABELS to train (e.g. one half per process); only a run of all the
+    rows writes the table."""
     out_dir = Path(out_dir or "ablation_recall")
+    chosen = lambda variants: [v for v in variants if rows is None or v[0] in rows]
+    passkey = {d: recall_runs(chosen(PASSKEY_VARIANTS), seeds, seed, out_dir, device, dict(passkey_distance=d))
+               for d in PASSKEY_DISTANCES}
+    mqar = recall_runs(chosen(RECALL_VARIANTS), seeds, seed, out_dir, device)
     if rows is not None:
-        for d in PASSKEY_DISTANCES:
-            recall_runs([v for v in PASSKEY_VARIANTS if v[0] in rows], seeds, seed, out_dir, device,
-                        dict(passkey_distance=d))
-        recall_runs([v for v in RECALL_VARIANTS if v[0] in rows], seeds, seed, out_dir, device)
         return f"trained {len(rows)} recall rows; run without --rows for the table", out_dir
-    mqar = recall_runs(RECALL_VARIANTS, seeds, seed, out_dir, device)
     lines = [f"### Recall (MQAR, {RECALL_BASE['steps']} steps, mean ± std over {seeds} seeds)", "",
              "| variant | mixer | pairs | accuracy | chance | val loss (nats/answer) | params |",
              "|---|---|---|---|---|---|---|"]
@@ -322,12 +327,10 @@ def recall(seeds=2, seed=1337, out_dir=None, device="auto", rows=None):
         good = [r for r in runs if "error" not in r]
         mixer = "attention" if settings.get("model") == "transformer" else settings["mixer"]
         pairs = settings.get("mqar_pairs", train.TrainConfig.mqar_pairs)
-        lines.append(f"| {label} | {mixer} | {pairs} | {accuracy_cell(runs)} | "
-                     f"{1 / train.TrainConfig.mqar_values:.3f} | "
-                     f"{fmt(*mean_std([r['val_loss'] for r in good]))} | "
-                     f"{good[0]['params'] / 1e3:.0f}K |" if good else f"| {label} | {mixer} | {pairs} | {accuracy_cell(runs)} | | | |")
-    passkey = {d: recall_runs(PASSKEY_VARIANTS, seeds, seed, out_dir, device, dict(passkey_distance=d))
-               for d in PASSKEY_DISTANCES}
+        val_loss = fmt(*mean_std([r["val_loss"] for r in good])) if good else ""
+        params = f"{good[0]['params'] / 1e3:.0f}K" if good else ""
+        chance = f"{1 / train.TrainConfig.mqar_values:.3f}" if good else ""
+        lines.append(f"| {label} | {mixer} | {pairs} | {accuracy_cell(runs)} | {chance} | {val_loss} | {params} |")
     lines += ["", f"### Passkey (4 digits, {PASSKEY['steps']} steps; accuracy per digit against the distance "
               f"from code to question; MAC attention window {RECALL_BASE['segment_len']}; chance 0.100)", "",
               "| variant | " + " | ".join(f"distance {d}" for d in PASSKEY_DISTANCES) + " |",
@@ -335,10 +338,10 @@ def recall(seeds=2, seed=1337, out_dir=None, device="auto", rows=None):
     for label, _ in PASSKEY_VARIANTS:
         lines.append(f"| {label} | " + " | ".join(accuracy_cell(passkey[d][label]) for d in PASSKEY_DISTANCES) + " |")
     md = "\n".join(lines)
-    brief = lambda runs: [{k: v for k, v in r.items() if k not in ("traceback", "curve")} for r in runs]
     payload = {"base": RECALL_BASE,
-               "mqar": {label: {"overrides": o, "runs": brief(mqar[label])} for label, o in RECALL_VARIANTS},
-               "passkey": {str(d): {label: brief(runs) for label, runs in passkey[d].items()} for d in PASSKEY_DISTANCES}}
+               "mqar": {label: {"overrides": o, "runs": [brief(r) for r in mqar[label]]} for label, o in RECALL_VARIANTS},
+               "passkey": {str(d): {label: [brief(r) for r in runs] for label, runs in passkey[d].items()}
+                           for d in PASSKEY_DISTANCES}}
     out_dir.mkdir(parents=True, exist_ok=True)
     train.atomic_write(out_dir / "recall.json", lambda tmp: tmp.write_text(json.dumps(payload, indent=1)))
     train.atomic_write(out_dir / "recall.md", lambda tmp: tmp.write_text(md + "\n"))
@@ -377,7 +380,7 @@ def recipe(seed=1337, out_dir=None, device="auto"):
             model_cfg, cfg = configs({**settings, **overrides}, data, "byte", None, seed, out_dir, device,
                                      label=f"{label} {task}")
             result = run_once(model_cfg, cfg)
-            payload.setdefault(label, {})[task] = {k: v for k, v in result.items() if k not in ("traceback", "curve")}
+            payload.setdefault(label, {})[task] = brief(result)
             cells.append("failed" if "error" in result else f"{result[key]:.3f}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     md = "\n".join(lines)
