@@ -1,9 +1,10 @@
 """
 ablate.py — the seed paper's ablation table (Table 1), its threshold sweep (Table 2) and its training
-curves (Figure 5), by training every row of DESIGN §10 with the same data, seed and steps.
+curves (Figure 5), by training every row of hope.ABLATION_ROWS with the same data, seed and steps.
 
     python ablate.py --preset cpu                 # every row at the `tiny` scale on a CPU
     python ablate.py --preset cpu --seeds 3       # mean ± std per cell, and whether each Δ beats noise
+    python ablate.py --preset cpu --steps 2000    # the seed paper's step count, at the `tiny` scale
     python ablate.py --preset paper               # Small and Scaled on OpenWebText, 2,000 steps (GPU)
     python ablate.py --preset cpu --sweep         # surprise thresholds, absolute and relative
     python ablate.py --params                     # parameter counts of every row at every scale
@@ -12,6 +13,7 @@ Every finished run is cached under OUT_DIR/runs/ by its config and the code of h
 and skipped on a rerun; a crashing run is recorded and the others go on. Results:
 OUT_DIR/results.{md,csv,json}, fig5_curves.png.
 """
+import ast
 import csv
 import dataclasses
 import hashlib
@@ -37,8 +39,25 @@ PRESETS = {
                                         save_every=2)},
                   data="shakespeare", tokenizer="byte"),
 }
+
+
+def code_version(*modules):
+    """A hash of what the modules' code does: their syntax trees without docstrings, so that an edit
+    to comments or docstrings keeps the cached runs, and any edit to the code itself does not."""
+    trees = []
+    for module in modules:
+        tree = ast.parse(Path(module.__file__).read_text())
+        for node in ast.walk(tree):
+            body = getattr(node, "body", None)
+            if (isinstance(body, list) and body and isinstance(body[0], ast.Expr)
+                    and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str)):
+                node.body = body[1:] or [ast.Pass()]
+        trees.append(ast.dump(tree))
+    return hashlib.sha1("\n".join(trees).encode()).hexdigest()
+
+
 # Cached runs are keyed by their config and by the code that trains them: edit either, and rerun.
-CODE_VERSION = hashlib.sha1(b"".join(Path(m.__file__).read_bytes() for m in (hope, train))).hexdigest()
+CODE_VERSION = code_version(hope, train)
 SWEEP = [("absolute", g) for g in (0.005, 0.01, 0.02, 0.05, 0.1)] + [("relative", g) for g in (0.1, 0.3, 1.0, 3.0)]
 
 
@@ -177,13 +196,16 @@ def write_results(out_dir, table, payload, md):
     train.atomic_write(out / "results.md", lambda tmp: tmp.write_text(md + "\n"))
 
 
-def ablate(preset="cpu", rows=None, seeds=1, seed=1337, out_dir=None, device="auto"):
+def ablate(preset="cpu", rows=None, seeds=1, seed=1337, out_dir=None, device="auto", steps=None):
+    """The ablation table: every row (or the chosen ones) at every scale of the preset, `seeds` seeds
+    each. steps: train this many steps instead of each scale's own (its own directory by default)."""
     spec = PRESETS[preset]
     rows = rows or list(hope.ABLATION_ROWS)
-    out_dir = Path(out_dir or f"ablation_{preset}")
+    out_dir = Path(out_dir or f"ablation_{preset}" + (f"_{steps}steps" if steps else ""))
     scales = list(spec["scales"])
     results, baselines = {s: {} for s in scales}, {}
     for scale, settings in spec["scales"].items():
+        settings = {**settings, **({"steps": steps} if steps else {})}
         for row in rows:
             for s in range(seed, seed + seeds):
                 print(f"== {scale} · {row} · seed {s}", flush=True)
@@ -193,7 +215,8 @@ def ablate(preset="cpu", rows=None, seeds=1, seed=1337, out_dir=None, device="au
                 if "baselines" in result:
                     baselines[scale] = result["baselines"]
     table = summarize(results, rows, scales)
-    md = markdown(table, rows, scales, baselines, f"Ablation, preset `{preset}`, {seeds} seed(s)")
+    title = f"Ablation, preset `{preset}`" + (f", {steps} steps" if steps else "") + f", {seeds} seed(s)"
+    md = markdown(table, rows, scales, baselines, title)
     payload = {"preset": preset, "rows": rows, "seeds": seeds, "scales": spec["scales"], "baselines": baselines,
                "table": [{"scale": s, "row": r, **c} for (s, r), c in table.items()],
                "runs": {s: {r: [{k: v for k, v in x.items() if k != "traceback"} for x in runs]
@@ -412,6 +435,8 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, default=None, help="seeds per row (mean ± std when > 1; "
                    "default 1, 2 for --recall)")
     p.add_argument("--seed", type=int, default=1337, help="first seed")
+    p.add_argument("--steps", type=int, default=None, help="train every row this many steps instead of the "
+                   "preset's (results in ablation_<preset>_<steps>steps/)")
     p.add_argument("--sweep", action="store_true", help="the surprise-threshold sweep (Table 2) instead")
     p.add_argument("--recall", action="store_true", help="the recall table (MQAR, passkey) instead; "
                    "--rows then takes recall labels (a subset to train, e.g. one per process)")
@@ -428,6 +453,8 @@ def main(argv=None):
             raise train.UserError(f"unknown preset '{args.preset}' ({', '.join(PRESETS)})")
         if (args.seeds is not None and args.seeds < 1) or args.seed < 0:
             raise train.UserError("--seeds must be >= 1 and --seed >= 0")
+        if args.steps is not None and (args.steps < 1 or args.recall or args.recipe or args.sweep):
+            raise train.UserError("--steps must be >= 1, and applies to the ablation table only")
         rows = [r.strip() for r in args.rows.split(";" if args.recall else ",")] if args.rows else None
         known = RECALL_LABELS if args.recall else list(hope.ABLATION_ROWS)
         unknown = [r for r in rows or [] if r not in known]
@@ -440,7 +467,7 @@ def main(argv=None):
         elif args.sweep:
             md, out = sweep(args.preset, args.seed, args.out_dir, args.device)
         else:
-            md, out = ablate(args.preset, rows, args.seeds or 1, args.seed, args.out_dir, args.device)
+            md, out = ablate(args.preset, rows, args.seeds or 1, args.seed, args.out_dir, args.device, args.steps)
     except train.UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
