@@ -187,7 +187,7 @@ def sequential_memory_update():
     """Make every hope layer call memory_update(..., parallel=False): the readable token loop.
 
     hope's layers look memory_update up as a module global at call time, so swapping it runs the
-    same layer (same projections, same outputs) through the sequential path of DESIGN §4.
+    same layer (same projections, same outputs) through the sequential path of hope.py §4.
     """
     original = hope.memory_update
     hope.memory_update = functools.partial(original, parallel=False)
@@ -304,7 +304,7 @@ def bench_memory(args, device):
     print_table(["layer", "C", "T timed", "ms", "ms @ T 512", "vs Transformer",
                  "sequential / parallel", "note"], rows)
     print("\nsequential = the same NeuralMemory layer (same projections, same outputs) with "
-          "hope.memory_update(parallel=False)\nswapped in: the token-by-token loop of DESIGN §4, "
+          "hope.memory_update(parallel=False)\nswapped in: the token-by-token loop of hope.py §4, "
           "one torch.autograd.grad per token (create_graph for the backward).")
     return results
 
@@ -644,7 +644,7 @@ def bench_models(args, device):
               "stack when it ran (record_function\nregions around hope's module methods and "
               "memory_update); a backward op goes to the component of the forward op that created\n"
               "its autograd node (profiler sequence numbers). In Full HOPE the main memory M_mem "
-              "is stacked with the five generator\nmemories in one memory_update call (DESIGN §6), "
+              "is stacked with the five generator\nmemories in one memory_update call (hope.py §6), "
               "so its write is inside 'write all 6 memories' (1/6 of its heads).")
     return results
 

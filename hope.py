@@ -1,7 +1,7 @@
 """
 hope.py — HOPE (Nested Learning) on the Titans neural long-term memory, in one file.
 
-Read it top to bottom; it follows the order of the design notes:
+Read it top to bottom, in this order:
 
   1. Notation                 — what θ, η, α, C mean here
   2. Memory MLP               — a small network whose *weights* are the memory (Titans §3.1)
@@ -761,7 +761,7 @@ def surprise_settings(config):
 
 
 # -------------------------------------------------------------------------------------------------
-# 9. Mixers and blocks (Titans §4; seed notes §2-3)
+# 9. Mixers and blocks (Titans §4)
 # -------------------------------------------------------------------------------------------------
 # Attention uses rotary position embeddings (RoPE), so models run past their training length, and
 # N_p persistent tokens: learned, data-independent inputs prepended to every attention context
@@ -1209,7 +1209,7 @@ def build_model(config):
     return LanguageModel(config)
 
 
-# The rows of the seed paper's Table 1, as flags on one config (DESIGN §10).
+# The rows of the seed paper's Table 1, as flags on one config.
 ABLATION_ROWS = {
     "Full HOPE": dict(model="hope", cms=True, self_mod=True, surprise=True),
     "No CMS": dict(model="hope", cms=False, self_mod=True, surprise=True),

