@@ -108,6 +108,26 @@ def mean_std(values):
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
+# Two-sided 5 % quantiles of Student's t, by degrees of freedom (a df between two entries takes the
+# smaller one's, the larger quantile).
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
+         10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def paired_delta(runs, reference):
+    """Δ = mean over seeds of (row − Full HOPE), each seed against the same seed: seed s of every row
+    trains on the same batches (train.get_batch), so pairing removes the data order's share of the
+    noise. Returns (Δ, its standard error, whether it beats noise: a two-sided paired t-test at
+    5 %), or None with fewer than two seeds that both finished."""
+    diffs = [a["train_loss"] - b["train_loss"] for a, b in zip(runs, reference)
+             if "error" not in a and "error" not in b]
+    if len(diffs) < 2:
+        return None
+    stderr = statistics.stdev(diffs) / len(diffs) ** 0.5
+    t = T_975[max(df for df in T_975 if df <= len(diffs) - 1)]
+    return statistics.fmean(diffs), stderr, abs(statistics.fmean(diffs)) > t * stderr
+
+
 def summarize(results, rows, scales):
     """One cell per (scale, row): loss mean/std over seeds, Δ vs Full HOPE, whether Δ beats noise."""
     table = {}
@@ -121,13 +141,12 @@ def summarize(results, rows, scales):
                         params=runs[0]["params"] if runs else None,
                         tokens_per_s=mean_std([r["tokens_per_s"] for r in runs])[0],
                         errors=[r["error"] for r in results[scale].get(row, []) if "error" in r])
-            ref, ref_std = mean_std(reference)
+            ref = mean_std(reference)[0]
             if loss is not None and ref is not None and row != "Full HOPE":
                 cell["delta"] = loss - ref
-                if loss_std is not None and ref_std is not None:
-                    noise = (loss_std ** 2 / len(runs) + ref_std ** 2 / len(reference)) ** 0.5
-                    cell["delta_noise"] = noise
-                    cell["beats_noise"] = abs(cell["delta"]) > 2 * noise
+                paired = paired_delta(results[scale][row], results[scale]["Full HOPE"])
+                if paired is not None:
+                    cell["delta"], cell["delta_stderr"], cell["beats_noise"] = paired
             table[(scale, row)] = cell
     return table
 
@@ -149,7 +168,8 @@ def markdown(table, rows, scales, baselines, title):
             loss = fmt(c["loss"], c["loss_std"])
             loss = f"**{loss}**" if c["loss"] is not None and c["loss"] == best else loss
             delta = "—" if "delta" not in c else f"{c['delta']:+.3f}" + (
-                "" if "beats_noise" not in c else (" (> noise)" if c["beats_noise"] else " (≤ noise)"))
+                "" if "beats_noise" not in c else
+                f" ± {c['delta_stderr']:.3f} " + ("(> noise)" if c["beats_noise"] else "(≤ noise)"))
             if c["errors"] and c["loss"] is None:
                 loss = "failed"
             cells += [loss, delta, fmt(c["val_loss"], c["val_std"]),
@@ -158,7 +178,9 @@ def markdown(table, rows, scales, baselines, title):
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     lines += ["", "Loss: final training loss (mean of the train losses since the last evaluation), as the "
               "seed paper's Table 1; val loss on held-out data with fresh memory per sequence; "
-              "Δ = Loss − Full HOPE's (positive = worse); best Loss per scale in bold."]
+              "Δ = Loss − Full HOPE's (positive = worse), ± its standard error, paired by seed (seed s of "
+              "every row trains on the same batches); > noise: a two-sided paired t-test at 5 %; "
+              "best Loss per scale in bold."]
     for scale, b in baselines.items():
         lines.append(f"- {scale}: corpus baselines on train, unigram {b['unigram']:.2f}, bigram {b['bigram']:.2f} (nats per token).")
     return "\n".join(lines)

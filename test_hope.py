@@ -1456,3 +1456,17 @@ def test_bench_bad_input_exits_2_with_one_line(capsys):
         assert exit_info.value.code == 2, argv
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and len(err.splitlines()) == 1, err
+
+
+def test_ablation_delta_is_paired_by_seed():
+    """Seed s of every row trains on the same batches, so a row that is worse by the same margin
+    on every seed beats the noise even when the seeds themselves spread far more than the margin;
+    a margin that flips sign across seeds does not; a failed run drops its pair."""
+    reference = [dict(train_loss=x) for x in (2.10, 2.00, 2.20)]
+    shifted = [dict(train_loss=x + d) for x, d in zip((2.10, 2.00, 2.20), (0.021, 0.019, 0.020))]
+    delta, stderr, beats = ablate.paired_delta(shifted, reference)
+    assert delta == pytest.approx(0.020) and stderr == pytest.approx(0.001 / 3 ** 0.5) and beats
+    flipping = [dict(train_loss=x + d) for x, d in zip((2.10, 2.00, 2.20), (0.03, -0.02, 0.02))]
+    assert not ablate.paired_delta(flipping, reference)[2]
+    assert ablate.paired_delta([shifted[0], dict(error="x"), shifted[2]], reference)[2]
+    assert ablate.paired_delta([shifted[0], dict(error="x")], reference[:2]) is None
