@@ -915,7 +915,7 @@ def bench_stability(args, device):
     for size in sizes:
         print_header(f"stability: {size}, {args.stability_steps} steps of every row, default lr rule", args)
         rows = []
-        for row in STABILITY_ROWS:
+        for row in args.stability_rows or STABILITY_ROWS:
             r = run_isolated(device, stability_row, row, STABILITY_SIZES[size], args.stability_steps, args.seed)
             rows.append(r)
             print(f"  {row}: val {r['val_start']:.3f} -> {r['val_end']:.3f}, {r['seconds']:.0f} s", flush=True)
@@ -971,6 +971,8 @@ def parse_args(argv=None):
     group.add_argument("--sizes", default=None, help=f"comma list of: {'; '.join(STABILITY_SIZES)} "
                        "(separated by ';'; default all)")
     group.add_argument("--stability-steps", type=int, default=30)
+    group.add_argument("--stability-rows", default=None, help=f"';' list of: {'; '.join(STABILITY_ROWS)} "
+                       "(default all; e.g. half the rows per process)")
     group = parser.add_argument_group("roofline")
     group.add_argument("--matmul-size", type=int, default=2048)
     args = parser.parse_args(argv)
@@ -985,6 +987,11 @@ def parse_args(argv=None):
         args.sizes = [s.strip() for s in args.sizes.split(";") if s.strip()]
         if not args.sizes or not set(args.sizes) <= set(STABILITY_SIZES):
             parser.error(f"--sizes: choose from {'; '.join(STABILITY_SIZES)} (got {';'.join(args.sizes)})")
+    if args.stability_rows is not None:
+        args.stability_rows = [r.strip() for r in args.stability_rows.split(";") if r.strip()]
+        if not args.stability_rows or not set(args.stability_rows) <= set(STABILITY_ROWS):
+            parser.error(f"--stability-rows: choose from {'; '.join(STABILITY_ROWS)} "
+                         f"(got {';'.join(args.stability_rows)})")
     if args.stability_steps < 1:
         parser.error("--stability-steps must be >= 1")
     if args.command == "stability" and args.device != "cpu":
