@@ -9,7 +9,8 @@ bench.py — how fast is hope.py, and how does its cost grow with the sequence?
     python bench.py roofline [--quick]   achieved fp32 GFLOP/s of the memory update vs the machine's
                                          measured matmul peak
     python bench.py stability            every ablation row and every mixer trains 30 steps at three
-                                         sizes with the default lr rule (not part of `all`)
+                                         sizes, and at the `tiny` preset with one head of 64 and with
+                                         12 layers, with the default lr rule (not part of `all`)
     python bench.py all      [--quick]   memory, models, scaling and roofline
 
 Global flags: --device cpu|cuda, --threads N (default 2), --quick, --json PATH, --seed N; `models`
@@ -849,7 +850,9 @@ def bench_roofline(args, device):
 # -------------------------------------------------------------------------------------------------
 
 STABILITY_SIZES = {"tiny": [], "dim 256, 6 layers": ["--dim", "256", "--layers", "6"],
-                   "dim 512, 8 layers": ["--dim", "512", "--layers", "8"]}
+                   "dim 512, 8 layers": ["--dim", "512", "--layers", "8"],
+                   # the inner memory's settings at the edges of the head shapes users pick
+                   "tiny, 1 head of 64": ["--d-head", "64"], "tiny, 12 layers": ["--layers", "12"]}
 STABILITY_ROWS = {"Full HOPE": [], "No CMS": ["--no-cms"], "No Self-Mod": ["--no-self-mod"],
                   "No Surprise": ["--no-surprise"], "Titans": ["--no-self-mod", "--no-surprise"],
                   "Transformer": ["--model", "transformer"], "Transformer (matched)": ["--model", "transformer"],
