@@ -56,7 +56,7 @@ def load_snapshots(run_dir):
 
 
 def build(checkpoint):
-    model = hope.build_model(hope.HOPEConfig(**checkpoint["config"]["model"]))
+    model = hope.LanguageModel(hope.HOPEConfig(**checkpoint["config"]["model"]))
     train.load_model_state(model, checkpoint)
     return model.eval()
 
@@ -440,6 +440,7 @@ def main(argv=None):
     p.add_argument("--seq-len", type=int, default=None, help="their length (default: the training context)")
     p.add_argument("--out-dir", default=None, help="where to write (default: RUN_DIR/analysis)")
     args = p.parse_args(argv)
+    train.fast_cpu_math()
     try:
         if not Path(args.run_dir).is_dir():
             raise train.UserError(f"run directory {args.run_dir} does not exist")

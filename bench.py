@@ -47,6 +47,7 @@ import torch.nn as nn
 from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils.flop_counter import FlopCounterMode
 
+import ablate
 import hope
 import train
 
@@ -317,7 +318,7 @@ SCALE_VOCAB = {"tiny": 256, "small": 50257}    # tiny: byte-level Shakespeare; s
 PURE_MAC = "Titans MAC (pure)"   # mac mixer; cms, self_mod, surprise off: memory + attention only
 PURE_MAC_FLAGS = dict(model="hope", mixer="mac", cms=False, self_mod=False, surprise=False)
 PURE_MAC_TARGET = 3.0
-MODEL_ROWS = [*hope.ABLATION_ROWS, PURE_MAC]
+MODEL_ROWS = [*ablate.ABLATION_ROWS, PURE_MAC]
 
 
 def load_preset(name):
@@ -333,7 +334,7 @@ def load_preset(name):
 def row_config(row, base):
     if row == PURE_MAC:
         return hope.HOPEConfig(**{**base, **PURE_MAC_FLAGS})
-    return hope.ablation_config(row, hope.HOPEConfig(**base))
+    return ablate.ablation_config(row, hope.HOPEConfig(**base))
 
 
 # Component labels of the breakdown. Regions are opened by wrapping methods of the model's modules
@@ -497,7 +498,7 @@ def bench_model_row(config, batch, steps, warmup, device, seed, breakdown, compi
     """Train-step time, peak memory and (optionally) the component breakdown of one config.
     compiled=True runs the model through torch.compile (the first warmup step compiles it)."""
     torch.manual_seed(seed)
-    model = hope.build_model(config).to(device).train()
+    model = hope.LanguageModel(config).to(device).train()
     forward = torch.compile(model) if compiled else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)   # as train.py
     idx = torch.randint(0, config.vocab_size, (batch, config.seq_len + 1), device=device)
@@ -557,7 +558,7 @@ def run_isolated(device, fn, *args):
     them run out of memory; a fresh process per row also makes each peak its own."""
     if device.type != "cpu":
         return fn(*args)
-    pool = multiprocessing.get_context("spawn").Pool(1)
+    pool = multiprocessing.get_context("spawn").Pool(1, initializer=train.fast_cpu_math)
     try:
         return pool.apply(fn, args)
     finally:
@@ -876,11 +877,11 @@ def stability_row(row, size_flags, steps, seed):
         [*STABILITY_ROWS[row], *size_flags, "--steps", str(steps), "--eval-batches", "4", "--seed", str(seed)])
     model_cfg, cfg = train.resolve_config(args)
     if row == "Transformer (matched)":
-        model_cfg = hope.ablation_config(row, model_cfg)
+        model_cfg = ablate.ablation_config(row, model_cfg)
     train_data, val_data, _ = train.get_data(cfg.data, cfg.tokenizer, cfg.max_tokens, cfg.data_dir)
     val_batches = train.eval_batches(val_data, cfg.batch_size, model_cfg.seq_len, cfg.eval_batches)
     torch.manual_seed(cfg.seed)
-    model = hope.build_model(model_cfg)
+    model = hope.LanguageModel(model_cfg)
     optimizer = train.make_optimizer(model, cfg, torch.device("cpu"))
     evaluate = lambda: train.evaluate(model, val_batches, torch.device("cpu"), contextlib.nullcontext())[0]
     val_start, max_grad, non_finite, start = evaluate(), 0.0, None, time.perf_counter()
@@ -1002,6 +1003,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    train.fast_cpu_math()
     device = torch.device(args.device)
     commands = [c for c in COMMANDS if c != "stability"] if args.command == "all" else [args.command]
     report = dict(command=args.command, argv=sys.argv[1:] if argv is None else list(argv),

@@ -26,10 +26,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as recompute_in_backward
 
-# Gradients pushed through long products of decays underflow into denormal floats, which are ~3x
-# slower on CPUs. Flushing them to zero changes nothing visible and keeps the memory update fast.
-torch.set_flush_denormal(True)
-
 # -------------------------------------------------------------------------------------------------
 # 1. Notation
 # -------------------------------------------------------------------------------------------------
@@ -1204,59 +1200,3 @@ class LanguageModel(nn.Module):
                     module.trace = {}
         return self
 
-
-def build_model(config):
-    return LanguageModel(config)
-
-
-# The rows of the seed paper's Table 1, as flags on one config.
-ABLATION_ROWS = {
-    "Full HOPE": dict(model="hope", cms=True, self_mod=True, surprise=True),
-    "No CMS": dict(model="hope", cms=False, self_mod=True, surprise=True),
-    "No Self-Mod": dict(model="hope", cms=True, self_mod=False, surprise=True),
-    "No Surprise": dict(model="hope", cms=True, self_mod=True, surprise=False),
-    "Titans": dict(model="hope", cms=True, self_mod=False, surprise=False),
-    "Transformer": dict(model="transformer"),
-    "Transformer (matched)": dict(model="transformer"),
-    # Two rows that pull apart what "No CMS" mixes (issue: in-context learning vs capacity):
-    "CMS frozen": dict(model="hope", cms=True, self_mod=True, surprise=True, cms_lr_max=0.0),
-    "No CMS (matched MLP)": dict(model="hope", cms=False, self_mod=True, surprise=True),
-}
-
-
-def count_params(config):
-    """Parameters of a config, without allocating them."""
-    with torch.device("meta"):
-        return build_model(config).num_params()
-
-
-def ablation_config(row, config):
-    """The config of one ablation row, built from a base config (dims, data, training context)."""
-    if row not in ABLATION_ROWS:
-        raise ValueError(f"unknown ablation row '{row}' ({', '.join(ABLATION_ROWS)})")
-    base = {k: v for k, v in vars(config).items() if k not in ("heads",)}
-    row_config = HOPEConfig(**{**base, **ABLATION_ROWS[row]})
-    if row == "Transformer (matched)":
-        # same layers, dim = the smallest multiple of 64 whose parameters reach Full HOPE's
-        target = count_params(ablation_config("Full HOPE", config))
-        dim = 64
-        while count_params(HOPEConfig(**{**base, **ABLATION_ROWS[row], "dim": dim})) < target:
-            dim += 64
-        row_config = HOPEConfig(**{**base, **ABLATION_ROWS[row], "dim": dim})
-    if row == "No CMS (matched MLP)":
-        # the MLP's hidden width h whose parameters, (2·dim + 1)·h + dim, come closest to CMS's
-        with torch.device("meta"):
-            cms = sum(p.numel() for p in CMS(row_config).parameters())
-        row_config.mlp_hidden = max(1, round((cms - config.dim) / (2 * config.dim + 1)))
-    return row_config
-
-
-def flops_per_token(config, seq_len=None):
-    """Training FLOPs (forward + backward) per token, counted by running one sequence."""
-    from torch.utils.flop_counter import FlopCounterMode
-    seq_len = seq_len or config.seq_len
-    model = build_model(config)
-    idx = torch.zeros(1, seq_len, dtype=torch.long)
-    with FlopCounterMode(display=False) as counter:
-        model(idx, idx)[1].backward()
-    return counter.get_total_flops() / seq_len

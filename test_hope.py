@@ -49,6 +49,7 @@ import torch
 from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
 
+import ablate
 import hope
 import train
 from hope import NeuralMemory, memory_shapes, memory_update
@@ -56,6 +57,7 @@ from hope import NeuralMemory, memory_shapes, memory_update
 # The tests run thousands of tiny ops: one thread is faster for them, and a busy machine cannot
 # stall a second thread (an oversubscribed OpenMP region costs ~0.3 s per op instead of ~0.3 ms).
 torch.set_num_threads(1)
+train.fast_cpu_math()                 # as the scripts do
 
 # Hypothesis profiles. "dev" (the default) keeps the suite fast on a 2-core CPU; "ci" runs the same
 # examples on every run (derandomized, no example database). `.ci/run` sets CI.
@@ -773,8 +775,8 @@ CASES = [(row, mixer) for row in MEMORY_ROWS for mixer in hope.MIXERS] + \
 
 def tiny_model(row="Full HOPE", mixer="mac", seed=0, **overrides):
     torch.manual_seed(seed)
-    config = hope.ablation_config(row, hope.HOPEConfig(**{**TINY, "mixer": mixer, **overrides}))
-    return hope.build_model(config).double()
+    config = ablate.ablation_config(row, hope.HOPEConfig(**{**TINY, "mixer": mixer, **overrides}))
+    return hope.LanguageModel(config).double()
 
 
 def tokens(batch=2, length=22, seed=1):
@@ -802,11 +804,11 @@ def test_flags_that_are_off_create_no_parameters():
     assert "SelfModifyingMemory" not in modules("No Self-Mod")
     assert "NeuralMemory" in modules("No Self-Mod")
     assert tiny_model("Full HOPE").num_params() == tiny_model("No Surprise").num_params()
-    full = hope.count_params(hope.ablation_config("Full HOPE", hope.HOPEConfig(**TINY)))
-    matched = hope.ablation_config("Transformer (matched)", hope.HOPEConfig(**TINY))
-    assert matched.dim % 64 == 0 and hope.count_params(matched) >= full
+    full = ablate.count_params(ablate.ablation_config("Full HOPE", hope.HOPEConfig(**TINY)))
+    matched = ablate.ablation_config("Transformer (matched)", hope.HOPEConfig(**TINY))
+    assert matched.dim % 64 == 0 and ablate.count_params(matched) >= full
     if matched.dim > 64:
-        assert hope.count_params(dataclasses.replace(matched, dim=matched.dim - 64)) < full
+        assert ablate.count_params(dataclasses.replace(matched, dim=matched.dim - 64)) < full
 
 
 def test_unconfounded_cms_rows():
@@ -829,11 +831,11 @@ def test_unconfounded_cms_rows():
     assert not torch.equal(frozen.memory.weights[0], tiny_model("CMS frozen").blocks[0].mixer.memory
                            .initial_state(2).weights[0])                         # the main memory writes
     base = hope.HOPEConfig(**TINY)
-    matched = hope.ablation_config("No CMS (matched MLP)", base)
-    full_params = hope.count_params(hope.ablation_config("Full HOPE", base))
+    matched = ablate.ablation_config("No CMS (matched MLP)", base)
+    full_params = ablate.count_params(ablate.ablation_config("Full HOPE", base))
     assert matched.mlp_hidden != 4 * base.dim
-    assert abs(hope.count_params(matched) - full_params) <= base.layers * (2 * base.dim + 1)
-    assert hope.count_params(hope.ablation_config("CMS frozen", base)) == full_params
+    assert abs(ablate.count_params(matched) - full_params) <= base.layers * (2 * base.dim + 1)
+    assert ablate.count_params(ablate.ablation_config("CMS frozen", base)) == full_params
 
 
 def assert_causal(model):
@@ -1125,7 +1127,7 @@ def test_flags_override_the_preset():
 
 def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     model_cfg = hope.HOPEConfig(model="transformer", dim=32, layers=1, d_head=16)
-    model = hope.build_model(model_cfg)
+    model = hope.LanguageModel(model_cfg)
     optimizer = torch.optim.AdamW(model.parameters())
     path = tmp_path / "ckpt.pt"
     save = lambda step: train.save_checkpoint(path, model, optimizer, model_cfg, train.TrainConfig(), step, 0.0, [])
@@ -1291,7 +1293,6 @@ def test_bad_input_exits_2_with_one_line(corpus, tmp_path, capsys, monkeypatch):
 
 # --- ablate.py and analyze.py: every row, column and figure exists, every number is finite ---
 
-import ablate  # noqa: E402
 import analyze  # noqa: E402
 
 
@@ -1309,16 +1310,16 @@ def test_ablate_smoke_then_analyze(tmp_path, monkeypatch):
     finite numbers; a rerun trains nothing (cached); analyze.py reads a run's snapshots and writes
     Figures 1-4, the JSON and the summary, all finite."""
     md, out = ablate.ablate("smoke", out_dir=tmp_path / "abl")
-    for row in hope.ABLATION_ROWS:
+    for row in ablate.ABLATION_ROWS:
         assert f"| {row} |" in md
     assert "**" in md                                               # best loss in bold
     table = json.loads((out / "results.json").read_text())["table"]
-    assert [c["row"] for c in table] == list(hope.ABLATION_ROWS)
+    assert [c["row"] for c in table] == list(ablate.ABLATION_ROWS)
     for cell in table:
         for key in ("loss", "val_loss", "params", "tokens_per_s"):
             assert math.isfinite(cell[key]) and cell[key] > 0, (cell["row"], key)
         assert cell["row"] == "Full HOPE" or math.isfinite(cell["delta"])
-    assert len((out / "results.csv").read_text().strip().splitlines()) == 1 + len(hope.ABLATION_ROWS)
+    assert len((out / "results.csv").read_text().strip().splitlines()) == 1 + len(ablate.ABLATION_ROWS)
     assert (out / "fig5_curves.png").read_bytes()[:4] == b"\x89PNG"
 
     def no_training(*args, **kwargs):
@@ -1418,7 +1419,7 @@ def test_bench_model_row_breaks_full_hope_down_by_component():
     up to more than the step's wall time, and every backward op is traced to a forward component."""
     base = hope.HOPEConfig(dim=32, layers=1, d_head=16, seq_len=32, chunk_size=8, segment_len=16,
                            cms_periods=(8, 16))
-    config = hope.ablation_config("Full HOPE", base)
+    config = ablate.ablation_config("Full HOPE", base)
     result = bench.bench_model_row(config, batch=2, steps=1, warmup=2, device=torch.device("cpu"),
                                    seed=0, breakdown=True)
     table = result["breakdown_ms"]
