@@ -72,10 +72,10 @@ def frozen_memory():
     """Inside: every memory reads its initial weights W⁰ and never writes (no memory_update)."""
     real = hope.memory_update
 
-    def frozen(params, momentum, keys, values, queries, lr, beta, alpha, chunk_size, **_):
-        outputs = hope.memory_forward(params, queries) if queries is not None else None
-        surprise = hope.inner_loss_terms(params, keys, values)[1]
-        return outputs, tuple(params), tuple(momentum), surprise
+    def frozen(weights, momentum, keys, values, queries, lr, momentum_decay, forget, chunk_size, **_):
+        outputs = hope.memory_forward(weights, queries) if queries is not None else None
+        surprise = hope.inner_loss_terms(weights, keys, values)[1]
+        return outputs, tuple(weights), tuple(momentum), surprise
 
     hope.memory_update = frozen
     try:
@@ -152,7 +152,7 @@ def fast_vs_meta(model, x):
     result = {}
     for i, memory in layer_memories(model):
         n = len(components(memory))
-        fast = [W.unflatten(1, (n, memory.heads)) for W in state.layers[i].memory.weights]  # [B, n, H, ...]
+        fast = [W.unflatten(1, (n, memory.heads)) for W in state.layers[i].mixer.memory.weights]  # [B, n, H, ...]
         meta = meta_by_component(memory)
         for c_index, c in enumerate(components(memory)):
             f = torch.cat([W[:, c_index].flatten(1) for W in fast], 1)                   # [B, P]

@@ -183,19 +183,11 @@ def print_header(title, args):
               "for a sanity pass on a busy machine use --threads 1.")
 
 
-@contextlib.contextmanager
-def sequential_memory_update():
-    """Make every hope layer call memory_update(..., parallel=False): the readable token loop.
-
-    hope's layers look memory_update up as a module global at call time, so swapping it runs the
-    same layer (same projections, same outputs) through the sequential path of hope.py §4.
-    """
-    original = hope.memory_update
-    hope.memory_update = functools.partial(original, parallel=False)
-    try:
-        yield
-    finally:
-        hope.memory_update = original
+def memory_layer(dim, heads, d_head, chunk_size, parallel=True):
+    """hope.NeuralMemory of depth 2, expansion 4, no gate; parallel=False runs memory_update's
+    token loop (hope.py §4) instead of the chunk form (§5)."""
+    return hope.NeuralMemory(hope.HOPEConfig(dim=dim, heads=heads, d_head=d_head, memory_depth=2, expansion=4,
+                                             chunk_size=chunk_size, surprise=False, parallel=parallel))
 
 
 def meminfo_bytes(field, path="/proc/meminfo"):
@@ -249,7 +241,7 @@ def transformer_fwd_bwd(layer, x, grad):
 
 
 def memory_fwd_bwd(layer, x, grad):
-    return fwd_bwd(lambda: layer(x)[0], grad)
+    return fwd_bwd(lambda: layer(x, layer.initial_state(x.shape[0]))[0], grad)
 
 
 def bench_memory(args, device):
@@ -282,11 +274,12 @@ def bench_memory(args, device):
     t_seq = {}
     for C in chunks:
         torch.manual_seed(args.seed)
-        layer = hope.NeuralMemory(dim, heads, d_head, depth=2, expansion=4, chunk_size=C).to(device)
+        layer = memory_layer(dim, heads, d_head, C).to(device)
         t_par = timeit(memory_fwd_bwd(layer, x, grad), repeats, warmup, device)
-        if C in seq_chunks:
-            with sequential_memory_update():
-                t = timeit(memory_fwd_bwd(layer, x[:, :T_seq], grad[:, :T_seq]), seq_repeats, 1, device)
+        if C in seq_chunks:                      # the same layer through the token loop of §4
+            sequential = memory_layer(dim, heads, d_head, C, parallel=False).to(device)
+            sequential.load_state_dict(layer.state_dict())
+            t = timeit(memory_fwd_bwd(sequential, x[:, :T_seq], grad[:, :T_seq]), seq_repeats, 1, device)
             t_seq[C] = t * T / T_seq
             seq_note = f"timed at T {T_seq}, x{T / T_seq:g}"
         else:
@@ -305,7 +298,7 @@ def bench_memory(args, device):
     print_table(["layer", "C", "T timed", "ms", "ms @ T 512", "vs Transformer",
                  "sequential / parallel", "note"], rows)
     print("\nsequential = the same NeuralMemory layer (same projections, same outputs) with "
-          "hope.memory_update(parallel=False)\nswapped in: the token-by-token loop of hope.py §4, "
+          "HOPEConfig(parallel=False)\n(memory_update's token-by-token loop, hope.py §4), "
           "one torch.autograd.grad per token (create_graph for the backward).")
     return results
 
@@ -389,11 +382,11 @@ def component_regions(model):
     installed = []
     for module in model.modules():
         if isinstance(module, hope.SelfModifyingMemory):
-            for name in ("features", "read", "write", "_read_write"):
+            for name in ("features", "read", "write", "read_write"):
                 wrap_method(module, name, "selfmod", installed)
             wrap_method(module, "generate", "selfmod.generate", installed)
         elif isinstance(module, hope.NeuralMemory):
-            for name in ("features", "read", "write", "_read_write"):
+            for name in ("features", "read", "write", "read_write"):
                 wrap_method(module, name, "memory", installed)
         elif isinstance(module, hope.Attention):
             for name in ("forward", "project", "attend", "persistent_keys_values"):
@@ -645,7 +638,7 @@ def bench_models(args, device):
               "stack when it ran (record_function\nregions around hope's module methods and "
               "memory_update); a backward op goes to the component of the forward op that created\n"
               "its autograd node (profiler sequence numbers). In Full HOPE the main memory M_mem "
-              "is stacked with the five generator\nmemories in one memory_update call (hope.py §6), "
+              "is stacked with the five generator\nmemories in one memory_update call (hope.py §8), "
               "so its write is inside 'write all 6 memories' (1/6 of its heads).")
     return results
 
@@ -772,7 +765,7 @@ def matmul_gflops(shape_a, shape_b, repeats, device):
 def memory_update_fwd_bwd(layer, x):
     """fwd+bwd of hope.memory_update alone, on the q, k, v and rates the layer computes for x."""
     with torch.no_grad():
-        feats, _ = layer.features(x)
+        feats, _ = layer.features(x, None)
         q, (k, v) = layer.queries(feats), layer.keys_values(feats)
         rates = layer.rates(feats)
     q, k, v, *rates = (t.detach().clone().requires_grad_() for t in (q, k, v, *rates))
@@ -815,7 +808,7 @@ def bench_roofline(args, device):
     grad = torch.randn(B, T, dim, device=device)
     cases = []
     for C in (16, 64):
-        layer = hope.NeuralMemory(dim, heads, d_head, depth=2, expansion=4, chunk_size=C).to(device)
+        layer = memory_layer(dim, heads, d_head, C).to(device)
         cases.append((f"memory_update C={C}", memory_update_fwd_bwd(layer, x)))
         cases.append((f"NeuralMemory layer C={C}", memory_fwd_bwd(layer, x, grad)))
     cases.append(("Transformer layer", transformer_fwd_bwd(transformer_layer(dim, heads, device), x, grad)))
@@ -862,9 +855,9 @@ def memory_state_norm(state):
     """The largest Frobenius norm of any memory weight tensor (per sample and head) in a ModelState."""
     norms = [0.0]
     for layer in state.layers:
-        for memory in [layer.memory, *(layer.cms or [])]:
-            if memory is not None:
-                norms += [W.detach().flatten(2).norm(dim=-1).max().item() for W in memory.weights]
+        mixer_memory = [layer.mixer.memory] if hasattr(layer.mixer, "memory") else []   # GPT: none
+        for memory in mixer_memory + (layer.ffn or []):
+            norms += [W.detach().flatten(2).norm(dim=-1).max().item() for W in memory.weights]
     return max(norms)
 
 

@@ -4,7 +4,7 @@ test_hope.py — pytest + Hypothesis property tests for hope.py.
 Run: `python -m pytest -q`. With CI set in the environment (as `.ci/run` does) a
 derandomized Hypothesis profile is loaded, so CI runs the same examples every time.
 
-Memory core (hope.py §2-5: memory_update and NeuralMemory), in float64 unless stated, over
+Memory core (hope.py §2-7: memory_update and NeuralMemory), in float64 unless stated, over
 random batch sizes, heads, head widths, memory depths 1-3, expansions, sequence lengths T (also
 T not a multiple of C and T < C), chunk sizes C from 1 to beyond T, nonzero initial momentum, and
 rates θ, η, α anywhere in (0, 1), with values 1e-6 from either end mixed in, and both read modes
@@ -68,7 +68,7 @@ settings.register_profile("ci", settings.get_profile("dev"), derandomize=True, d
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 
-# --- memory core (hope.py §2-5) ---
+# --- memory core (hope.py §2-7) ---
 
 PATHS_RTOL = 1e-9      # parallel vs sequential, values and gradients (hope.py §5)
 SAME_RTOL = 1e-12      # "changes nothing": a real leak is many orders of magnitude larger
@@ -115,6 +115,12 @@ class MemoryProblem:
         t = slice(start, stop)
         return replace(self, params=params, momentum=momentum,
                        **{f: getattr(self, f)[:, :, t] for f in SEQUENCE_FIELDS})
+
+
+def titans_memory(dim, heads, d_head, depth=2, chunk_size=16):
+    """A NeuralMemory with no surprise gate (the rest as HOPEConfig's defaults)."""
+    return NeuralMemory(hope.HOPEConfig(dim=dim, heads=heads, d_head=d_head, memory_depth=depth,
+                                        chunk_size=chunk_size, surprise=False))
 
 
 def unit_vectors(gen, shape, dtype=torch.float64):
@@ -645,8 +651,8 @@ def test_neural_memory_long_sequence_finite(seed):
     """NeuralMemory(dim=64, heads=2, d_head=32) with default settings stays finite on T = 4096
     random tokens: outputs, final state, and the gradients of every parameter."""
     torch.manual_seed(seed % 2**31)
-    memory = NeuralMemory(dim=64, heads=2, d_head=32)
-    y, state, conv_tail = memory(torch.randn(1, 4096, 64))
+    memory = titans_memory(dim=64, heads=2, d_head=32)
+    y, state = memory(torch.randn(1, 4096, 64), memory.initial_state(1))
     bad = (~torch.isfinite(y)).any(-1).nonzero()[:, 1]
     assert bad.numel() == 0, f"outputs not finite from token {bad.min().item()} of 4096 on"
     for i, W in enumerate((*state.weights, *state.momentum)):
@@ -663,7 +669,7 @@ def test_memory_stays_bounded_whatever_the_momentum(kind):
     memory (C = 16) and a CMS level (period 32); a raw θ diverges to inf/NaN."""
     torch.manual_seed(0)
     config = hope.HOPEConfig(dim=32, d_head=8, cms_periods=(32,))
-    memory = hope.CMS(config).levels[0] if kind == "cms" else NeuralMemory(dim=32, heads=4, d_head=8)
+    memory = hope.CMS(config).levels[0] if kind == "cms" else titans_memory(dim=32, heads=4, d_head=8)
     with torch.no_grad():
         memory.rates.bias.copy_(torch.tensor([20.0, 4.0, -20.0]))     # θ = θ_max, η = 0.98, α ≈ 0
     x = torch.randn(1, 1, 32).expand(2, 1024, 32)                       # one token, 1024 times
@@ -728,21 +734,21 @@ def test_checkpointing_changes_nothing(problem, modes):
        st.integers(1, 6), st.integers(2, 4), st.integers(0, 5), st.data())
 def test_neural_memory_split_equals_full(seed, batch, heads, depth, C, chunks, extra, data):
     """NeuralMemory on a whole sequence equals two calls split at a chunk boundary with
-    (state, conv_tail) carried: outputs, final state and conv tail (float64, 1e-9 relative)."""
+    the state (with its conv tail) carried: outputs, final state and conv tail (float64, 1e-9 relative)."""
     T = C * chunks + extra % C
     split = C * data.draw(st.integers(1, chunks - 1), label="split after chunks")
     torch.manual_seed(seed)
-    memory = NeuralMemory(dim=8, heads=heads, d_head=4, depth=depth, chunk_size=C).double()
+    memory = titans_memory(dim=8, heads=heads, d_head=4, depth=depth, chunk_size=C).double()
     x = torch.randn(batch, T, 8, dtype=torch.float64)
-    y, state, tail = memory(x)
+    y, state = memory(x, memory.initial_state(batch))
     assume_tame([y, *state.weights, *state.momentum])
-    y1, state1, tail1 = memory(x[:, :split])
-    y2, state2, tail2 = memory(x[:, split:], state1, tail1)
+    y1, state1 = memory(x[:, :split], memory.initial_state(batch))
+    y2, state2 = memory(x[:, split:], state1)
     assert_close(torch.cat([y1, y2], 1), y, PATHS_RTOL, "outputs")
     for i, (a, b) in enumerate(zip((*state2.weights, *state2.momentum),
                                    (*state.weights, *state.momentum))):
         assert_close(a, b, PATHS_RTOL, f"state[{i}]")
-    assert_close(tail2, tail, PATHS_RTOL, "conv tail")
+    assert_close(state2.conv_tail, state.conv_tail, PATHS_RTOL, "conv tail")
 
 
 # ------------------------------------------------------------------ initial memory weights
@@ -763,7 +769,7 @@ def test_initial_memory_scales_only_the_last_layer(depth, expansion):
 
 
 # -------------------------------------------------------------------------------------------------
-# --- the HOPE model (hope.py §6-10) ---
+# --- the HOPE model (hope.py §8-11) ---
 # Tiny float64 configs, every ablation row and every mixer.
 
 TINY = dict(vocab_size=37, dim=32, layers=2, d_head=8, chunk_size=4, segment_len=8,
@@ -822,13 +828,13 @@ def test_unconfounded_cms_rows():
         return state.layers[0], meta
     frozen, meta = cms_states("CMS frozen")
     full, _ = cms_states("Full HOPE")
-    for level_frozen, level_full, level_meta in zip(frozen.cms, full.cms, meta):
+    for level_frozen, level_full, level_meta in zip(frozen.ffn, full.ffn, meta):
         for W_frozen, W_full, W0 in zip(level_frozen.weights, level_full.weights, level_meta):
             cosine = torch.cosine_similarity(W_frozen.flatten(2), W0.detach().expand_as(W_frozen).flatten(2), dim=-1)
             assert torch.allclose(cosine, torch.ones_like(cosine), atol=1e-12)     # decayed, not written
             cosine = torch.cosine_similarity(W_full.flatten(2), W0.detach().expand_as(W_full).flatten(2), dim=-1)
             assert cosine.min() < 1 - 1e-6                                       # Full HOPE writes
-    assert not torch.equal(frozen.memory.weights[0], tiny_model("CMS frozen").blocks[0].mixer.memory
+    assert not torch.equal(frozen.mixer.memory.weights[0], tiny_model("CMS frozen").blocks[0].mixer.memory
                            .initial_state(2).weights[0])                         # the main memory writes
     base = hope.HOPEConfig(**TINY)
     matched = ablate.ablation_config("No CMS (matched MLP)", base)
@@ -912,8 +918,8 @@ def test_self_mod_fast_state_leaves_meta_state():
     idx = tokens(length=TINY["chunk_size"])
     _, state = model.advance(idx, model.initial_state(idx.shape[0]))
     for block, layer in zip(model.blocks, state.layers):
-        fast = block.mixer.memory.by_component(layer.memory.weights)
-        meta = block.mixer.memory.by_component(hope.per_sample(block.mixer.memory.initial_weights, 2))
+        fast = block.mixer.memory.by_component(layer.mixer.memory.weights)
+        meta = block.mixer.memory.by_component(block.mixer.memory.initial_state(2).weights)
         for f, m in zip(fast, meta):
             change = (f - m).flatten(3).norm(dim=-1)                          # [B, 6, H]
             assert (change > 0).all()
@@ -925,9 +931,9 @@ def test_self_mod_chunk_one_changes_keys_generated_in_chunk_two(monkeypatch):
     calls = []
     real_update = hope.memory_update
 
-    def spy(params, momentum, keys, *args, **kwargs):
+    def spy(weights, momentum, keys, *args, **kwargs):
         calls.append(keys.detach().clone())
-        return real_update(params, momentum, keys, *args, **kwargs)
+        return real_update(weights, momentum, keys, *args, **kwargs)
 
     monkeypatch.setattr(hope, "memory_update", spy)
     C = TINY["chunk_size"]
@@ -969,14 +975,14 @@ def test_gate_closed_means_no_memory_is_written(row, mixer):
     model = tiny_model(row, mixer, surprise_threshold=1e9)
     idx = tokens()
     _, state = model.advance(idx, model.initial_state(idx.shape[0]))
-    states = [s for layer in state.layers for s in [layer.memory, *(layer.cms or [])]]
+    states = [s for layer in state.layers for s in [layer.mixer.memory, *layer.ffn]]
     assert len(states) == TINY["layers"] * 3
     for s in states:
         for S in s.momentum:
             assert torch.equal(S, torch.zeros_like(S))
     open_gate = tiny_model(row, mixer, surprise_threshold=0.0)
     _, state = open_gate.advance(idx, open_gate.initial_state(idx.shape[0]))
-    assert any(S.abs().max() > 0 for S in state.layers[0].memory.momentum)
+    assert any(S.abs().max() > 0 for S in state.layers[0].mixer.memory.momentum)
 
 
 def test_surprise_is_recorded_for_analysis():

@@ -194,6 +194,8 @@ def resolve_config(args, checkpoint=None):
         if preset not in PRESETS:
             raise UserError(f"unknown preset '{preset}' ({', '.join(PRESETS)})")
         settings = {**PRESETS[preset], **given, "preset": preset}
+        if "heads" in given and "d_head" not in given:       # --heads splits dim: d_head = dim // heads
+            del settings["d_head"]
         if "lr" not in given and settings["dim"] > 0 and settings["dim"] != PRESETS[preset]["dim"]:
             settings["lr"] = width_scaled_lr(preset, settings["dim"])
         settings.setdefault("tokenizer", "gpt2" if settings.get("data") == "openwebtext" else "byte")
