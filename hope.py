@@ -2,7 +2,6 @@
 hope.py — HOPE (Nested Learning) on the Titans neural long-term memory, in one file.
 
 Read it top to bottom; each section builds on the ones before it:
-
   1. Notation                 — what θ, η, α, C mean here
   2. Memory MLP               — a small network whose *weights* are the memory (Titans §3.1)
   3. Inner loss and surprise  — what the memory learns in the forward pass, and the gate (Titans Eq. 12)
@@ -15,9 +14,8 @@ Read it top to bottom; each section builds on the ones before it:
  10. Mixers and blocks        — attention, and MAC / MAG / MAL / LMM (Titans §3.3, §4)
  11. Models                   — HOPEConfig, the language model (HOPE and the GPT baseline)
 
-Papers: Titans (Behrouz, Zhong, Mirrokni 2024, "Learning to Memorize at Test Time"), Nested Learning
-(Behrouz et al. 2025, NL below), and the seed paper that combines them into HOPE. The README lists
-every place where this file departs from them.
+Papers: Titans (Behrouz, Zhong, Mirrokni 2024), Nested Learning (Behrouz et al. 2025, NL below) and
+the seed paper that combines them into HOPE. The README lists every departure from them.
 """
 import math
 from dataclasses import dataclass, replace
@@ -28,9 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as recompute_in_backward
 
-# -------------------------------------------------------------------------------------------------
-# 1. Notation
-# -------------------------------------------------------------------------------------------------
+# === 1. Notation ================================================================================
 # Titans names, per token t and per head, and the names they have in the code:
 #   θ_t  learning rate   `lr`              in (0, lr_max)  how far one token moves the memory
 #   η_t  momentum decay  `momentum_decay`  in (0, 1)       how long a past surprise keeps pushing
@@ -43,19 +39,14 @@ from torch.utils.checkpoint import checkpoint as recompute_in_backward
 GATE_EPS = 1e-6  # η and α are clamped to [GATE_EPS, 1 - GATE_EPS] so their logs stay finite
 
 
-# -------------------------------------------------------------------------------------------------
-# 2. Memory MLP (Titans §3.1; NL Eq. 89)
-# -------------------------------------------------------------------------------------------------
+# === 2. Memory MLP (Titans §3.1; NL Eq. 89) =====================================================
 # The memory is a function M_W whose parameters W are the state. Depth 1 is a linear map
 # M_W(x) = x W (the classic fast-weight memory); depth L >= 2 is a residual MLP
 # M_W(x) = x + MLP_W(x) with SiLU between layers. Each head has its own memory.
 
 def memory_forward(weights, x, layer_product=torch.matmul):
-    """Apply the memory M_W to x. weights: tuple of [B, H, d_in, d_out]; x: [B, H, T, d].
-
-    layer_product(h, W) is h W. §5's in-chunk read passes per-layer terms of its own instead of W,
-    with the product that gives every token the weights it reads.
-    """
+    """M_W(x). weights: tuple of [B, H, d_in, d_out]; x: [B, H, T, d]. layer_product(h, W) is h W;
+    §5's in-chunk read passes terms of its own as W, with the product that reads every token's W."""
     h = x
     for layer, W in enumerate(weights):
         h = layer_product(h, W)                      # [B, H, T, d_out]
@@ -73,11 +64,9 @@ def memory_shapes(d, depth, expansion):
 
 
 def init_memory_weights(heads, d, depth, expansion, branch_scale=0.1):
-    """Learned initial weights W⁰ (the meta state), one [H, d_in, d_out] tensor per layer.
-
-    The last layer of a residual memory is scaled by branch_scale: 0.1 starts M(x) ≈ x, while
-    memories that must differ from each other (the self-modifying generators, §8) use 1.
-    """
+    """Learned initial weights W⁰ (the meta state), one [H, d_in, d_out] tensor per layer. The last
+    layer of a residual memory is scaled by branch_scale: 0.1 starts M(x) ≈ x; memories that must
+    differ from each other (the self-modifying generators, §8) use 1."""
     weights = []
     for layer, (d_in, d_out) in enumerate(memory_shapes(d, depth, expansion)):
         W = torch.randn(heads, d_in, d_out) / math.sqrt(d_in)
@@ -102,9 +91,7 @@ def initial_state(initial_weights, batch):
     return MemoryState(weights, tuple(torch.zeros_like(w) for w in weights))
 
 
-# -------------------------------------------------------------------------------------------------
-# 3. Inner loss and surprise, and the surprise gate (Titans Eq. 12; seed paper §2, §4.4)
-# -------------------------------------------------------------------------------------------------
+# === 3. Inner loss and surprise, and the surprise gate (Titans Eq. 12; seed paper §2, §4.4) =====
 # The memory is trained, inside the forward pass, to map keys to values:
 #     ℓ_t(W) = ‖M_W(k_t) − v_t‖²      (summed over features)
 # The per-token surprise s_t is ℓ_t at the weights the token's gradient is taken at. The gradient
@@ -123,11 +110,9 @@ def silu_derivative(z):
 
 def inner_loss_terms(weights, keys, values):
     """Per-token loss ℓ_t and, per layer, the inputs x and errors δ with ∇_W ℓ_t = x_tᵀ δ_t.
-
-    weights: tuple of [B, H, d_in, d_out]; keys, values: [B, H, n, d].
-    Returns the prediction M_W(k) [B, H, n, d], the loss [B, H, n] (detached: it is only ever
-    used as the surprise), and per layer the inputs and deltas (lists of [B, H, n, ·] tensors).
-    """
+    weights: tuple of [B, H, d_in, d_out]; keys, values: [B, H, n, d]. Returns the prediction M_W(k)
+    [B, H, n, d], the loss [B, H, n] (detached: only ever the surprise), and per layer the inputs
+    and deltas (lists of [B, H, n, ·])."""
     inputs, preacts = [], []
     h = keys
     for layer, W in enumerate(weights):
@@ -151,29 +136,22 @@ def inner_loss_terms(weights, keys, values):
 
 
 def relative_surprise(surprise):
-    """s_t / (mean of s over its chunk), surprise: [..., n] for one chunk (seed paper §4.4).
-
-    A token whose chunk has one token scores exactly 1 (s/s), and so does every token of a chunk
-    whose surprises are all 0 (s equals its mean; 0/0 is defined as 1), so a γ ≤ 1 lets it write.
-    """
+    """s_t / (mean of s over its chunk), surprise: [..., n] for one chunk (seed paper §4.4). A
+    one-token chunk scores exactly 1, and so does a chunk of zero surprises (0/0 := 1): γ ≤ 1 writes."""
     mean = surprise.mean(-1, keepdim=True)
     return torch.where(mean > 0, surprise / mean, torch.ones_like(surprise))
 
 
 def surprise_gate(surprise, threshold, relative):
-    """1 for tokens that may write, 0 for tokens whose score (s_t, or relative_surprise) is below γ.
-
-    surprise: [B, H, n] for one chunk; returns a float mask of the same shape, or None (no gate).
-    """
+    """1 for tokens that may write, 0 where the score (s_t, or relative_surprise) is below γ.
+    surprise: [B, H, n] for one chunk; returns a float mask of that shape, or None (no gate)."""
     if threshold is None:
         return None
     score = relative_surprise(surprise) if relative else surprise
     return (score >= threshold).to(surprise.dtype)
 
 
-# -------------------------------------------------------------------------------------------------
-# 4. The update rule, token by token (Titans Eqs. 9-15)
-# -------------------------------------------------------------------------------------------------
+# === 4. The update rule, token by token (Titans Eqs. 9-15) ======================================
 #     S_t = η_t S_{t−1} − θ_t ∇ℓ_t(W_a(t))          momentum of surprise        (Eqs. 10, 12)
 #     W_t = (1 − α_t) W_{t−1} + S_t                  forgetting + write          (Eq. 13)
 #     y_t = M_{W_a(t)}(q_t)                          read before write           (Eq. 15)
@@ -225,9 +203,7 @@ def _memory_update_sequential(weights, momentum, keys, values, queries, lr, mome
     return outputs, weights, momentum, torch.cat(surprises, dim=2)
 
 
-# -------------------------------------------------------------------------------------------------
-# 5. The update rule, one chunk at a time (Titans §3.2, Eqs. 16-18, with momentum)
-# -------------------------------------------------------------------------------------------------
+# === 5. The update rule, one chunk at a time (Titans §3.2, Eqs. 16-18, with momentum) ===========
 # Unroll §4 over a chunk of n tokens from the anchor (W_a, S_a), with u_i = θ_i ∇ℓ_i(W_a) and the
 # decay products E(t,i) = Π_{i<j≤t} η_j and A(t,i) = Π_{i<j≤t} (1 − α_j):
 #     S_n = E(n,0) S_a − Σ_i E(n,i) u_i
@@ -413,9 +389,7 @@ def memory_update(weights, momentum, keys, values, queries, lr, momentum_decay, 
         return _memory_update_sequential(*args, read_mode)
 
 
-# -------------------------------------------------------------------------------------------------
-# 6. Plumbing: what every memory layer shares
-# -------------------------------------------------------------------------------------------------
+# === 6. Plumbing: what every memory layer shares ================================================
 # Around memory_update a layer needs projections in and out, a short causal convolution over time
 # (Titans §4.4), per-head linear maps and the per-token rates θ, η, α. None of it is the memory.
 
@@ -543,9 +517,7 @@ class MemoryLayer(nn.Module):
         return self.output(out, x.dtype), replace(state, conv_tail=conv_tail)
 
 
-# -------------------------------------------------------------------------------------------------
-# 7. The Titans memory layer (Titans §3.1, §4.4)
-# -------------------------------------------------------------------------------------------------
+# === 7. The Titans memory layer (Titans §3.1, §4.4) =============================================
 # From the conv's per-head features: q, k, v = SiLU of per-head linear maps (k, q then
 # L2-normalized), and the rates θ, η, α from RateHeads. The layer reads the memory with q and
 # writes k -> v into it with §5, read before write (Titans Eqs. 9-15). Its state can be carried
@@ -590,9 +562,7 @@ class NeuralMemory(MemoryLayer):
         return self._update(feats, state, read=False)[1]
 
 
-# -------------------------------------------------------------------------------------------------
-# 8. Self-modification (NL §8.1-8.2, Eqs. 76-93) — flag `self_mod`
-# -------------------------------------------------------------------------------------------------
+# === 8. Self-modification (NL §8.1-8.2, Eqs. 76-93) — flag `self_mod` ===========================
 # With self_mod off the keys, values, queries and rates come from fixed linear maps (§7). With it
 # on, each head holds six memories, M_k, M_v, M_q, M_lr, M_forget, M_mem, and the first five
 # *generate* what M_mem needs (NL Eqs. 80-88). All six are written in context, so the maps that
@@ -684,9 +654,7 @@ class SelfModifyingMemory(MemoryLayer):
         return self._run(feats, state, read=True)
 
 
-# -------------------------------------------------------------------------------------------------
-# 9. CMS, the Continuum Memory System (NL §7, Eqs. 70-74) — flag `cms`
-# -------------------------------------------------------------------------------------------------
+# === 9. CMS, the Continuum Memory System (NL §7, Eqs. 70-74) — flag `cms` =======================
 # CMS replaces the block's feed-forward by memories that keep learning in context, each at its own
 # pace: a level with period p is a per-head memory whose chunk size is p, so its fast weights
 # change once every p tokens (fast level p = 8, slow level p = 32). Keys are the level's input,
@@ -758,9 +726,7 @@ class MLP(nn.Module):
         return self.down(F.gelu(self.up(x))), None
 
 
-# -------------------------------------------------------------------------------------------------
-# 10. Mixers and blocks (Titans §3.3, §4)
-# -------------------------------------------------------------------------------------------------
+# === 10. Mixers and blocks (Titans §3.3, §4) ====================================================
 # Attention uses rotary position embeddings (RoPE), so models run past their training length, and
 # N_p persistent tokens: learned, data-independent inputs prepended to every attention context
 # (Titans §3.3). Four ways to combine the memory with attention:
@@ -1028,9 +994,7 @@ class Block(nn.Module):
         return x + y, BlockState(mixer_state, ffn_state)
 
 
-# -------------------------------------------------------------------------------------------------
-# 11. Models: the configuration, and the language model (HOPE, its ablations and GPT)
-# -------------------------------------------------------------------------------------------------
+# === 11. Models: the configuration, and the language model (HOPE, its ablations and GPT) ========
 
 @dataclass
 class HOPEConfig:
