@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -79,10 +80,12 @@ def init_memory_weights(heads, d, depth, expansion, branch_scale=0.1):
 @dataclass
 class MemoryState:
     """One memory layer's state: per-sample weights W and momentum S (tuples of [B, H, d_in, d_out]),
-    and the last inputs of its causal conv (§6; None: zeros, as at a sequence's start)."""
+    the last inputs of its causal conv (§6; None: zeros), and the per-token surprise s_t [B, H, T]
+    of the write that made it (§3; detached, for analysis)."""
     weights: tuple
     momentum: tuple
     conv_tail: torch.Tensor = None
+    surprise: torch.Tensor = None
 
 
 def initial_state(initial_weights, batch):
@@ -237,15 +240,11 @@ def segment_sum(x):
 
 
 def chunk_coefficients(lr, momentum_decay, forget, in_chunk_reads=False):
-    """Coefficients of the chunk form, for chunks laid out as lr, momentum_decay, forget: [..., n].
-
-    Returns (state_coeffs, token_coeffs): state_coeffs [..., 3, 1, 1] holds E(n,0), A(n,0) and
-    Σ_{r≥1} A(n,r)E(r,0), the weights of S_a and W_a; token_coeffs [..., n, 2] holds θ_i·E(n,i) and
-    θ_i·Σ_{r≥i} A(n,r)E(r,i), the weights of ∇ℓ_i in S_n and W_n. Index 0 of the segment sums is
-    the anchor. With in_chunk_reads, also the weights of W_{t−1}, which token t reads:
-    read_state_coeffs [..., n, 2] holds A(t−1,0) and K(t−1,0), the weights of W_a and S_a;
-    read_token_coeffs [..., n, n] holds θ_i·K(t−1,i) for token t (row) and ∇ℓ_i (column), 0 for i ≥ t.
-    """
+    """The chunk form's coefficients, for chunks of rates lr, momentum_decay, forget: [..., n].
+    state_coeffs [..., 3, 1, 1]: E(n,0), A(n,0), Σ_{r≥1} A(n,r)E(r,0) (weights of S_a and W_a);
+    token_coeffs [..., n, 2]: θ_i·E(n,i), θ_i·Σ_{r≥i} A(n,r)E(r,i) (weights of ∇ℓ_i in S_n, W_n).
+    With in_chunk_reads, also those of W_{t−1}: read_state_coeffs [..., n, 2], A(t−1,0) and K(t−1,0);
+    read_token_coeffs [..., n, n], θ_i·K(t−1,i) for token t (row), ∇ℓ_i (column), 0 for i ≥ t."""
     # Both decays in one batch; position 0 is the anchor, whose own factor is never used.
     logs = F.pad(torch.stack([torch.log(momentum_decay), torch.log1p(-forget)]), (1, 0))  # [2, ..., n+1]
     E, A = segment_sum(logs).exp().unbind(0)                  # each [..., n+1, n+1]
@@ -265,11 +264,8 @@ def chunk_coefficients(lr, momentum_decay, forget, in_chunk_reads=False):
 
 
 def _read_in_chunk(weights, momentum, queries, inputs, deltas, read_state_coeffs, read_token_coeffs):
-    """y_t = M_{W_{t−1}}(q_t) for every token t of a chunk, no W_{t−1} built (Titans Eq. 16).
-
-    weights, momentum: the anchor (W_a, S_a); queries [B, H, n, d]; inputs, deltas: the x_i and
-    δ_i of inner_loss_terms at W_a; the read coefficients of chunk_coefficients, gate applied.
-    """
+    """y_t = M_{W_{t−1}}(q_t) for every token t of a chunk, no W_{t−1} built (Titans Eq. 16), from
+    the anchor (W_a, S_a), the x_i and δ_i at W_a and the read coefficients, gate applied."""
     weight_keep, momentum_into_weight = read_state_coeffs[..., None].unbind(-2)   # each [B, H, n, 1]
 
     def product_with_read_weights(h, layer):
@@ -282,11 +278,8 @@ def _read_in_chunk(weights, momentum, queries, inputs, deltas, read_state_coeffs
 
 
 def _chunk_step(weights, momentum, keys, values, queries, coefficients, threshold, relative):
-    """Advance (W, S) over one chunk of n tokens; read before write. Shapes as in memory_update.
-
-    coefficients: chunk_coefficients() of the chunk; with its in-chunk read terms token t reads
-    W_{t−1}, without them the chunk-start weights.
-    """
+    """Advance (W, S) over one chunk, read before write; token t reads W_{t−1} if coefficients
+    (chunk_coefficients of the chunk) has the in-chunk read terms, else W_a. Shapes as in memory_update."""
     state_coeffs, token_coeffs, *read_coeffs = coefficients  # [B, H, 3, 1, 1], [B, H, n, 2]
     momentum_keep, weight_keep, momentum_into_weight = state_coeffs.unbind(2)
     prediction, surprise, inputs, deltas = inner_loss_terms(weights, keys, values)
@@ -351,7 +344,6 @@ def memory_update(weights, momentum, keys, values, queries, lr, momentum_decay, 
                   parallel=True, threshold=None, relative=False, checkpoint=False,
                   read_mode="chunk_start"):
     """Read and write a neural memory over a sequence: the functional core of the project.
-
     weights, momentum:  tuples of [B, H, d_in, d_out] (the memory state W, §2, and its momentum S)
     keys, values:       [B, H, T, d]   what to store (k_t -> v_t)
     queries:            [B, H, T, d]   what to read, or None when only the write is needed
@@ -362,7 +354,6 @@ def memory_update(weights, momentum, keys, values, queries, lr, momentum_decay, 
     checkpoint:         recompute each chunk in backward, keeping only the chunk-boundary states
     read_mode:          "chunk_start": y_t reads the chunk-start weights; "in_chunk": y_t reads
                         W_{t−1}, after the writes of the tokens before t (§4; not with the relative gate)
-
     Returns (outputs [B, H, T, d] or None, new weights, new momentum, surprise [B, H, T] detached).
     Nothing is modified in place; a final partial chunk is updated with its own tokens only.
     """
@@ -403,11 +394,8 @@ def update_settings(config):
 
 
 class CausalConv(nn.Module):
-    """Depthwise causal 1-D convolution over time: y_t = b + Σ_j w_j ⊙ x_{t−window+1+j}.
-
-    The last `window - 1` inputs are its state. Written as `window` shifted multiply-adds, which on
-    a CPU is faster than nn.Conv1d's depthwise kernel at these sizes (same numbers).
-    """
+    """Depthwise causal 1-D convolution over time: y_t = b + Σ_j w_j ⊙ x_{t−window+1+j}; the last
+    window − 1 inputs are its state. Speed: shifted multiply-adds beat nn.Conv1d on a CPU here."""
 
     def __init__(self, channels, window=4):
         super().__init__()
@@ -452,16 +440,11 @@ class HeadLinear(nn.Module):
 
 class RateHeads(nn.Module):
     """Per-head, per-token θ = lr_max·σ(·)·(1 − η), η = σ(·), α = σ(·) from linear read-outs
-    (Titans §3.1; θ_t and η_t are free data-dependent rates there, so this is a choice of θ_t).
-
-    Biases start at θ = lr_max/4, η = 0.5 and α ≈ 0.0025 (a memory time constant of ~400 tokens).
-    Stability: a chunk of n tokens takes all its gradients at one point, and momentum weighs each
-    gradient by up to Σ_j η^j = 1/(1 − η), so correlated keys move W by ≈ 2θ·n/(1 − η) times the
-    error, and the inner descent diverges once that passes ~2. Training drives η towards 1 (to 0.99
-    in the Titans memory within 25 steps of `python train.py --no-self-mod` under PyTorch's init,
-    and the memory to 1e11, then NaN). The factor (1 − η) makes the momentum an average of the
-    surprise instead of a sum: a chunk then moves W by at most 2·lr_max·n times the error whatever
-    η is (0.64 at C = 16, 1.28 at the CMS period 32, for lr_max = 0.02).
+    (Titans §3.1 leaves θ_t free). Biases start at θ = lr_max/4, η = 0.5, α ≈ 0.0025 (~400 tokens).
+    Why (1 − η): a chunk of n tokens takes its gradients at one point and momentum weighs each by up
+    to 1/(1 − η), so correlated keys move W by ≈ 2θ·n/(1 − η) times the error, which diverges past
+    ~2; training drives η to 0.99 within 25 steps (`--no-self-mod`: memory 1e11, then NaN). With
+    (1 − η) a chunk moves W by at most 2·lr_max·n times the error (0.64 at C = 16, lr_max = 0.02).
     """
 
     def __init__(self, heads, d, lr_max):
@@ -483,12 +466,8 @@ class RateHeads(nn.Module):
 
 
 class MemoryLayer(nn.Module):
-    """x [B, T, dim] -> input projection -> causal conv -> per-head features [B, H, T, d]; memory
-    reads [B, H, T, d] -> output projection -> [B, T, dim]. Subclasses define read(feats, state),
-    write(feats, state) and read_write(feats, state) (read before write); forward() runs the
-    latter on a raw input sequence.
-    """
-    recording = False  # when True (set by analysis code), layers fill a `trace` dict of detached values
+    """x [B, T, dim] -> input projection -> causal conv -> features [B, H, T, d]; memory reads ->
+    output projection -> [B, T, dim]. Subclasses define read, write and read_write (feats, state)."""
 
     def __init__(self, config):
         super().__init__()
@@ -546,9 +525,7 @@ class NeuralMemory(MemoryLayer):
         out, weights, momentum, surprise = memory_update(
             state.weights, state.momentum, k, v, self.queries(feats) if read else None,
             *self.rates(feats), self.chunk_size, **self.settings)
-        if self.recording:
-            self.trace.setdefault("surprise", []).append(surprise)  # [B, H, T] per write
-        return out, replace(state, weights=weights, momentum=momentum)
+        return out, replace(state, weights=weights, momentum=momentum, surprise=surprise)
 
     def read_write(self, feats, state):
         return self._update(feats, state, read=True)
@@ -594,10 +571,8 @@ class SelfModifyingMemory(MemoryLayer):
         self.settings["read_mode"] = "chunk_start"
 
     def features(self, x, conv_tail):
-        """Unit-norm per-head inputs [B, H, T, d]: the generators feed on their own outputs chunk after
-        chunk, so their gradients compound over the sequence; fixing the input scale keeps that
-        recurrence from exploding whatever the scale of in_proj (measured: gradient norms of 1e3
-        within 30 steps under PyTorch's default init without it)."""
+        """Unit-norm features: the generators feed on their own outputs chunk after chunk, and a fixed
+        input scale keeps that recurrence from exploding (gradient norms of 1e3 in 30 steps without)."""
         feats, conv_tail = super().features(x, conv_tail)
         return F.normalize(feats, dim=-1), conv_tail
 
@@ -643,9 +618,8 @@ class SelfModifyingMemory(MemoryLayer):
             out, weights, momentum, surprise = step(chunk, weights, momentum, read)
             outs.append(out)
             surprises.append(surprise)
-        if self.recording:                                            # [B, 6, H, T] per write
-            self.trace.setdefault("surprise", []).append(torch.cat(surprises, 2).unflatten(1, (6, self.heads)))
-        return (torch.cat(outs, 2) if read else None), replace(state, weights=weights, momentum=momentum)
+        state = replace(state, weights=weights, momentum=momentum, surprise=torch.cat(surprises, 2))
+        return (torch.cat(outs, 2) if read else None), state
 
     def write(self, feats, state):
         return self._run(feats, state, read=False)[1]
@@ -663,7 +637,7 @@ class SelfModifyingMemory(MemoryLayer):
 # 2-layer MLP.
 
 class CMSLevel(nn.Module):
-    recording = False
+    """One level: a per-head memory of chunk size `period`, read with its own keys."""
 
     def __init__(self, config, period):
         super().__init__()
@@ -687,13 +661,11 @@ class CMSLevel(nn.Module):
         out, weights, momentum, surprise = memory_update(
             state.weights, state.momentum, keys, values, keys, *self.rates(feats), self.period,
             **self.settings)
-        if self.recording:
-            self.trace.setdefault("surprise", []).append(surprise)
-        return self.out_proj(merge_heads(out.to(x.dtype))), MemoryState(weights, momentum)
+        return self.out_proj(merge_heads(out.to(x.dtype))), MemoryState(weights, momentum, surprise=surprise)
 
 
 class CMS(nn.Module):
-    recording = False
+    """The levels, mixed per token by a softmax gate; the state is one MemoryState per level."""
 
     def __init__(self, config):
         super().__init__()
@@ -706,8 +678,6 @@ class CMS(nn.Module):
     def forward(self, x, states):
         outs, states = zip(*(level(x, s) for level, s in zip(self.levels, states)))
         mix = torch.softmax(self.gate(x), dim=-1)                                   # [B, T, levels]
-        if self.recording:
-            self.trace = {"level_outputs": [o.detach() for o in outs], "mix": mix.detach()}
         return sum(mix[..., i:i + 1] * out for i, out in enumerate(outs)), list(states)
 
 
@@ -752,11 +722,8 @@ def rope(x, rotation):
 
 
 class Attention(nn.Module):
-    """Causal multi-head attention with RoPE, optional sliding window and persistent tokens.
-
-    forward() takes a key/value cache of earlier tokens and returns the updated one, so a sequence
-    can be fed in pieces; with a window the cache keeps only the last `window` tokens.
-    """
+    """Causal multi-head attention with RoPE, optional sliding window and persistent tokens. forward()
+    takes and returns a (keys, values) cache of earlier tokens (with a window, the last `window`)."""
 
     def __init__(self, config, window=None, persistent_tokens=0):
         super().__init__()
@@ -837,14 +804,10 @@ class MACState(NamedTuple):
 
 
 class MACMixer(nn.Module):
-    """Memory as context, per segment of `segment_len` tokens starting at the segment-start state:
-    h = M(q) read with the segment's inputs; y = attention over [persistent ‖ h ‖ segment], where
-    h_i is visible to position j iff i ≤ j; then the memory is written with y (chunk size C) and
-    the output is y ⊗ σ(M(y)), M again read at the segment-start state (Titans Eqs. 21-25).
-
-    keep_state=False (training, where nothing reads the final state) skips the last segment's
-    write, and returns no memory: a speed trick, the only one of the mixers.
-    """
+    """Memory as context (Titans Eqs. 21-25), per segment of `segment_len` tokens, from the segment-
+    start state: h = M(q) read with the segment's inputs; y = attention over [persistent ‖ h ‖
+    segment] (h_i visible to position j iff i ≤ j); write y into M; output y ⊗ σ(M(y)), M read at
+    the segment start. Speed: keep_state=False (training) skips the last segment's unread write."""
 
     def __init__(self, config):
         super().__init__()
@@ -876,7 +839,7 @@ class MACMixer(nn.Module):
         query_feats, query_tail = self.memory.features(x, state.query_tail)      # [B, H, T, d]
         q, k, v = self.attention.project(x, (cos, sin))                           # [B, h, T, dh]
         persistent = self.attention.persistent_keys_values(B, x.dtype)
-        memory, outs = state.memory, []
+        memory, outs, written = state.memory, [], []
         L, last = self.segment_len, (T - 1) // self.segment_len
         segments = zip(*(t.split(L, dim=2) for t in (query_feats, q, k, v)), cos.split(L), sin.split(L))
         for index, (feats, q_s, k_s, v_s, cos_s, sin_s) in enumerate(segments):
@@ -886,9 +849,12 @@ class MACMixer(nn.Module):
             gate = self.memory.read(y_feats, memory)
             if keep_state or index < last:
                 memory = self.memory.write(y_feats, memory)
+                written.append(memory.surprise)
             memory = replace(memory, conv_tail=conv_tail)
             outs.append(y * torch.sigmoid(gate))
-        return torch.cat(outs, 1), MACState(memory, query_tail) if keep_state else None
+        if not keep_state:
+            return torch.cat(outs, 1), None
+        return torch.cat(outs, 1), MACState(replace(memory, surprise=torch.cat(written, -1)), query_tail)
 
 
 class WindowState(NamedTuple):
@@ -1037,23 +1003,20 @@ class HOPEConfig:
 
     def validate(self):
         """Raise ValueError with a one-line message if the configuration cannot be built."""
+        relative_in_chunk = self.read_mode == "in_chunk" and self.surprise and self.surprise_mode == "relative"
         checks = [
             (self.model in ("hope", "transformer"), f"unknown model '{self.model}' (hope, transformer)"),
             (self.mixer in MIXERS, f"unknown mixer '{self.mixer}' ({', '.join(MIXERS)})"),
-            (self.surprise_mode in ("absolute", "relative"),
-             f"unknown surprise mode '{self.surprise_mode}' (absolute, relative)"),
+            (self.surprise_mode in ("absolute", "relative"), f"unknown surprise mode '{self.surprise_mode}' (absolute, relative)"),
             (self.dim > 0 and self.layers > 0 and self.vocab_size > 0, "dim, layers and vocab_size must be positive"),
-            (self.heads > 0 and self.dim % self.heads == 0,
-             f"dim {self.dim} is not divisible by heads {self.heads}"),
+            (self.heads > 0 and self.dim % self.heads == 0, f"dim {self.dim} is not divisible by heads {self.heads}"),
             (self.d_head % 2 == 0, f"head width {self.d_head} must be even (RoPE)"),
             (self.chunk_size > 0, f"chunk size must be positive, got {self.chunk_size}"),
-            (self.read_mode in READ_MODES,
-             f"unknown read mode '{self.read_mode}' ({', '.join(READ_MODES)})"),
-            (not (self.read_mode == "in_chunk" and self.surprise and self.surprise_mode == "relative"),
-             "read mode in_chunk takes no relative surprise gate (its chunk mean sees later tokens)"),
+            (self.read_mode in READ_MODES, f"unknown read mode '{self.read_mode}' ({', '.join(READ_MODES)})"),
+            (not relative_in_chunk, "read mode in_chunk takes no relative surprise gate (its chunk mean sees later tokens)"),
             (self.chunk_size > 0 and self.segment_len > 0 and self.segment_len % self.chunk_size == 0,
              f"segment_len {self.segment_len} must be a positive multiple of chunk size {self.chunk_size}"),
-            (all(p > 0 for p in self.cms_periods) and len(self.cms_periods) > 0,
+            (len(self.cms_periods) > 0 and all(p > 0 for p in self.cms_periods),
              f"CMS periods must be positive, got {self.cms_periods}"),
             (self.memory_depth >= 1 and self.expansion >= 1, "memory depth and expansion must be >= 1"),
             (self.persistent_tokens >= 0, "persistent_tokens must be >= 0"),
@@ -1086,16 +1049,8 @@ class ModelState:
 
 class LanguageModel(nn.Module):
     """Token embedding -> blocks -> norm -> output head. HOPE, its ablations and GPT.
-
-    The init recipe (measured on in-context recall and on language; README, "Training recipe"): the
-    token embedding ~ N(0, 1) and PyTorch's own init for every linear map (U(±1/√fan_in)), with an
-    untied output head. GPT-2's recipe (N(0, 0.02) everywhere, tied head) leaves every model here,
-    the Transformer included, on a plateau at MQAR: with 0.02 weights the attention logits start
-    near 0 (uniform attention, tiny gradients for q and k), and with a 0.02 embedding the token
-    identity is a small part of the residual stream that later layers must match on. A unit-scale
-    embedding cannot be tied to the head: the initial logits would have a standard deviation of
-    √dim (an initial loss of ~60 nats at dim 64).
-    """
+    Init (README, "Training recipe"): embedding ~ N(0, 1), PyTorch's own init for the linear maps,
+    an untied head. GPT-2's N(0, 0.02) and tied head leave every model here on a plateau at MQAR."""
 
     def __init__(self, config):
         super().__init__()
@@ -1122,12 +1077,9 @@ class LanguageModel(nn.Module):
         return ModelState(0, [block.initial_state(batch) for block in self.blocks])
 
     def advance(self, idx, state, keep_state=True):
-        """Process idx [B, T] as the continuation of `state`. Returns (logits [B, T, V], new state).
-
-        Chunks, segments and CMS periods are aligned to absolute positions, so `state` must sit on
-        a multiple of config.period (every state this returns after a whole period does).
-        keep_state=False returns no state, which lets MAC skip its last segment's write (training).
-        """
+        """Process idx [B, T] as the continuation of `state` (on a multiple of config.period: chunks,
+        segments and CMS periods align to absolute positions). Returns (logits [B, T, V], new state);
+        keep_state=False returns no state, which lets MAC skip its last segment's write (training)."""
         if state.position % self.config.period:
             raise ValueError(f"state at position {state.position} is not on a period boundary")
         x = self.embed(idx)
@@ -1174,13 +1126,3 @@ class LanguageModel(nn.Module):
             else:
                 pending = torch.cat([pending, token], 1)
         return (idx, torch.stack(all_logits, 1)) if return_logits else idx
-
-    def recording(self, on=True):
-        """Make every memory layer record into a fresh `trace` dict (for analyze.py): per-token
-        surprise of each write (a list, in sequence order) and the CMS level outputs."""
-        for module in self.modules():
-            if isinstance(module, (MemoryLayer, CMSLevel, CMS)):
-                module.recording = on
-                if on:
-                    module.trace = {}
-        return self

@@ -985,14 +985,15 @@ def test_gate_closed_means_no_memory_is_written(row, mixer):
     assert any(S.abs().max() > 0 for S in state.layers[0].mixer.memory.momentum)
 
 
-def test_surprise_is_recorded_for_analysis():
-    """model.recording() exposes per-token surprise of the memories and the CMS level outputs."""
-    model = tiny_model("Full HOPE", "mac").recording()
+def test_states_carry_the_surprise_for_analysis():
+    """Every MemoryState a write returns holds the per-token surprise of that write: the mixer
+    memory's (all six self-modifying ones, over the whole input) and each CMS level's."""
+    model = tiny_model("Full HOPE", "mac")
     idx = tokens()
-    model.advance(idx, model.initial_state(idx.shape[0]))   # forward() skips MAC's last, unread write
-    memory = model.blocks[0].mixer.memory
-    assert torch.cat(memory.trace["surprise"], -1).shape == (2, 6, model.config.heads, idx.shape[1])
-    assert len(model.blocks[0].ffn.trace["level_outputs"]) == 2
+    _, state = model.advance(idx, model.initial_state(idx.shape[0]))
+    H = model.config.heads
+    assert state.layers[0].mixer.memory.surprise.shape == (2, 6 * H, idx.shape[1])
+    assert [s.surprise.shape for s in state.layers[0].ffn] == [(2, H, idx.shape[1])] * 2
 
 
 def test_config_rejects_bad_values():
