@@ -21,7 +21,6 @@ import math
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

@@ -134,6 +134,8 @@ def build_arg_parser():
     p.add_argument("--read-mode", choices=hope.READ_MODES, help="chunk_start (default): every token reads "
                    "the memory as it was at its chunk's start; in_chunk: after the earlier tokens' writes")
     p.add_argument("--checkpoint", action=on_off, help="recompute memory chunks in backward")
+    p.add_argument("--parallel", action=on_off, help="the memory update's chunk form (default); "
+                   "--no-parallel: its token-by-token loop, hope.py §4 (same numbers, much slower)")
     p.add_argument("--data", help="shakespeare (default, offline) | openwebtext | PATH (.txt/.md, folder) | "
                    "mqar | passkey (recall tasks, generated on the fly)")
     p.add_argument("--tokenizer", choices=tuple(VOCAB_SIZES), help="default: gpt2 for openwebtext, else byte")
