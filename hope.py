@@ -519,23 +519,20 @@ class NeuralMemory(MemoryLayer):
         k, v = F.silu(self.to_key_value(feats)).chunk(2, dim=-1)     # each [B, H, T, d]
         return F.normalize(k, dim=-1), v
 
-    def _update(self, feats, state, read):
+    def read_write(self, feats, state, read=True):
+        """Read M_W(q) (if read) before writing every k -> v (Titans Eqs. 9-15): (reads or None, state)."""
         k, v = self.keys_values(feats)
         out, weights, momentum, surprise = memory_update(
             state.weights, state.momentum, k, v, self.queries(feats) if read else None,
             *self.rates(feats), self.chunk_size, **self.settings)
         return out, replace(state, weights=weights, momentum=momentum, surprise=surprise)
 
-    def read_write(self, feats, state):
-        return self._update(feats, state, read=True)
-
     def read(self, feats, state):
         """M_W(q) at the given state for every token (no write). Returns [B, T, dim]."""
         return self.output(memory_forward(state.weights, self.queries(feats)), feats.dtype)
 
     def write(self, feats, state):
-        """Write every token of feats into the memory (Titans Eqs. 9-14); no read."""
-        return self._update(feats, state, read=False)[1]
+        return self.read_write(feats, state, read=False)[1]
 
 
 # === 8. Self-modification (NL §8.1-8.2, Eqs. 76-93) — flag `self_mod` ===========================
@@ -610,7 +607,8 @@ class SelfModifyingMemory(MemoryLayer):
             **self.settings)
         return out, weights, momentum, surprise
 
-    def _run(self, feats, state, read):
+    def read_write(self, feats, state, read=True):
+        """Steps 1-4 chunk by chunk: (M_mem(q) if read, else None; the state after the writes)."""
         step = maybe_recompute(self._chunk, self.checkpoint)
         weights, momentum, outs, surprises = state.weights, state.momentum, [], []
         for chunk in feats.split(self.chunk_size, dim=2):
@@ -621,10 +619,7 @@ class SelfModifyingMemory(MemoryLayer):
         return (torch.cat(outs, 2) if read else None), state
 
     def write(self, feats, state):
-        return self._run(feats, state, read=False)[1]
-
-    def read_write(self, feats, state):
-        return self._run(feats, state, read=True)
+        return self.read_write(feats, state, read=False)[1]
 
 
 # === 9. CMS, the Continuum Memory System (NL §7, Eqs. 70-74) — flag `cms` =======================
@@ -1006,13 +1001,16 @@ class HOPEConfig:
         checks = [
             (self.model in ("hope", "transformer"), f"unknown model '{self.model}' (hope, transformer)"),
             (self.mixer in MIXERS, f"unknown mixer '{self.mixer}' ({', '.join(MIXERS)})"),
-            (self.surprise_mode in ("absolute", "relative"), f"unknown surprise mode '{self.surprise_mode}' (absolute, relative)"),
-            (self.dim > 0 and self.layers > 0 and self.vocab_size > 0, "dim, layers and vocab_size must be positive"),
+            (self.surprise_mode in ("absolute", "relative"),
+             f"unknown surprise mode '{self.surprise_mode}' (absolute, relative)"),
+            (min(self.dim, self.layers, self.vocab_size, self.seq_len) > 0,
+             "dim, layers, vocab_size and seq_len must be positive"),
             (self.heads > 0 and self.dim % self.heads == 0, f"dim {self.dim} is not divisible by heads {self.heads}"),
             (self.d_head % 2 == 0, f"head width {self.d_head} must be even (RoPE)"),
             (self.chunk_size > 0, f"chunk size must be positive, got {self.chunk_size}"),
             (self.read_mode in READ_MODES, f"unknown read mode '{self.read_mode}' ({', '.join(READ_MODES)})"),
-            (not relative_in_chunk, "read mode in_chunk takes no relative surprise gate (its chunk mean sees later tokens)"),
+            (not relative_in_chunk,
+             "read mode in_chunk takes no relative surprise gate (its chunk mean sees later tokens)"),
             (self.chunk_size > 0 and self.segment_len > 0 and self.segment_len % self.chunk_size == 0,
              f"segment_len {self.segment_len} must be a positive multiple of chunk size {self.chunk_size}"),
             (len(self.cms_periods) > 0 and all(p > 0 for p in self.cms_periods),

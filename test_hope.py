@@ -73,20 +73,20 @@ settings.load_profile("ci" if os.environ.get("CI") else "dev")
 PATHS_RTOL = 1e-9      # parallel vs sequential, values and gradients (hope.py §5)
 SAME_RTOL = 1e-12      # "changes nothing": a real leak is many orders of magnitude larger
 RATE_EXTREMES = (1e-6, 1e-3, 0.5, 1 - 1e-3, 1 - 1e-6)   # all inside hope.py's clamp [1e-6, 1-1e-6]
-SEQUENCE_FIELDS = ("keys", "values", "queries", "lr", "beta", "alpha")
+SEQUENCE_FIELDS = ("keys", "values", "queries", "lr", "momentum_decay", "forget")
 
 
 @dataclass
 class MemoryProblem:
     """The arguments of one memory_update call (float64 unless built otherwise)."""
-    params: tuple
+    weights: tuple
     momentum: tuple
     keys: torch.Tensor
     values: torch.Tensor
     queries: torch.Tensor
     lr: torch.Tensor
-    beta: torch.Tensor
-    alpha: torch.Tensor
+    momentum_decay: torch.Tensor
+    forget: torch.Tensor
     chunk_size: int
     seed: int
     read_mode: str = "chunk_start"
@@ -97,23 +97,23 @@ class MemoryProblem:
         return self.keys.shape[2]
 
     def tensors(self):
-        return [*self.params, *self.momentum, *(getattr(self, f) for f in SEQUENCE_FIELDS)]
+        return [*self.weights, *self.momentum, *(getattr(self, f) for f in SEQUENCE_FIELDS)]
 
     def with_tensors(self, tensors):
         """The same problem with `tensors` (in the order of tensors()) substituted."""
-        n = len(self.params)
-        return replace(self, params=tuple(tensors[:n]), momentum=tuple(tensors[n:2 * n]),
+        n = len(self.weights)
+        return replace(self, weights=tuple(tensors[:n]), momentum=tuple(tensors[n:2 * n]),
                        **dict(zip(SEQUENCE_FIELDS, tensors[2 * n:])))
 
     def run(self, parallel, **kwargs):
-        return memory_update(self.params, self.momentum, self.keys, self.values, self.queries,
-                             self.lr, self.beta, self.alpha, self.chunk_size, parallel=parallel,
+        return memory_update(self.weights, self.momentum, self.keys, self.values, self.queries,
+                             self.lr, self.momentum_decay, self.forget, self.chunk_size, parallel=parallel,
                              read_mode=self.read_mode, **kwargs)
 
-    def time_slice(self, start, stop, params, momentum):
-        """Tokens [start, stop) starting from the state (params, momentum)."""
+    def time_slice(self, start, stop, weights, momentum):
+        """Tokens [start, stop) starting from the state (weights, momentum)."""
         t = slice(start, stop)
-        return replace(self, params=params, momentum=momentum,
+        return replace(self, weights=weights, momentum=momentum,
                        **{f: getattr(self, f)[:, :, t] for f in SEQUENCE_FIELDS})
 
 
@@ -152,22 +152,22 @@ def memory_problems(draw, min_batch=1, max_batch=2, min_T=1, max_T=20, several_c
     T = draw(st.integers(max(min_T, 2 if several_chunks else 1), max_T), label="T")
     C = draw(st.integers(1, T - 1) if several_chunks else st.integers(1, T + 4), label="C")
     momentum_scale = draw(st.sampled_from([0.0, 0.1, 1.0]), label="momentum scale")
-    lr, beta, alpha = (draw(rate_tensors((B, H, T)), label=name) for name in ("θ", "η", "α"))
+    lr, momentum_decay, forget = (draw(rate_tensors((B, H, T)), label=name) for name in ("θ", "η", "α"))
     seed = draw(st.integers(0, 2**32 - 1), label="seed")
     gen = torch.Generator().manual_seed(seed)
-    params = tuple(torch.randn(B, H, d_in, d_out, generator=gen, dtype=torch.float64)
+    weights = tuple(torch.randn(B, H, d_in, d_out, generator=gen, dtype=torch.float64)
                    / math.sqrt(d_in) for d_in, d_out in memory_shapes(d, depth, expansion))
     momentum = tuple(momentum_scale * torch.randn(W.shape, generator=gen, dtype=torch.float64)
-                     / math.sqrt(W.shape[-2]) for W in params)
+                     / math.sqrt(W.shape[-2]) for W in weights)
     keys, queries = (unit_vectors(gen, (B, H, T, d)) for _ in range(2))
     values = torch.randn(B, H, T, d, generator=gen, dtype=torch.float64)
-    return MemoryProblem(params, momentum, keys, values, queries, lr, beta, alpha, C, seed)
+    return MemoryProblem(weights, momentum, keys, values, queries, lr, momentum_decay, forget, C, seed)
 
 
 def named(result):
-    """(name, tensor) pairs of a memory_update result (outputs, params, momentum, surprise)."""
-    outputs, params, momentum, surprise = result
-    return ([("outputs", outputs)] + [(f"params[{i}]", W) for i, W in enumerate(params)]
+    """(name, tensor) pairs of a memory_update result (outputs, weights, momentum, surprise)."""
+    outputs, weights, momentum, surprise = result
+    return ([("outputs", outputs)] + [(f"weights[{i}]", W) for i, W in enumerate(weights)]
             + [(f"momentum[{i}]", S) for i, S in enumerate(momentum)] + [("surprise", surprise)])
 
 
@@ -275,7 +275,7 @@ def perturb(problem, gen, fields, start, stop=None, samples=slice(None)):
     for name in fields:
         x = getattr(problem, name).clone()
         region = x[samples, :, start:stop]
-        if name in ("lr", "beta", "alpha"):
+        if name in ("lr", "momentum_decay", "forget"):
             fresh = torch.rand(region.shape, generator=gen, dtype=x.dtype) * 0.98 + 0.01
         else:
             fresh = region + torch.randn(region.shape, generator=gen, dtype=x.dtype)
@@ -326,20 +326,20 @@ def random_projections(problem, reference):
 def gradients(problem, parallel, projections, **kwargs):
     """d/d(every input) of Σ P·outputs + Σ P·new weights + Σ P·new momentum."""
     leaves = leaf_copies(problem.tensors())
-    outputs, params, momentum, _ = problem.with_tensors(leaves).run(parallel, **kwargs)
-    scalar = sum((P * t).sum() for P, t in zip(projections, (outputs, *params, *momentum)))
+    outputs, weights, momentum, _ = problem.with_tensors(leaves).run(parallel, **kwargs)
+    scalar = sum((P * t).sum() for P, t in zip(projections, (outputs, *weights, *momentum)))
     return torch.autograd.grad(scalar, leaves)
 
 
 def gradient_names(problem):
-    n = len(problem.params)
-    return ([f"params[{i}]" for i in range(n)] + [f"momentum[{i}]" for i in range(n)]
+    n = len(problem.weights)
+    return ([f"weights[{i}]" for i in range(n)] + [f"momentum[{i}]" for i in range(n)]
             + list(SEQUENCE_FIELDS))
 
 
 @given(memory_problems(), read_and_gate_modes(), st.booleans())
 def test_gradients_parallel_equal_sequential(problem, modes, queries_are_keys):
-    """Gradients of a random scalar of the outputs and final state w.r.t. params, momentum, keys,
+    """Gradients of a random scalar of the outputs and final state w.r.t. weights, momentum, keys,
     values, queries, θ, η, α agree between the paths to 1e-9 relative (per input tensor), gate
     off or on, in both read modes, also with the keys passed as queries (one tensor, one
     gradient)."""
@@ -369,11 +369,11 @@ def test_chunk_size_one_is_the_online_loop(problem):
     problem = replace(problem, chunk_size=1)
     B, H, T, _ = problem.keys.shape
     outputs, surprise = torch.zeros_like(problem.queries), torch.zeros_like(problem.lr)
-    final_W = [torch.zeros_like(W) for W in problem.params]
-    final_S = [torch.zeros_like(W) for W in problem.params]
+    final_W = [torch.zeros_like(W) for W in problem.weights]
+    final_S = [torch.zeros_like(W) for W in problem.weights]
     for b in range(B):
         for h in range(H):
-            W = [p[b, h] for p in problem.params]
+            W = [p[b, h] for p in problem.weights]
             S = [s[b, h] for s in problem.momentum]
             for t in range(T):
                 outputs[b, h, t] = plain_memory(W, problem.queries[b, h, t])
@@ -383,9 +383,9 @@ def test_chunk_size_one_is_the_online_loop(problem):
                             - problem.values[b, h, t]).pow(2).sum()
                     grads = torch.autograd.grad(loss, leaves)
                 surprise[b, h, t] = loss.detach()
-                theta, eta, alpha = (float(r[b, h, t]) for r in (problem.lr, problem.beta, problem.alpha))
+                theta, eta, forget = (float(r[b, h, t]) for r in (problem.lr, problem.momentum_decay, problem.forget))
                 S = [eta * s - theta * g for s, g in zip(S, grads)]
-                W = [(1 - alpha) * w + s for w, s in zip(W, S)]
+                W = [(1 - forget) * w + s for w, s in zip(W, S)]
             for i in range(len(W)):
                 final_W[i][b, h], final_S[i][b, h] = W[i], S[i]
     reference = (outputs, tuple(final_W), tuple(final_S), surprise)
@@ -401,7 +401,7 @@ def test_chunk_size_one_is_the_online_loop(problem):
 
 @given(memory_problems(several_chunks=True), read_and_gate_modes(), st.data())
 def test_state_carry_equals_one_call(problem, modes, data):
-    """Two calls split at a chunk boundary, (new_params, new_momentum) carried from the first to
+    """Two calls split at a chunk boundary, (new_weights, new_momentum) carried from the first to
     the second, equal one call on the whole sequence (both paths, gate off or on, both read
     modes)."""
     read_mode, gate = modes
@@ -412,10 +412,10 @@ def test_state_carry_equals_one_call(problem, modes, data):
     for parallel in (False, True):
         whole = problem.run(parallel, **kwargs)
         assume_tame(result_tensors(whole))
-        y1, params, momentum, s1 = problem.time_slice(0, split, problem.params,
+        y1, weights, momentum, s1 = problem.time_slice(0, split, problem.weights,
                                                       problem.momentum).run(parallel, **kwargs)
-        y2, params, momentum, s2 = problem.time_slice(split, T, params, momentum).run(parallel, **kwargs)
-        pieces = (torch.cat([y1, y2], 2), params, momentum, torch.cat([s1, s2], 2))
+        y2, weights, momentum, s2 = problem.time_slice(split, T, weights, momentum).run(parallel, **kwargs)
+        pieces = (torch.cat([y1, y2], 2), weights, momentum, torch.cat([s1, s2], 2))
         assert_results_close(pieces, whole, PATHS_RTOL, f"parallel={parallel} ")
 
 
@@ -446,7 +446,7 @@ def test_memory_causality_within_chunk(problem, modes, data):
     t = data.draw(st.integers(0, problem.T - 1), label="t")
     first = t - t % C if read_mode == "chunk_start" else t
     gen = torch.Generator().manual_seed(problem.seed)
-    changed = perturb(perturb(problem, gen, ("keys", "values", "lr", "beta", "alpha"), first),
+    changed = perturb(perturb(problem, gen, ("keys", "values", "lr", "momentum_decay", "forget"), first),
                       gen, ("queries",), t + 1)
     kwargs = gate_kwargs(problem, gate)
     for parallel in (False, True):
@@ -467,7 +467,7 @@ def test_in_chunk_reads_see_earlier_tokens_of_the_chunk(problem, data):
     t = data.draw(st.sampled_from([t for t in range(problem.T) if t % C]), label="t")
     s = data.draw(st.integers(t - t % C, t - 1), label="s")
     half = torch.full_like(problem.lr, 0.5)
-    problem = replace(problem, lr=half, beta=half, alpha=torch.full_like(half, 0.1),
+    problem = replace(problem, lr=half, momentum_decay=half, forget=torch.full_like(half, 0.1),
                       read_mode="in_chunk")
     gen = torch.Generator().manual_seed(problem.seed)
     changed = perturb(problem, gen, ("keys", "values"), s, s + 1)
@@ -504,7 +504,7 @@ def test_samples_are_independent(problem, gate, data):
         x[b] += torch.randn(x[b].shape, generator=gen, dtype=x.dtype)
         return x
 
-    changed = replace(changed, params=tuple(map(change, problem.params)),
+    changed = replace(changed, weights=tuple(map(change, problem.weights)),
                       momentum=tuple(map(change, problem.momentum)))
     others = [i for i in range(problem.keys.shape[0]) if i != b]
     for parallel in (False, True):
@@ -533,13 +533,13 @@ def test_every_token_gated_only_decays(problem, relative):
     """With γ above every score and zero initial momentum, momentum stays exactly 0 and the
     weights only decay: W_T = Π_t (1 − α_t)·W⁰; every chunk reads (and scores its surprise at)
     Π_{j < chunk start} (1 − α_j)·W⁰ (products computed here)."""
-    problem = replace(problem, momentum=tuple(torch.zeros_like(W) for W in problem.params))
+    problem = replace(problem, momentum=tuple(torch.zeros_like(W) for W in problem.weights))
     C, T = problem.chunk_size, problem.T
-    keep = 1 - problem.alpha                                            # [B, H, T]
+    keep = 1 - problem.forget                                            # [B, H, T]
     outputs, surprise = [], []
     for t in range(T):
         decay = torch.prod(keep[:, :, :t - t % C], dim=-1)[:, :, None, None]
-        anchor = [decay * W0 for W0 in problem.params]
+        anchor = [decay * W0 for W0 in problem.weights]
         outputs.append(plain_memory(anchor, problem.queries[:, :, t:t + 1]))
         error = plain_memory(anchor, problem.keys[:, :, t:t + 1]) - problem.values[:, :, t:t + 1]
         surprise.append(error.pow(2).sum(-1))
@@ -548,11 +548,11 @@ def test_every_token_gated_only_decays(problem, relative):
     # relative scores s_t / mean_chunk(s) are at most C; absolute ones are known from above
     threshold = C + 1.0 if relative else 2 * surprise.max().item() + 1
     for parallel in (False, True):
-        y, params, momentum, s = problem.run(parallel, threshold=threshold, relative=relative)
+        y, weights, momentum, s = problem.run(parallel, threshold=threshold, relative=relative)
         for i, S in enumerate(momentum):
             assert torch.count_nonzero(S) == 0, f"parallel={parallel}: momentum[{i}] moved"
-        for i, (W, W0) in enumerate(zip(params, problem.params)):
-            assert_close(W, decay * W0, PATHS_RTOL, f"parallel={parallel}: params[{i}]")
+        for i, (W, W0) in enumerate(zip(weights, problem.weights)):
+            assert_close(W, decay * W0, PATHS_RTOL, f"parallel={parallel}: weights[{i}]")
         assert_close(y, outputs, PATHS_RTOL, f"parallel={parallel}: outputs")
         assert_close(s, surprise, PATHS_RTOL, f"parallel={parallel}: surprise")
 
@@ -564,7 +564,7 @@ def test_relative_gate_lets_one_token_chunks_write_at_threshold_one(problem):
     final one-token chunk writes as if ungated (state carried from the gated chunks before it)."""
     C = problem.chunk_size
     stop = C * ((problem.T - 1) // C) + 1                   # full chunks, then one token
-    ends_with_one = problem.time_slice(0, stop, problem.params, problem.momentum)
+    ends_with_one = problem.time_slice(0, stop, problem.weights, problem.momentum)
     for parallel in (False, True):
         online = replace(problem, chunk_size=1)
         ungated = online.run(parallel)
@@ -575,10 +575,10 @@ def test_relative_gate_lets_one_token_chunks_write_at_threshold_one(problem):
 
         whole = ends_with_one.run(parallel, threshold=1.0, relative=True)
         assume_tame(result_tensors(whole))
-        y1, params, momentum, s1 = ends_with_one.time_slice(0, stop - 1, problem.params, problem.momentum) \
+        y1, weights, momentum, s1 = ends_with_one.time_slice(0, stop - 1, problem.weights, problem.momentum) \
             .run(parallel, threshold=1.0, relative=True)
-        y2, params, momentum, s2 = ends_with_one.time_slice(stop - 1, stop, params, momentum).run(parallel)
-        pieces = (torch.cat([y1, y2], 2), params, momentum, torch.cat([s1, s2], 2))
+        y2, weights, momentum, s2 = ends_with_one.time_slice(stop - 1, stop, weights, momentum).run(parallel)
+        pieces = (torch.cat([y1, y2], 2), weights, momentum, torch.cat([s1, s2], 2))
         assert_results_close(pieces, whole, PATHS_RTOL, f"parallel={parallel}, final one-token chunk: ")
 
 
@@ -592,18 +592,18 @@ def test_relative_gate_with_zero_surprise_is_finite(parallel, C):
     assert torch.equal(hope.surprise_gate(zeros, 1.0, relative=True), torch.ones_like(zeros))
     B, H, T, d = 2, 2, 7, 4
     gen = torch.Generator().manual_seed(0)
-    params = tuple(torch.zeros(B, H, i, o, dtype=torch.float64) for i, o in memory_shapes(d, 2, 2))
+    weights = tuple(torch.zeros(B, H, i, o, dtype=torch.float64) for i, o in memory_shapes(d, 2, 2))
     keys = unit_vectors(gen, (B, H, T, d))
     rates = [torch.rand(B, H, T, generator=gen, dtype=torch.float64) for _ in range(3)]
-    problem = MemoryProblem(params, tuple(torch.zeros_like(W) for W in params), keys, keys.clone(),
+    problem = MemoryProblem(weights, tuple(torch.zeros_like(W) for W in weights), keys, keys.clone(),
                             unit_vectors(gen, (B, H, T, d)), *rates, C, 0)
     leaves = [t.clone().requires_grad_() for t in problem.tensors()]
     result = problem.with_tensors(leaves).run(parallel, threshold=1.0, relative=True)
     assert torch.count_nonzero(result[3]) == 0, "the surprise is not 0"
     for name, x in named(result):
         assert torch.isfinite(x).all(), f"{name} not finite"
-    outputs, params, momentum, _ = result
-    scalar = sum(x.sum() for x in (outputs, *params, *momentum))
+    outputs, weights, momentum, _ = result
+    scalar = sum(x.sum() for x in (outputs, *weights, *momentum))
     for name, g in zip(gradient_names(problem), torch.autograd.grad(scalar, leaves, allow_unused=True)):
         assert g is None or torch.isfinite(g).all(), f"d/d {name} not finite"
 
@@ -612,7 +612,7 @@ def test_relative_gate_with_zero_surprise_is_finite(parallel, C):
 
 @given(st.integers(0, 2**32 - 1), st.integers(1, 48), st.integers(1, 52), st.sampled_from([1, 2, 3]),
        st.sampled_from(["low", "high", "mixed"]), st.sampled_from(["low", "high", "mixed"]))
-def test_extreme_gates_float32_finite(seed, T, C, depth, eta, alpha):
+def test_extreme_gates_float32_finite(seed, T, C, depth, eta, forget):
     """η and α at 1e-6 and 1 − 1e-6 (all of one, or mixed per token), float32: outputs, state,
     surprise and the gradients w.r.t. every input are finite on both paths. (Examples whose
     float64 dynamics leave float32's range are skipped: that is growth, not a numerical fault.)"""
@@ -624,14 +624,14 @@ def test_extreme_gates_float32_finite(seed, T, C, depth, eta, alpha):
             return torch.where(torch.rand(B, H, T, generator=gen) < 0.5, 1e-6, 1 - 1e-6)
         return torch.full((B, H, T), 1e-6 if mode == "low" else 1 - 1e-6)
 
-    params = tuple(torch.randn(B, H, i, o, generator=gen) / math.sqrt(i)
+    weights = tuple(torch.randn(B, H, i, o, generator=gen) / math.sqrt(i)
                    for i, o in memory_shapes(d, depth, 2))
-    momentum = tuple(0.1 * torch.randn(W.shape, generator=gen) for W in params)
+    momentum = tuple(0.1 * torch.randn(W.shape, generator=gen) for W in weights)
     keys, queries = (unit_vectors(gen, (B, H, T, d), torch.float32) for _ in range(2))
     values = torch.randn(B, H, T, d, generator=gen)
     lr = 0.1 * torch.rand(B, H, T, generator=gen)
-    problem = MemoryProblem(params, momentum, keys, values, queries, lr, extreme(eta),
-                            extreme(alpha), C, seed)
+    problem = MemoryProblem(weights, momentum, keys, values, queries, lr, extreme(eta),
+                            extreme(forget), C, seed)
     reference = problem.with_tensors([t.double() for t in problem.tensors()]).run(False)
     assume_tame(result_tensors(reference), limit=1e15)
     for parallel in (False, True):
@@ -639,8 +639,8 @@ def test_extreme_gates_float32_finite(seed, T, C, depth, eta, alpha):
         result = problem.with_tensors(leaves).run(parallel)
         for name, x in named(result):
             assert x.dtype == torch.float32 and torch.isfinite(x).all(), f"parallel={parallel}: {name}"
-        outputs, params, momentum, _ = result
-        scalar = sum(x.sum() for x in (outputs, *params, *momentum))
+        outputs, weights, momentum, _ = result
+        scalar = sum(x.sum() for x in (outputs, *weights, *momentum))
         for name, g in zip(gradient_names(problem), torch.autograd.grad(scalar, leaves)):
             assert torch.isfinite(g).all(), f"parallel={parallel}: d/d {name} not finite"
 
@@ -696,8 +696,8 @@ def test_no_grad_plain_inputs_and_no_side_effects(problem, modes):
             no_grad = problem.with_tensors(leaves).run(parallel, **kwargs)
         assert not any(t.requires_grad for t in result_tensors(no_grad))
         with_grad = problem.with_tensors(leaves).run(parallel, **kwargs)
-        outputs, params, momentum, _ = with_grad
-        sum(x.sum() for x in (outputs, *params, *momentum)).backward()
+        outputs, weights, momentum, _ = with_grad
+        sum(x.sum() for x in (outputs, *weights, *momentum)).backward()
         assert_results_close(no_grad, plain, SAME_RTOL, f"parallel={parallel}, no_grad: ")
         assert_results_close(with_grad, plain, SAME_RTOL, f"parallel={parallel}, with grad: ")
         for name, x, (copy, version) in zip(2 * gradient_names(problem), inputs + leaves,
@@ -719,8 +719,8 @@ def test_checkpointing_changes_nothing(problem, modes):
     leaves = leaf_copies(problem.tensors())
     checkpointed = problem.with_tensors(leaves).run(True, checkpoint=True, **kwargs)
     assert_results_close(checkpointed, reference, SAME_RTOL, "checkpointed ")
-    outputs, params, momentum, _ = checkpointed
-    scalar = sum((P * t).sum() for P, t in zip(projections, (outputs, *params, *momentum)))
+    outputs, weights, momentum, _ = checkpointed
+    scalar = sum((P * t).sum() for P, t in zip(projections, (outputs, *weights, *momentum)))
     actual = torch.autograd.grad(scalar, leaves)
     expected = gradients(problem, True, projections, **kwargs)
     assume_tame(expected)

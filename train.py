@@ -82,6 +82,19 @@ class TrainConfig:
     passkey_distance: int = None   # --data passkey: code-to-question distance (None: 2 x segment_len)
     passkey_digits: int = 4        # --data passkey: code length
 
+    def validate(self):
+        """Raise ValueError with a one-line message if training cannot run with these settings."""
+        for ok, message in [(self.steps > 0, f"--steps must be positive, got {self.steps}"),
+                            (self.batch_size > 0 and self.grad_accum > 0,
+                             "--batch-size and --grad-accum must be positive"),
+                            (self.eval_every > 0 and self.save_every >= 0 and self.seed >= 0,
+                             "--eval-every must be positive, --save-every and --seed >= 0"),
+                            (self.lr > 0 and (self.max_tokens is None or self.max_tokens > 0),
+                             "--lr and --max-tokens must be positive")]:
+            if not ok:
+                raise ValueError(message)
+        return self
+
 
 MODEL_FIELDS = {f.name for f in fields(hope.HOPEConfig)}
 TRAIN_FIELDS = {f.name for f in fields(TrainConfig)}
@@ -214,22 +227,10 @@ def resolve_config(args, checkpoint=None):
         settings.update(given)
     model_cfg = hope.HOPEConfig(**{k: v for k, v in settings.items() if k in MODEL_FIELDS})
     cfg = TrainConfig(**{k: v for k, v in settings.items() if k in TRAIN_FIELDS})
-    chunk = model_cfg.chunk_size
-    for ok, message in [(cfg.steps > 0, f"--steps must be positive, got {cfg.steps}"),
-                        (chunk > 0, f"--chunk-size must be positive, got {chunk}"),
-                        (model_cfg.seq_len > 0 and cfg.batch_size > 0 and cfg.grad_accum > 0,
-                         "--seq-len, --batch-size and --grad-accum must be positive"),
-                        (cfg.eval_every > 0 and cfg.save_every >= 0 and cfg.seed >= 0,
-                         "--eval-every must be positive, --save-every and --seed >= 0"),
-                        (cfg.lr > 0 and (cfg.max_tokens is None or cfg.max_tokens > 0),
-                         "--lr and --max-tokens must be positive")]:
-        if not ok:
-            raise UserError(message)
     try:
-        model_cfg.validate()
+        return model_cfg.validate(), cfg.validate()
     except ValueError as e:
         raise UserError(str(e)) from None
-    return model_cfg, cfg
 
 
 # -------------------------------------------------------------------------------------------------
