@@ -717,7 +717,9 @@ def rope(x, rotation):
 
 class Attention(nn.Module):
     """Causal multi-head attention with RoPE, optional sliding window and persistent tokens. forward()
-    takes and returns a (keys, values) cache of earlier tokens (with a window, the last `window`)."""
+    takes and returns a (keys, values) cache of earlier tokens (with a window, the last `window`).
+    Speed: keys_values multiplies by the k, v rows of qkv only; forward takes the fused causal kernel
+    when it can, and otherwise attends in query blocks (linear in T with a window)."""
 
     def __init__(self, config, window=None, persistent_tokens=0):
         super().__init__()

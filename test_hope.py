@@ -24,7 +24,7 @@ rates θ, η, α anywhere in (0, 1), with values 1e-6 from either end mixed in, 
 "Agree" means max |a − b| ≤ rtol · max |reference|, tensor by tensor: rtol = 1e-9 between the
 two paths (values and gradients), 1e-12 where the same numbers should come out ("unchanged").
 
-The HOPE model (§6-10), on tiny float64 configs, for every ablation row and every mixer: every
+The HOPE model (§8-11), on tiny float64 configs, for every ablation row and every mixer: every
 parameter gets a gradient, flags that are off create no parameters, causality, generation with
 carried state equals one forward (both also with in_chunk reads), batch independence,
 self-modification (fast ≠ meta, chunk 1 changes the keys generated in chunk 2), CMS periods, the
