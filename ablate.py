@@ -1,6 +1,6 @@
 """
 ablate.py — the seed paper's ablation table (Table 1), its threshold sweep (Table 2) and its training
-curves (Figure 5), by training every row of hope.ABLATION_ROWS with the same data, seed and steps.
+curves (Figure 5), by training every row of ABLATION_ROWS with the same data, seed and steps.
 
     python ablate.py --preset cpu                 # every row at the `tiny` scale on a CPU
     python ablate.py --preset cpu --seeds 3       # mean ± std per cell, and whether each Δ beats noise
@@ -24,6 +24,8 @@ import statistics
 import sys
 import traceback
 from pathlib import Path
+
+import torch
 
 import hope
 import train
@@ -61,6 +63,48 @@ CODE_VERSION = code_version(hope, train)
 SWEEP = [("absolute", g) for g in (0.005, 0.01, 0.02, 0.05, 0.1)] + [("relative", g) for g in (0.1, 0.3, 1.0, 3.0)]
 
 
+# The rows of the seed paper's Table 1, as flags on one config.
+ABLATION_ROWS = {
+    "Full HOPE": dict(model="hope", cms=True, self_mod=True, surprise=True),
+    "No CMS": dict(model="hope", cms=False, self_mod=True, surprise=True),
+    "No Self-Mod": dict(model="hope", cms=True, self_mod=False, surprise=True),
+    "No Surprise": dict(model="hope", cms=True, self_mod=True, surprise=False),
+    "Titans": dict(model="hope", cms=True, self_mod=False, surprise=False),
+    "Transformer": dict(model="transformer"),
+    "Transformer (matched)": dict(model="transformer"),
+    # Two rows that pull apart what "No CMS" mixes (issue: in-context learning vs capacity):
+    "CMS frozen": dict(model="hope", cms=True, self_mod=True, surprise=True, cms_lr_max=0.0),
+    "No CMS (matched MLP)": dict(model="hope", cms=False, self_mod=True, surprise=True),
+}
+
+
+def count_params(config):
+    """Parameters of a config, without allocating them."""
+    with torch.device("meta"):
+        return hope.LanguageModel(config).num_params()
+
+
+def ablation_config(row, config):
+    """The config of one ablation row, built from a base config (dims, data, training context)."""
+    if row not in ABLATION_ROWS:
+        raise ValueError(f"unknown ablation row '{row}' ({', '.join(ABLATION_ROWS)})")
+    base = {k: v for k, v in vars(config).items() if k not in ("heads",)}
+    row_config = hope.HOPEConfig(**{**base, **ABLATION_ROWS[row]})
+    if row == "Transformer (matched)":
+        # same layers, dim = the smallest multiple of 64 whose parameters reach Full HOPE's
+        target = count_params(ablation_config("Full HOPE", config))
+        dim = 64
+        while count_params(hope.HOPEConfig(**{**base, **ABLATION_ROWS[row], "dim": dim})) < target:
+            dim += 64
+        row_config = hope.HOPEConfig(**{**base, **ABLATION_ROWS[row], "dim": dim})
+    if row == "No CMS (matched MLP)":
+        # the MLP's hidden width h whose parameters, (2·dim + 1)·h + dim, come closest to CMS's
+        with torch.device("meta"):
+            cms = sum(p.numel() for p in hope.CMS(row_config).parameters())
+        row_config.mlp_hidden = max(1, round((cms - config.dim) / (2 * config.dim + 1)))
+    return row_config
+
+
 def configs(scale_settings, data, tokenizer, row, seed, out_dir, device, overrides=None, label=None):
     """(model config, train config) of one run; the run directory is named by a hash of both.
     row: an ablation row, applied to the settings, or None (the settings are the model); label: the
@@ -70,7 +114,7 @@ def configs(scale_settings, data, tokenizer, row, seed, out_dir, device, overrid
     if data in train.RECALL_TASKS:
         train.apply_recall_task(settings)
     base = hope.HOPEConfig(**{k: v for k, v in settings.items() if k in train.MODEL_FIELDS})
-    model_cfg = base if row is None else hope.ablation_config(row, base)
+    model_cfg = base if row is None else ablation_config(row, base)
     cfg = train.TrainConfig(**{k: v for k, v in settings.items() if k in train.TRAIN_FIELDS})
     key = json.dumps([dataclasses.asdict(model_cfg), {**dataclasses.asdict(cfg), "out_dir": None, "device": None},
                       CODE_VERSION], sort_keys=True, default=str)
@@ -222,7 +266,7 @@ def ablate(preset="cpu", rows=None, seeds=1, seed=1337, out_dir=None, device="au
     """The ablation table: every row (or the chosen ones) at every scale of the preset, `seeds` seeds
     each. steps: train this many steps instead of each scale's own (its own directory by default)."""
     spec = PRESETS[preset]
-    rows = rows or list(hope.ABLATION_ROWS)
+    rows = rows or list(ABLATION_ROWS)
     out_dir = Path(out_dir or f"ablation_{preset}" + (f"_{steps}steps" if steps else ""))
     scales = list(spec["scales"])
     results, baselines = {s: {} for s in scales}, {}
@@ -440,12 +484,12 @@ def param_table():
     scales = {"tiny": train.PRESETS["tiny"], "Small (256d, 6L)": train.PRESETS["small"],
               "Scaled (512d, 8L)": train.PRESETS["scaled"]}
     lines = ["| Variant | " + " | ".join(scales) + " |", "|---|" + "---|" * len(scales)]
-    for row in hope.ABLATION_ROWS:
+    for row in ABLATION_ROWS:
         cells = []
         for settings in scales.values():
             base = hope.HOPEConfig(**{k: v for k, v in settings.items() if k in train.MODEL_FIELDS}, vocab_size=50257)
-            config = hope.ablation_config(row, base)
-            cells.append(f"{hope.count_params(config) / 1e6:.2f}M" + (f" (dim {config.dim})" if config.dim != base.dim else ""))
+            config = ablation_config(row, base)
+            cells.append(f"{count_params(config) / 1e6:.2f}M" + (f" (dim {config.dim})" if config.dim != base.dim else ""))
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -453,7 +497,7 @@ def param_table():
 def main(argv=None):
     p = train.OneLineParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="cpu", help="cpu (tiny scale) | paper (Small + Scaled, GPU) | smoke (tests)")
-    p.add_argument("--rows", default=None, help=f"comma-separated subset of: {', '.join(hope.ABLATION_ROWS)}")
+    p.add_argument("--rows", default=None, help=f"comma-separated subset of: {', '.join(ABLATION_ROWS)}")
     p.add_argument("--seeds", type=int, default=None, help="seeds per row (mean ± std when > 1; "
                    "default 1, 2 for --recall)")
     p.add_argument("--seed", type=int, default=1337, help="first seed")
@@ -478,7 +522,7 @@ def main(argv=None):
         if args.steps is not None and (args.steps < 1 or args.recall or args.recipe or args.sweep):
             raise train.UserError("--steps must be >= 1, and applies to the ablation table only")
         rows = [r.strip() for r in args.rows.split(";" if args.recall else ",")] if args.rows else None
-        known = RECALL_LABELS if args.recall else list(hope.ABLATION_ROWS)
+        known = RECALL_LABELS if args.recall else list(ABLATION_ROWS)
         unknown = [r for r in rows or [] if r not in known]
         if unknown:
             raise train.UserError(f"unknown rows {unknown} (choose from: {'; '.join(known)})")

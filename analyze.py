@@ -56,7 +56,7 @@ def load_snapshots(run_dir):
 
 
 def build(checkpoint):
-    model = hope.build_model(hope.HOPEConfig(**checkpoint["config"]["model"]))
+    model = hope.LanguageModel(hope.HOPEConfig(**checkpoint["config"]["model"]))
     train.load_model_state(model, checkpoint)
     return model.eval()
 
@@ -72,10 +72,10 @@ def frozen_memory():
     """Inside: every memory reads its initial weights W⁰ and never writes (no memory_update)."""
     real = hope.memory_update
 
-    def frozen(params, momentum, keys, values, queries, lr, beta, alpha, chunk_size, **_):
-        outputs = hope.memory_forward(params, queries) if queries is not None else None
-        surprise = hope.inner_loss_terms(params, keys, values)[1]
-        return outputs, tuple(params), tuple(momentum), surprise
+    def frozen(weights, momentum, keys, values, queries, lr, momentum_decay, forget, chunk_size, **_):
+        outputs = hope.memory_forward(weights, queries) if queries is not None else None
+        surprise = hope.inner_loss_terms(weights, keys, values)[1]
+        return outputs, tuple(weights), tuple(momentum), surprise
 
     hope.memory_update = frozen
     try:
@@ -132,14 +132,14 @@ def over_training(snapshots, x):
 @torch.no_grad()
 def level_output_cosine(model, x):
     """Mean over tokens of cos(fast level output, slow level output), per layer."""
-    model.recording(True)
+    outputs = {}
+    hooks = [level.register_forward_hook(lambda level, args, result: outputs.__setitem__(level, result[0]))
+             for block in model.blocks for level in block.ffn.levels]
     model(x)
-    model.recording(False)
-    out = {}
-    for i, block in enumerate(model.blocks):
-        fast, slow = block.ffn.trace["level_outputs"][0], block.ffn.trace["level_outputs"][-1]
-        out[f"L{i}"] = F.cosine_similarity(fast, slow, dim=-1).mean().item()
-    return out
+    for hook in hooks:
+        hook.remove()
+    return {f"L{i}": F.cosine_similarity(outputs[b.ffn.levels[0]], outputs[b.ffn.levels[-1]], dim=-1).mean().item()
+            for i, b in enumerate(model.blocks)}
 
 
 # -------------------------------------------------------------------------------------------------
@@ -152,7 +152,7 @@ def fast_vs_meta(model, x):
     result = {}
     for i, memory in layer_memories(model):
         n = len(components(memory))
-        fast = [W.unflatten(1, (n, memory.heads)) for W in state.layers[i].memory.weights]  # [B, n, H, ...]
+        fast = [W.unflatten(1, (n, memory.heads)) for W in state.layers[i].mixer.memory.weights]  # [B, n, H, ...]
         meta = meta_by_component(memory)
         for c_index, c in enumerate(components(memory)):
             f = torch.cat([W[:, c_index].flatten(1) for W in fast], 1)                   # [B, P]
@@ -164,21 +164,27 @@ def fast_vs_meta(model, x):
     return result
 
 
-def gated_writes(model):
-    """{name: (surprise [B, H, T], chunk size)} of every memory the surprise gate covers, from the
-    traces model.recording() filled: each layer's mixer memory (L0.mem; every self-modifying
-    component: L0.k, L0.v, L0.q, L0.lr, L0.forget, L0.mem) and each CMS level (L0.p8, ...)."""
-    writes = {}
-    for i, block in enumerate(model.blocks):
-        memory = getattr(block.mixer, "memory", None)
-        if memory is not None:
-            s = torch.cat(memory.trace["surprise"], -1)                     # [B, H, T] or [B, 6, H, T]
-            for c, name in enumerate(components(memory)):
-                writes[f"L{i}.{name}"] = (s[:, c] if s.dim() == 4 else s, memory.chunk_size)
-        if isinstance(block.ffn, hope.CMS):
-            for level in block.ffn.levels:
-                writes[f"L{i}.p{level.period}"] = (torch.cat(level.trace["surprise"], -1), level.period)
-    return writes
+def gated_writes(model, x):
+    """The logits of x, and {name: (surprise [B, H, T], chunk size)} of every memory the surprise
+    gate covers: each layer's mixer memory (L0.mem; every self-modifying component: L0.k, L0.v,
+    L0.q, L0.lr, L0.forget, L0.mem) and each CMS level (L0.p8, ...). x is read one period at a time:
+    each state it leaves holds the surprise of the period's writes (hope.MemoryState.surprise)."""
+    state, logits, writes = model.initial_state(x.shape[0]), [], {}
+    for piece in x.split(model.config.period, dim=1):
+        piece_logits, state = model.advance(piece, state)
+        logits.append(piece_logits)
+        for i, (block, layer) in enumerate(zip(model.blocks, state.layers)):
+            found = []
+            if hasattr(block.mixer, "memory"):
+                memory = block.mixer.memory
+                s = layer.mixer.memory.surprise.unflatten(1, (-1, memory.heads))    # [B, 1 or 6, H, P]
+                found += [(f"L{i}.{c}", s[:, n], memory.chunk_size) for n, c in enumerate(components(memory))]
+            if isinstance(block.ffn, hope.CMS):
+                found += [(f"L{i}.p{level.period}", level_state.surprise, level.period)
+                          for level, level_state in zip(block.ffn.levels, layer.ffn)]
+            for name, s, chunk_size in found:
+                writes.setdefault(name, ([], chunk_size))[0].append(s)
+    return torch.cat(logits, 1), {name: (torch.cat(s, -1), c) for name, (s, c) in writes.items()}
 
 
 def pass_rates(s, chunk_size, own=None):
@@ -200,13 +206,10 @@ def pass_rates(s, chunk_size, own=None):
 def surprise_and_loss(model, x, y):
     """Surprise, cross-entropy and gate pass rates on (x, y). The top-level statistics are the main
     memory's (the Titans memory, or M_mem, of every layer); `by_memory` has them per gated memory."""
-    model.recording(True)
-    logits, _ = model.advance(x, model.initial_state(x.shape[0]))    # keeps every write's surprise
-    model.recording(False)
+    logits, writes = gated_writes(model, x)
     ce = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none").view_as(y)
     config = model.config
     own = (config.surprise_mode, config.surprise_threshold) if config.surprise else None
-    writes = gated_writes(model)
     by_memory = {name: {"surprise": describe(s), **pass_rates(s, chunk_size, own)}
                  for name, (s, chunk_size) in writes.items()}
     main = [writes[f"L{i}.mem"][0] for i, _ in layer_memories(model)]
@@ -440,6 +443,7 @@ def main(argv=None):
     p.add_argument("--seq-len", type=int, default=None, help="their length (default: the training context)")
     p.add_argument("--out-dir", default=None, help="where to write (default: RUN_DIR/analysis)")
     args = p.parse_args(argv)
+    train.fast_cpu_math()
     try:
         if not Path(args.run_dir).is_dir():
             raise train.UserError(f"run directory {args.run_dir} does not exist")

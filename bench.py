@@ -48,6 +48,7 @@ import torch.nn as nn
 from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils.flop_counter import FlopCounterMode
 
+import ablate
 import hope
 import train
 
@@ -183,19 +184,11 @@ def print_header(title, args):
               "for a sanity pass on a busy machine use --threads 1.")
 
 
-@contextlib.contextmanager
-def sequential_memory_update():
-    """Make every hope layer call memory_update(..., parallel=False): the readable token loop.
-
-    hope's layers look memory_update up as a module global at call time, so swapping it runs the
-    same layer (same projections, same outputs) through the sequential path of hope.py §4.
-    """
-    original = hope.memory_update
-    hope.memory_update = functools.partial(original, parallel=False)
-    try:
-        yield
-    finally:
-        hope.memory_update = original
+def memory_layer(dim, heads, d_head, chunk_size, parallel=True):
+    """hope.NeuralMemory of depth 2, expansion 4, no gate; parallel=False runs memory_update's
+    token loop (hope.py §4) instead of the chunk form (§5)."""
+    return hope.NeuralMemory(hope.HOPEConfig(dim=dim, heads=heads, d_head=d_head, memory_depth=2, expansion=4,
+                                             chunk_size=chunk_size, surprise=False, parallel=parallel))
 
 
 def meminfo_bytes(field, path="/proc/meminfo"):
@@ -249,7 +242,7 @@ def transformer_fwd_bwd(layer, x, grad):
 
 
 def memory_fwd_bwd(layer, x, grad):
-    return fwd_bwd(lambda: layer(x)[0], grad)
+    return fwd_bwd(lambda: layer(x, layer.initial_state(x.shape[0]))[0], grad)
 
 
 def bench_memory(args, device):
@@ -282,11 +275,12 @@ def bench_memory(args, device):
     t_seq = {}
     for C in chunks:
         torch.manual_seed(args.seed)
-        layer = hope.NeuralMemory(dim, heads, d_head, depth=2, expansion=4, chunk_size=C).to(device)
+        layer = memory_layer(dim, heads, d_head, C).to(device)
         t_par = timeit(memory_fwd_bwd(layer, x, grad), repeats, warmup, device)
-        if C in seq_chunks:
-            with sequential_memory_update():
-                t = timeit(memory_fwd_bwd(layer, x[:, :T_seq], grad[:, :T_seq]), seq_repeats, 1, device)
+        if C in seq_chunks:                      # the same layer through the token loop of §4
+            sequential = memory_layer(dim, heads, d_head, C, parallel=False).to(device)
+            sequential.load_state_dict(layer.state_dict())
+            t = timeit(memory_fwd_bwd(sequential, x[:, :T_seq], grad[:, :T_seq]), seq_repeats, 1, device)
             t_seq[C] = t * T / T_seq
             seq_note = f"timed at T {T_seq}, x{T / T_seq:g}"
         else:
@@ -305,7 +299,7 @@ def bench_memory(args, device):
     print_table(["layer", "C", "T timed", "ms", "ms @ T 512", "vs Transformer",
                  "sequential / parallel", "note"], rows)
     print("\nsequential = the same NeuralMemory layer (same projections, same outputs) with "
-          "hope.memory_update(parallel=False)\nswapped in: the token-by-token loop of hope.py §4, "
+          "HOPEConfig(parallel=False)\n(memory_update's token-by-token loop, hope.py §4), "
           "one torch.autograd.grad per token (create_graph for the backward).")
     return results
 
@@ -318,7 +312,7 @@ SCALE_VOCAB = {"tiny": 256, "small": 50257}    # tiny: byte-level Shakespeare; s
 PURE_MAC = "Titans MAC (pure)"   # mac mixer; cms, self_mod, surprise off: memory + attention only
 PURE_MAC_FLAGS = dict(model="hope", mixer="mac", cms=False, self_mod=False, surprise=False)
 PURE_MAC_TARGET = 3.0
-MODEL_ROWS = [*hope.ABLATION_ROWS, PURE_MAC]
+MODEL_ROWS = [*ablate.ABLATION_ROWS, PURE_MAC]
 
 
 def load_preset(name):
@@ -334,7 +328,7 @@ def load_preset(name):
 def row_config(row, base):
     if row == PURE_MAC:
         return hope.HOPEConfig(**{**base, **PURE_MAC_FLAGS})
-    return hope.ablation_config(row, hope.HOPEConfig(**base))
+    return ablate.ablation_config(row, hope.HOPEConfig(**base))
 
 
 # Component labels of the breakdown. Regions are opened by wrapping methods of the model's modules
@@ -389,11 +383,11 @@ def component_regions(model):
     installed = []
     for module in model.modules():
         if isinstance(module, hope.SelfModifyingMemory):
-            for name in ("features", "read", "write", "_read_write"):
+            for name in ("features", "read", "write", "read_write"):
                 wrap_method(module, name, "selfmod", installed)
             wrap_method(module, "generate", "selfmod.generate", installed)
         elif isinstance(module, hope.NeuralMemory):
-            for name in ("features", "read", "write", "_read_write"):
+            for name in ("features", "read", "write", "read_write"):
                 wrap_method(module, name, "memory", installed)
         elif isinstance(module, hope.Attention):
             for name in ("forward", "project", "attend", "persistent_keys_values"):
@@ -498,7 +492,7 @@ def bench_model_row(config, batch, steps, warmup, device, seed, breakdown, compi
     """Train-step time, peak memory and (optionally) the component breakdown of one config.
     compiled=True runs the model through torch.compile (the first warmup step compiles it)."""
     torch.manual_seed(seed)
-    model = hope.build_model(config).to(device).train()
+    model = hope.LanguageModel(config).to(device).train()
     forward = torch.compile(model) if compiled else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)   # as train.py
     idx = torch.randint(0, config.vocab_size, (batch, config.seq_len + 1), device=device)
@@ -558,7 +552,7 @@ def run_isolated(device, fn, *args):
     them run out of memory; a fresh process per row also makes each peak its own."""
     if device.type != "cpu":
         return fn(*args)
-    pool = multiprocessing.get_context("spawn").Pool(1)
+    pool = multiprocessing.get_context("spawn").Pool(1, initializer=train.fast_cpu_math)
     try:
         return pool.apply(fn, args)
     finally:
@@ -645,7 +639,7 @@ def bench_models(args, device):
               "stack when it ran (record_function\nregions around hope's module methods and "
               "memory_update); a backward op goes to the component of the forward op that created\n"
               "its autograd node (profiler sequence numbers). In Full HOPE the main memory M_mem "
-              "is stacked with the five generator\nmemories in one memory_update call (hope.py §6), "
+              "is stacked with the five generator\nmemories in one memory_update call (hope.py §8), "
               "so its write is inside 'write all 6 memories' (1/6 of its heads).")
     return results
 
@@ -772,7 +766,7 @@ def matmul_gflops(shape_a, shape_b, repeats, device):
 def memory_update_fwd_bwd(layer, x):
     """fwd+bwd of hope.memory_update alone, on the q, k, v and rates the layer computes for x."""
     with torch.no_grad():
-        feats, _ = layer.features(x)
+        feats, _ = layer.features(x, None)
         q, (k, v) = layer.queries(feats), layer.keys_values(feats)
         rates = layer.rates(feats)
     q, k, v, *rates = (t.detach().clone().requires_grad_() for t in (q, k, v, *rates))
@@ -815,7 +809,7 @@ def bench_roofline(args, device):
     grad = torch.randn(B, T, dim, device=device)
     cases = []
     for C in (16, 64):
-        layer = hope.NeuralMemory(dim, heads, d_head, depth=2, expansion=4, chunk_size=C).to(device)
+        layer = memory_layer(dim, heads, d_head, C).to(device)
         cases.append((f"memory_update C={C}", memory_update_fwd_bwd(layer, x)))
         cases.append((f"NeuralMemory layer C={C}", memory_fwd_bwd(layer, x, grad)))
     cases.append(("Transformer layer", transformer_fwd_bwd(transformer_layer(dim, heads, device), x, grad)))
@@ -864,9 +858,9 @@ def memory_state_norm(state):
     """The largest Frobenius norm of any memory weight tensor (per sample and head) in a ModelState."""
     norms = [0.0]
     for layer in state.layers:
-        for memory in [layer.memory, *(layer.cms or [])]:
-            if memory is not None:
-                norms += [W.detach().flatten(2).norm(dim=-1).max().item() for W in memory.weights]
+        mixer_memory = [layer.mixer.memory] if hasattr(layer.mixer, "memory") else []   # GPT: none
+        for memory in mixer_memory + (layer.ffn or []):
+            norms += [W.detach().flatten(2).norm(dim=-1).max().item() for W in memory.weights]
     return max(norms)
 
 
@@ -879,11 +873,11 @@ def stability_row(row, size_flags, steps, seed):
         [*STABILITY_ROWS[row], *size_flags, "--steps", str(steps), "--eval-batches", "4", "--seed", str(seed)])
     model_cfg, cfg = train.resolve_config(args)
     if row == "Transformer (matched)":
-        model_cfg = hope.ablation_config(row, model_cfg)
+        model_cfg = ablate.ablation_config(row, model_cfg)
     train_data, val_data, _ = train.get_data(cfg.data, cfg.tokenizer, cfg.max_tokens, cfg.data_dir)
     val_batches = train.eval_batches(val_data, cfg.batch_size, model_cfg.seq_len, cfg.eval_batches)
     torch.manual_seed(cfg.seed)
-    model = hope.build_model(model_cfg)
+    model = hope.LanguageModel(model_cfg)
     optimizer = train.make_optimizer(model, cfg, torch.device("cpu"))
     evaluate = lambda: train.evaluate(model, val_batches, torch.device("cpu"), contextlib.nullcontext())[0]
     val_start, max_grad, non_finite, start = evaluate(), 0.0, None, time.perf_counter()
@@ -1012,6 +1006,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    train.fast_cpu_math()
     device = torch.device(args.device)
     commands = [c for c in COMMANDS if c != "stability"] if args.command == "all" else [args.command]
     report = dict(command=args.command, argv=sys.argv[1:] if argv is None else list(argv),

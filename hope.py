@@ -1,42 +1,36 @@
 """
 hope.py — HOPE (Nested Learning) on the Titans neural long-term memory, in one file.
 
-Read it top to bottom, in this order:
-
+Read it top to bottom; each section builds on the ones before it:
   1. Notation                 — what θ, η, α, C mean here
   2. Memory MLP               — a small network whose *weights* are the memory (Titans §3.1)
-  3. Inner loss and surprise  — what the memory is trained on, inside the forward pass (Titans Eq. 12)
-  4. Update rule, sequential  — gradient descent with momentum and forgetting (Titans Eqs. 9-14)
-  5. Update rule, in chunks   — the same rule, computed fast (Titans §3.2, Eqs. 16-18)
-     + NeuralMemory           — the Titans memory layer that wraps the rule
-  6. Self-modification        — memories that generate their own keys, values, rates (NL §8)
-  7. CMS                      — memories that update at different periods (NL §7)
-  8. Surprise gate            — skip writes for unsurprising tokens (seed paper §2)
-  9. Mixers and blocks        — MAC / MAG / MAL / LMM with attention (Titans §4)
- 10. Models                   — HOPEConfig, HOPE, the GPT baseline, the ablation rows
+  3. Inner loss and surprise  — what the memory learns in the forward pass, and the gate (Titans Eq. 12)
+  4. Update rule, token loop  — gradient descent with momentum and forgetting (Titans Eqs. 9-15)
+  5. Update rule, in chunks   — the same numbers, computed fast (Titans §3.2, Eqs. 16-18)
+  6. Plumbing                 — projections, causal conv, rate heads: what every memory layer shares
+  7. The Titans memory layer  — §5 behind projections (Titans §3.1, §4.4)
+  8. Self-modification        — memories that generate their own keys, values, rates (NL §8)
+  9. CMS                      — memories that update at different periods (NL §7)
+ 10. Mixers and blocks        — attention, and MAC / MAG / MAL / LMM (Titans §3.3, §4)
+ 11. Models                   — HOPEConfig, the language model (HOPE and the GPT baseline)
 
-Papers: Titans (Behrouz, Zhong, Mirrokni 2024, "Learning to Memorize at Test Time"), Nested Learning
-(Behrouz et al. 2025, NL below). The README lists every place where this file departs from them.
+Papers: Titans (Behrouz, Zhong, Mirrokni 2024), Nested Learning (Behrouz et al. 2025, NL below) and
+the seed paper that combines them into HOPE. The README lists every departure from them.
 """
 import math
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as recompute_in_backward
 
-# Gradients pushed through long products of decays underflow into denormal floats, which are ~3x
-# slower on CPUs. Flushing them to zero changes nothing visible and keeps the memory update fast.
-torch.set_flush_denormal(True)
-
-# -------------------------------------------------------------------------------------------------
-# 1. Notation
-# -------------------------------------------------------------------------------------------------
-# Titans names, per token t and per head:
-#   θ_t  learning rate      (`lr`,    in (0, lr_max))   how far one token moves the memory
-#   η_t  momentum decay     (`beta`,  in (0, 1))        how long a past surprise keeps pushing
-#   α_t  forget gate        (`alpha`, in (0, 1))        how much of the old memory is erased
+# === 1. Notation ================================================================================
+# Titans names, per token t and per head, and the names they have in the code:
+#   θ_t  learning rate   `lr`              in (0, lr_max)  how far one token moves the memory
+#   η_t  momentum decay  `momentum_decay`  in (0, 1)       how long a past surprise keeps pushing
+#   α_t  forget gate     `forget`          in (0, 1)       how much of the old memory is erased
 # C is the chunk size: tokens inside one chunk take their gradients at the memory as it was at the
 # chunk start, and by default also read it there (§4 has the in-chunk read mode).
 # Every memory state carries a leading batch dimension: each sequence has its own memory.
@@ -45,19 +39,14 @@ torch.set_flush_denormal(True)
 GATE_EPS = 1e-6  # η and α are clamped to [GATE_EPS, 1 - GATE_EPS] so their logs stay finite
 
 
-# -------------------------------------------------------------------------------------------------
-# 2. Memory MLP (Titans §3.1; NL Eq. 89)
-# -------------------------------------------------------------------------------------------------
+# === 2. Memory MLP (Titans §3.1; NL Eq. 89) =====================================================
 # The memory is a function M_W whose parameters W are the state. Depth 1 is a linear map
 # M_W(x) = x W (the classic fast-weight memory); depth L >= 2 is a residual MLP
 # M_W(x) = x + MLP_W(x) with SiLU between layers. Each head has its own memory.
 
 def memory_forward(weights, x, layer_product=torch.matmul):
-    """Apply the memory M_W to x. weights: tuple of [B, H, d_in, d_out]; x: [B, H, T, d].
-
-    layer_product(h, W) is h W. §5's in-chunk read passes per-layer terms of its own instead of W,
-    with the product that gives every token the weights it reads.
-    """
+    """M_W(x). weights: tuple of [B, H, d_in, d_out]; x: [B, H, T, d]. layer_product(h, W) is h W;
+    §5's in-chunk read passes terms of its own as W, with the product that reads every token's W."""
     h = x
     for layer, W in enumerate(weights):
         h = layer_product(h, W)                      # [B, H, T, d_out]
@@ -75,11 +64,9 @@ def memory_shapes(d, depth, expansion):
 
 
 def init_memory_weights(heads, d, depth, expansion, branch_scale=0.1):
-    """Learned initial weights W⁰ (the meta state), one [H, d_in, d_out] tensor per layer.
-
-    The last layer of a residual memory is scaled by branch_scale: 0.1 starts M(x) ≈ x, while
-    memories that must differ from each other (the self-modifying generators, §6) use 1.
-    """
+    """Learned initial weights W⁰ (the meta state), one [H, d_in, d_out] tensor per layer. The last
+    layer of a residual memory is scaled by branch_scale: 0.1 starts M(x) ≈ x; memories that must
+    differ from each other (the self-modifying generators, §8) use 1."""
     weights = []
     for layer, (d_in, d_out) in enumerate(memory_shapes(d, depth, expansion)):
         W = torch.randn(heads, d_in, d_out) / math.sqrt(d_in)
@@ -89,20 +76,34 @@ def init_memory_weights(heads, d, depth, expansion, branch_scale=0.1):
     return nn.ParameterList(weights)
 
 
-def per_sample(weights, batch):
-    """Broadcast meta weights [H, ...] to a per-sample state [B, H, ...] (a view, no copy)."""
-    return tuple(W.unsqueeze(0).expand(batch, *W.shape) for W in weights)
+@dataclass
+class MemoryState:
+    """One memory layer's state: per-sample weights W and momentum S (tuples of [B, H, d_in, d_out]),
+    the last inputs of its causal conv (§6; None: zeros), and the per-token surprise s_t [B, H, T]
+    of the write that made it (§3; detached, for analysis)."""
+    weights: tuple
+    momentum: tuple
+    conv_tail: torch.Tensor = None
+    surprise: torch.Tensor = None
 
 
-# -------------------------------------------------------------------------------------------------
-# 3. Inner loss and surprise (Titans Eq. 12)
-# -------------------------------------------------------------------------------------------------
+def initial_state(initial_weights, batch):
+    """The state a sequence starts from: the meta weights W⁰ per sample (a view), and S_0 = 0."""
+    weights = tuple(W.unsqueeze(0).expand(batch, *W.shape) for W in initial_weights)
+    return MemoryState(weights, tuple(torch.zeros_like(w) for w in weights))
+
+
+# === 3. Inner loss and surprise, and the surprise gate (Titans Eq. 12; seed paper §2, §4.4) =====
 # The memory is trained, inside the forward pass, to map keys to values:
 #     ℓ_t(W) = ‖M_W(k_t) − v_t‖²      (summed over features)
 # The per-token surprise s_t is ℓ_t at the weights the token's gradient is taken at. The gradient
 # of ℓ_t w.r.t. each layer's weights is an outer product x_tᵀ δ_t of that layer's input and its
 # backpropagated error. We compute x and δ for all tokens at once, by hand (it is the textbook
 # backward pass of an MLP), so that weighted sums of gradients become matmuls in §5.
+#
+# The surprise gate (flag `surprise`): a token whose surprise is below γ writes nothing (its θ_t is
+# zeroed; decay and momentum still run). Absolute mode thresholds s_t (γ = 0.02 by default);
+# relative mode thresholds s_t / mean(s over the chunk), which does not depend on the loss scale.
 
 def silu_derivative(z):
     s = torch.sigmoid(z)
@@ -111,11 +112,9 @@ def silu_derivative(z):
 
 def inner_loss_terms(weights, keys, values):
     """Per-token loss ℓ_t and, per layer, the inputs x and errors δ with ∇_W ℓ_t = x_tᵀ δ_t.
-
-    weights: tuple of [B, H, d_in, d_out]; keys, values: [B, H, n, d].
-    Returns the prediction M_W(k) [B, H, n, d], the loss [B, H, n] (detached: it is only ever
-    used as the surprise), and per layer the inputs and deltas (lists of [B, H, n, ·] tensors).
-    """
+    weights: tuple of [B, H, d_in, d_out]; keys, values: [B, H, n, d]. Returns the prediction M_W(k)
+    [B, H, n, d], the loss [B, H, n] (detached: only ever the surprise), and per layer the inputs
+    and deltas (lists of [B, H, n, ·])."""
     inputs, preacts = [], []
     h = keys
     for layer, W in enumerate(weights):
@@ -139,43 +138,34 @@ def inner_loss_terms(weights, keys, values):
 
 
 def relative_surprise(surprise):
-    """s_t / (mean of s over its chunk), surprise: [..., n] for one chunk (seed paper §4.4).
-
-    A token whose chunk has one token scores exactly 1 (s/s), and so does every token of a chunk
-    whose surprises are all 0 (s equals its mean; 0/0 is defined as 1), so a γ ≤ 1 lets it write.
-    """
+    """s_t / (mean of s over its chunk), surprise: [..., n] for one chunk (seed paper §4.4). A
+    one-token chunk scores exactly 1, and so does a chunk of zero surprises (0/0 := 1): γ ≤ 1 writes."""
     mean = surprise.mean(-1, keepdim=True)
     return torch.where(mean > 0, surprise / mean, torch.ones_like(surprise))
 
 
 def surprise_gate(surprise, threshold, relative):
-    """1 for tokens that may write, 0 for tokens whose surprise is below the threshold γ.
-
-    Absolute mode compares s_t with γ. Relative mode compares relative_surprise (s_t over its
-    chunk's mean) with γ, so it adapts to the scale of the loss; with C = 1 every token scores 1.
-    surprise: [B, H, n] for one chunk; returns a float mask of the same shape.
-    """
+    """1 for tokens that may write, 0 where the score (s_t, or relative_surprise) is below γ.
+    surprise: [B, H, n] for one chunk; returns a float mask of that shape, or None (no gate)."""
     if threshold is None:
         return None
     score = relative_surprise(surprise) if relative else surprise
     return (score >= threshold).to(surprise.dtype)
 
 
-# -------------------------------------------------------------------------------------------------
-# 4. The update rule, token by token (Titans Eqs. 9-14)
-# -------------------------------------------------------------------------------------------------
+# === 4. The update rule, token by token (Titans Eqs. 9-15) ======================================
 #     S_t = η_t S_{t−1} − θ_t ∇ℓ_t(W_a(t))          momentum of surprise        (Eqs. 10, 12)
 #     W_t = (1 − α_t) W_{t−1} + S_t                  forgetting + write          (Eq. 13)
 #     y_t = M_{W_a(t)}(q_t)                          read before write           (Eq. 15)
-# a(t) is the last token of the previous chunk: every token of a chunk takes its gradient at, and
-# reads, the chunk-start weights (C = 1 is the plain online rule). This loop is the readable
-# reference; §5 computes exactly the same numbers much faster.
+# a(t), the anchor, is the last token of the previous chunk: every token of a chunk takes its
+# gradient at, and reads, the chunk-start weights W_a (C = 1 is the plain online rule). This loop
+# is the readable reference; §5 computes exactly the same numbers much faster.
 #
 # Read modes. The default above, "chunk_start", reads weights up to C − 1 tokens stale. "in_chunk"
 # reads the weights after the writes of every token before t instead, gradients still at W_a(t):
 #     y_t = M_{W_{t−1}}(q_t)                         mini-batch form of Titans Eq. 16 (as in TTT)
 # Then y_t depends on the tokens before t and never on t or later ones. With C = 1 the two modes
-# are the same. The relative surprise gate (§8) does not go with it: a token's gate compares its
+# are the same. The relative surprise gate (§3) does not go with it: a token's gate compares its
 # surprise with the mean over its whole chunk, so y_t would see the tokens after t.
 
 READ_MODES = ("chunk_start", "in_chunk")
@@ -190,11 +180,11 @@ def _token_gradient(weights, key, value, create_graph):
         return torch.autograd.grad(loss, leaves, create_graph=create_graph)
 
 
-def _memory_update_sequential(weights, momentum, keys, values, queries, lr, beta, alpha,
+def _memory_update_sequential(weights, momentum, keys, values, queries, lr, momentum_decay, forget,
                               chunk_size, threshold, relative, read_mode):
     T = keys.shape[2]
     create_graph = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (*weights, *momentum, keys, values, lr, beta, alpha))
+        t.requires_grad for t in (*weights, *momentum, keys, values, lr, momentum_decay, forget))
     outputs, surprises = [], []
     for start in range(0, T, chunk_size):
         anchor = weights                             # W_a: the weights at the chunk start
@@ -208,16 +198,14 @@ def _memory_update_sequential(weights, momentum, keys, values, queries, lr, beta
                 outputs.append(memory_forward(read_weights, queries[:, :, t:t + 1]))
             grads = _token_gradient(anchor, keys[:, :, t:t + 1], values[:, :, t:t + 1], create_graph)
             lr_t = lr[:, :, t] if gate is None else lr[:, :, t] * gate[:, :, i]
-            lr_t, beta_t, alpha_t = (g[:, :, None, None] for g in (lr_t, beta[:, :, t], alpha[:, :, t]))
-            momentum = tuple(beta_t * S - lr_t * g for S, g in zip(momentum, grads))
-            weights = tuple((1 - alpha_t) * W + S for W, S in zip(weights, momentum))
+            lr_t, decay_t, forget_t = (r[:, :, None, None] for r in (lr_t, momentum_decay[:, :, t], forget[:, :, t]))
+            momentum = tuple(decay_t * S - lr_t * g for S, g in zip(momentum, grads))
+            weights = tuple((1 - forget_t) * W + S for W, S in zip(weights, momentum))
     outputs = torch.cat(outputs, dim=2) if queries is not None else None
     return outputs, weights, momentum, torch.cat(surprises, dim=2)
 
 
-# -------------------------------------------------------------------------------------------------
-# 5. The update rule, one chunk at a time (Titans §3.2, Eqs. 16-18, with momentum)
-# -------------------------------------------------------------------------------------------------
+# === 5. The update rule, one chunk at a time (Titans §3.2, Eqs. 16-18, with momentum) ===========
 # Unroll §4 over a chunk of n tokens from the anchor (W_a, S_a), with u_i = θ_i ∇ℓ_i(W_a) and the
 # decay products E(t,i) = Π_{i<j≤t} η_j and A(t,i) = Π_{i<j≤t} (1 − α_j):
 #     S_n = E(n,0) S_a − Σ_i E(n,i) u_i
@@ -234,6 +222,11 @@ def _memory_update_sequential(weights, momentum, keys, values, queries, lr, beta
 #     h_t W_{t−1} = A(t−1,0) h_t W_a + K(t−1,0) h_t S_a − Σ_{i<t} K(t−1,i) θ_i (h_t · x_i) δ_i
 # For the whole chunk the last sum is one masked matmul, ((H Xᵀ) ⊙ [θ_i K(t−1,i)]) Δ, and the
 # layer's inputs H come from the earlier layers read the same way (TTT's dual form).
+#
+# Fast paths, each marked "fast path" where it is taken (the tests check them against §4):
+#   - a memory read with its own keys (`queries is keys`, as CMS does) reuses the prediction M(k);
+#   - the coefficients of all full chunks are computed in one batch, a final partial chunk apart;
+#   - the sequence is split into chunks once (slicing per chunk makes backward quadratic in T).
 
 def segment_sum(x):
     """out[..., t, i] = Σ_{i<j≤t} x[..., j] for i ≤ t, −inf above the diagonal. x: [..., m]."""
@@ -245,45 +238,38 @@ def segment_sum(x):
     return sums.masked_fill(~on_or_below, -math.inf)
 
 
-def chunk_coefficients(lr, beta, alpha, in_chunk_reads=False):
-    """Coefficients of the chunk form for chunks laid out as lr, beta, alpha: [..., n].
-
-    Returns (anchor, tokens): anchor [..., 3, 1, 1] holds E(n,0), A(n,0) and Σ_{r≥1} A(n,r)E(r,0),
-    the weights of S_a and W_a; tokens [..., n, 2] holds θ_i·E(n,i) and θ_i·Σ_{r≥i} A(n,r)E(r,i),
-    the weights of ∇ℓ_i in S_n and W_n. Index 0 of the segment sums is the anchor.
-    With in_chunk_reads, also the weights of W_{t−1}, which token t reads: read_anchor [..., n, 2]
-    holds A(t−1,0) and K(t−1,0), the weights of W_a and S_a; read_tokens [..., n, n] holds
-    θ_i·K(t−1,i) for token t (row) and ∇ℓ_i (column), zero for i ≥ t.
-    """
+def chunk_coefficients(lr, momentum_decay, forget, in_chunk_reads=False):
+    """The chunk form's coefficients, for chunks of rates lr, momentum_decay, forget: [..., n].
+    state_coeffs [..., 3, 1, 1]: E(n,0), A(n,0), Σ_{r≥1} A(n,r)E(r,0) (weights of S_a and W_a);
+    token_coeffs [..., n, 2]: θ_i·E(n,i), θ_i·Σ_{r≥i} A(n,r)E(r,i) (weights of ∇ℓ_i in S_n, W_n).
+    With in_chunk_reads, also those of W_{t−1}: read_state_coeffs [..., n, 2], A(t−1,0) and K(t−1,0);
+    read_token_coeffs [..., n, n], θ_i·K(t−1,i) for token t (row), ∇ℓ_i (column), 0 for i ≥ t."""
     # Both decays in one batch; position 0 is the anchor, whose own factor is never used.
-    logs = F.pad(torch.stack([torch.log(beta), torch.log1p(-alpha)]), (1, 0))   # [2, ..., n+1]
+    logs = F.pad(torch.stack([torch.log(momentum_decay), torch.log1p(-forget)]), (1, 0))  # [2, ..., n+1]
     E, A = segment_sum(logs).exp().unbind(0)                  # each [..., n+1, n+1]
     E_last, A_last = E[..., -1, :], A[..., -1, :]             # E(n, i), A(n, r)   [..., n+1]
     # K[i] = Σ_{r=1..n} A(n,r) E(r,i): E(r,i) = 0 for r < i, so the sum runs over r ≥ max(i, 1)
     K = (A_last[..., None, 1:] @ E[..., 1:, :]).squeeze(-2)   # [..., n+1]
-    anchor = torch.stack([E_last[..., 0], A_last[..., 0], K[..., 0]], -1)[..., None, None]
-    tokens = torch.stack([E_last[..., 1:], K[..., 1:]], -1) * lr[..., None]
+    state_coeffs = torch.stack([E_last[..., 0], A_last[..., 0], K[..., 0]], -1)[..., None, None]
+    token_coeffs = torch.stack([E_last[..., 1:], K[..., 1:]], -1) * lr[..., None]
     if not in_chunk_reads:
-        return anchor, tokens
+        return state_coeffs, token_coeffs
     # The other rows of the same product: K(t,i) for t = 0..n−1, the states the tokens read.
     # Row 0 is W_a itself (A(0,r) = 0 for r ≥ 1), and K(t,i) = 0 for i > t.
     K_read = A[..., :-1, 1:] @ E[..., 1:, :]                   # [..., n, n+1]
-    read_anchor = torch.stack([A[..., :-1, 0], K_read[..., 0]], -1)
-    read_tokens = K_read[..., 1:] * lr[..., None, :]
-    return anchor, tokens, read_anchor, read_tokens
+    read_state_coeffs = torch.stack([A[..., :-1, 0], K_read[..., 0]], -1)
+    read_token_coeffs = K_read[..., 1:] * lr[..., None, :]
+    return state_coeffs, token_coeffs, read_state_coeffs, read_token_coeffs
 
 
-def _read_in_chunk(weights, momentum, queries, inputs, deltas, read_anchor, read_tokens):
-    """y_t = M_{W_{t−1}}(q_t) for every token t of a chunk, no W_{t−1} built (Titans Eq. 16).
-
-    weights, momentum: the anchor (W_a, S_a); queries [B, H, n, d]; inputs, deltas: the x_i and
-    δ_i of inner_loss_terms at W_a; read_anchor, read_tokens: from chunk_coefficients, gate applied.
-    """
-    weight_keep, momentum_into_weight = read_anchor[..., None].unbind(-2)   # each [B, H, n, 1]
+def _read_in_chunk(weights, momentum, queries, inputs, deltas, read_state_coeffs, read_token_coeffs):
+    """y_t = M_{W_{t−1}}(q_t) for every token t of a chunk, no W_{t−1} built (Titans Eq. 16), from
+    the anchor (W_a, S_a), the x_i and δ_i at W_a and the read coefficients, gate applied."""
+    weight_keep, momentum_into_weight = read_state_coeffs[..., None].unbind(-2)   # each [B, H, n, 1]
 
     def product_with_read_weights(h, layer):
         W, S, x, delta = layer                                # h: [B, H, n, d_in]
-        earlier_writes = (h @ x.transpose(-1, -2)) * read_tokens          # [B, H, n, n]
+        earlier_writes = (h @ x.transpose(-1, -2)) * read_token_coeffs    # [B, H, n, n]
         return weight_keep * (h @ W) + momentum_into_weight * (h @ S) - earlier_writes @ delta
 
     layers = tuple(zip(weights, momentum, inputs, deltas))
@@ -291,30 +277,27 @@ def _read_in_chunk(weights, momentum, queries, inputs, deltas, read_anchor, read
 
 
 def _chunk_step(weights, momentum, keys, values, queries, coefficients, threshold, relative):
-    """Advance (W, S) over one chunk of n tokens; read before write. Shapes as in memory_update.
-
-    coefficients: chunk_coefficients() of the chunk; with its in-chunk read terms token t reads
-    W_{t−1}, without them the chunk-start weights.
-    """
-    anchor, tokens, *read_terms = coefficients                # [B, H, 3, 1, 1], [B, H, n, 2]
-    momentum_keep, weight_keep, momentum_into_weight = anchor.unbind(2)
+    """Advance (W, S) over one chunk, read before write; token t reads W_{t−1} if coefficients
+    (chunk_coefficients of the chunk) has the in-chunk read terms, else W_a. Shapes as in memory_update."""
+    state_coeffs, token_coeffs, *read_coeffs = coefficients  # [B, H, 3, 1, 1], [B, H, n, 2]
+    momentum_keep, weight_keep, momentum_into_weight = state_coeffs.unbind(2)
     prediction, surprise, inputs, deltas = inner_loss_terms(weights, keys, values)
     gate = surprise_gate(surprise, threshold, relative)
-    if gate is not None:                                      # gated tokens write nothing (§8)
-        tokens = tokens * gate[..., None]
+    if gate is not None:                                      # gated tokens write nothing (§3)
+        token_coeffs = token_coeffs * gate[..., None]
     outputs = None
-    if read_terms:                                            # read W_{t−1}
-        read_anchor, read_tokens = read_terms                 # [B, H, n, 2], [B, H, n, n]
+    if read_coeffs:                                           # read W_{t−1}
+        read_state_coeffs, read_token_coeffs = read_coeffs    # [B, H, n, 2], [B, H, n, n]
         if gate is not None:
-            read_tokens = read_tokens * gate[..., None, :]
-        outputs = _read_in_chunk(weights, momentum, queries, inputs, deltas, read_anchor,
-                                 read_tokens)
+            read_token_coeffs = read_token_coeffs * gate[..., None, :]
+        outputs = _read_in_chunk(weights, momentum, queries, inputs, deltas, read_state_coeffs,
+                                 read_token_coeffs)
     elif queries is not None:                                 # read at the chunk-start weights
-        outputs = prediction if queries is keys else memory_forward(weights, queries)
+        outputs = prediction if queries is keys else memory_forward(weights, queries)  # fast path
     new_weights, new_momentum = [], []
     for W, S, x, delta in zip(weights, momentum, inputs, deltas):
         # Σ_i c_i x_iᵀ δ_i for both coefficient sets in one matmul: Xᵀ [c_S·Δ ‖ c_W·Δ]
-        weighted = (tokens[..., None] * delta[..., None, :]).flatten(-2)       # [B, H, n, 2·d_out]
+        weighted = (token_coeffs[..., None] * delta[..., None, :]).flatten(-2)  # [B, H, n, 2·d_out]
         sum_S, sum_W = (x.transpose(-1, -2) @ weighted).chunk(2, dim=-1)      # [B, H, d_in, d_out]
         new_momentum.append(momentum_keep * S - sum_S)
         new_weights.append(weight_keep * W + momentum_into_weight * S - sum_W)
@@ -329,22 +312,21 @@ def maybe_recompute(step, enabled):
     return lambda *args: recompute_in_backward(step, *args, use_reentrant=False)
 
 
-def _memory_update_parallel(weights, momentum, keys, values, queries, lr, beta, alpha,
+def _memory_update_parallel(weights, momentum, keys, values, queries, lr, momentum_decay, forget,
                             chunk_size, threshold, relative, checkpoint, read_mode):
-    B, H, T, _ = keys.shape
+    T = keys.shape[2]
     n_full = T // chunk_size
     in_chunk_reads = read_mode == "in_chunk" and queries is not None
-    # The coefficients do not depend on the memory, so all chunks get theirs in one batch.
+    rates = (lr, momentum_decay, forget)
+    # fast path: the coefficients do not depend on the memory, so all full chunks get theirs at once
     split = n_full * chunk_size
-    full_chunks = (g[:, :, :split].unflatten(2, (n_full, chunk_size)) for g in (lr, beta, alpha))
+    full_chunks = (r[:, :, :split].unflatten(2, (n_full, chunk_size)) for r in rates)
     batched = chunk_coefficients(*full_chunks, in_chunk_reads)             # [B, H, chunks, ...]
     blocks = list(zip(*(c.unbind(2) for c in batched)))
     if split < T:                                                        # a final partial chunk
-        blocks.append(chunk_coefficients(lr[:, :, split:], beta[:, :, split:], alpha[:, :, split:],
-                                         in_chunk_reads))
+        blocks.append(chunk_coefficients(*(r[:, :, split:] for r in rates), in_chunk_reads))
     outputs, surprises = [], []
     step = maybe_recompute(_chunk_step, checkpoint)
-    # Split once (a slice per chunk would make backward add T-long zero tensors: quadratic in T).
     chunk_keys, chunk_values = keys.split(chunk_size, dim=2), values.split(chunk_size, dim=2)
     chunk_queries = chunk_keys if queries is keys else \
         queries.split(chunk_size, dim=2) if queries is not None else [None] * len(blocks)
@@ -357,24 +339,21 @@ def _memory_update_parallel(weights, momentum, keys, values, queries, lr, beta, 
     return outputs, weights, momentum, torch.cat(surprises, dim=2)
 
 
-def memory_update(params, momentum, keys, values, queries, lr, beta, alpha, chunk_size,
+def memory_update(weights, momentum, keys, values, queries, lr, momentum_decay, forget, chunk_size,
                   parallel=True, threshold=None, relative=False, checkpoint=False,
                   read_mode="chunk_start"):
     """Read and write a neural memory over a sequence: the functional core of the project.
-
-    params, momentum: tuples of [B, H, d_in, d_out] (the memory state, §2, and its momentum)
-    keys, values:     [B, H, T, d]     what to store (k_t -> v_t)
-    queries:          [B, H, T, d]     what to read, or None when only the write is needed
-    lr, beta, alpha:  [B, H, T]        θ_t, η_t, α_t (η and α are clamped to [1e-6, 1 − 1e-6])
-    chunk_size:       C; tokens of a chunk take their gradients at the chunk-start weights
-    parallel:         True: the chunk form of §5; False: the token loop of §4 (same numbers)
-    threshold:        surprise gate γ of §8 (None: no gate); relative: score s_t / chunk mean
-    checkpoint:       recompute each chunk in backward, keeping only the chunk-boundary states
-    read_mode:        "chunk_start": y_t reads the chunk-start weights; "in_chunk": y_t reads
-                      W_{t−1}, the weights after the writes of the tokens before t (§4; not with
-                      the relative gate)
-
-    Returns (outputs [B, H, T, d] or None, new params, new momentum, surprise [B, H, T] detached).
+    weights, momentum:  tuples of [B, H, d_in, d_out] (the memory state W, §2, and its momentum S)
+    keys, values:       [B, H, T, d]   what to store (k_t -> v_t)
+    queries:            [B, H, T, d]   what to read, or None when only the write is needed
+    lr, momentum_decay, forget: [B, H, T]  θ_t, η_t, α_t (η and α are clamped to [1e-6, 1 − 1e-6])
+    chunk_size:         C; tokens of a chunk take their gradients at the chunk-start weights
+    parallel:           True: the chunk form of §5; False: the token loop of §4 (same numbers)
+    threshold:          surprise gate γ of §3 (None: no gate); relative: score s_t / chunk mean
+    checkpoint:         recompute each chunk in backward, keeping only the chunk-boundary states
+    read_mode:          "chunk_start": y_t reads the chunk-start weights; "in_chunk": y_t reads
+                        W_{t−1}, after the writes of the tokens before t (§4; not with the relative gate)
+    Returns (outputs [B, H, T, d] or None, new weights, new momentum, surprise [B, H, T] detached).
     Nothing is modified in place; a final partial chunk is updated with its own tokens only.
     """
     if chunk_size < 1:
@@ -384,52 +363,38 @@ def memory_update(params, momentum, keys, values, queries, lr, beta, alpha, chun
     if read_mode == "in_chunk" and threshold is not None and relative:
         raise ValueError("read_mode 'in_chunk' takes no relative surprise gate: its chunk mean "
                          "would let y_t see the tokens after t")
-    params, momentum = tuple(params), tuple(momentum)
-    device_type = keys.device.type
-    with torch.autocast(device_type, enabled=False):         # the memory always runs in fp32+
+    with torch.autocast(keys.device.type, enabled=False):    # the memory always runs in fp32+
         dtype = torch.promote_types(keys.dtype, torch.float32)
-        params, momentum = (tuple(t.to(dtype) for t in ts) for ts in (params, momentum))
-        read_keys = queries is keys                           # reads with the keys reuse M(k)
-        keys, values, lr, beta, alpha = (t.to(dtype) for t in (keys, values, lr, beta, alpha))
+        weights, momentum = (tuple(t.to(dtype) for t in ts) for ts in (weights, momentum))
+        read_keys = queries is keys                           # fast path: keeps `queries is keys`
+        keys, values, lr, momentum_decay, forget = (
+            t.to(dtype) for t in (keys, values, lr, momentum_decay, forget))
         queries = keys if read_keys else queries.to(dtype) if queries is not None else None
-        beta = beta.clamp(GATE_EPS, 1 - GATE_EPS)
-        alpha = alpha.clamp(GATE_EPS, 1 - GATE_EPS)
+        momentum_decay = momentum_decay.clamp(GATE_EPS, 1 - GATE_EPS)
+        forget = forget.clamp(GATE_EPS, 1 - GATE_EPS)
+        args = (weights, momentum, keys, values, queries, lr, momentum_decay, forget, chunk_size,
+                threshold, relative)
         if parallel:
-            return _memory_update_parallel(params, momentum, keys, values, queries, lr, beta,
-                                           alpha, chunk_size, threshold, relative, checkpoint,
-                                           read_mode)
-        return _memory_update_sequential(params, momentum, keys, values, queries, lr, beta,
-                                         alpha, chunk_size, threshold, relative, read_mode)
+            return _memory_update_parallel(*args, checkpoint, read_mode)
+        return _memory_update_sequential(*args, read_mode)
 
 
-# -------------------------------------------------------------------------------------------------
-# The Titans memory layer (Titans §3.1 and §4.4)
-# -------------------------------------------------------------------------------------------------
-# x -> shared input projection -> depthwise causal conv (window 4) -> heads of width d. From there:
-# q, k, v = SiLU of per-head linear maps (k, q then L2-normalized), and the per-head, per-token
-# rates θ = lr_max·σ(·), η = σ(·), α = σ(·) from linear maps. The layer reads the memory with q and
-# writes k -> v into it with §5. Its state (weights, momentum, conv tail) can be carried across
-# calls, so a caller can feed a long sequence in pieces.
+# === 6. Plumbing: what every memory layer shares ================================================
+# Around memory_update a layer needs projections in and out, a short causal convolution over time
+# (Titans §4.4), per-head linear maps and the per-token rates θ, η, α. None of it is the memory.
 
-@dataclass
-class MemoryState:
-    """One layer's memory: per-sample weights and momentum (tuples of [B, H, d_in, d_out])."""
-    weights: tuple
-    momentum: tuple
-
-
-def initial_state(initial_weights, batch):
-    """The state a sequence starts from: the meta weights W⁰ per sample, and S_0 = 0."""
-    weights = per_sample(initial_weights, batch)
-    return MemoryState(weights, tuple(torch.zeros_like(w) for w in weights))
+def update_settings(config):
+    """memory_update's keyword arguments that the config sets: the gate (§3), the read mode (§4),
+    the path (§4's loop or §5's chunks) and recomputation in backward."""
+    gated = config.surprise
+    return dict(threshold=config.surprise_threshold if gated else None,
+                relative=gated and config.surprise_mode == "relative", read_mode=config.read_mode,
+                parallel=config.parallel, checkpoint=config.checkpoint)
 
 
 class CausalConv(nn.Module):
-    """Depthwise causal 1-D convolution over time: y_t = b + Σ_j w_j ⊙ x_{t−window+1+j}.
-
-    The last `window - 1` inputs are its state. Written as `window` shifted multiply-adds, which on
-    a CPU is faster than nn.Conv1d's depthwise kernel at these sizes (same numbers).
-    """
+    """Depthwise causal 1-D convolution over time: y_t = b + Σ_j w_j ⊙ x_{t−window+1+j}; the last
+    window − 1 inputs are its state. Speed: shifted multiply-adds beat nn.Conv1d on a CPU here."""
 
     def __init__(self, channels, window=4):
         super().__init__()
@@ -474,16 +439,11 @@ class HeadLinear(nn.Module):
 
 class RateHeads(nn.Module):
     """Per-head, per-token θ = lr_max·σ(·)·(1 − η), η = σ(·), α = σ(·) from linear read-outs
-    (Titans §3.1; θ_t and η_t are free data-dependent rates there, so this is a choice of θ_t).
-
-    Biases start at θ = lr_max/4, η = 0.5 and α ≈ 0.0025 (a memory time constant of ~400 tokens).
-    Stability: a chunk of n tokens takes all its gradients at one point, and momentum weighs each
-    gradient by up to Σ_j η^j = 1/(1 − η), so correlated keys move W by ≈ 2θ·n/(1 − η) times the
-    error, and the inner descent diverges once that passes ~2. Training drives η towards 1 (to 0.99
-    in the Titans memory within 25 steps of `python train.py --no-self-mod` under PyTorch's init,
-    and the memory to 1e11, then NaN). The factor (1 − η) makes the momentum an average of the
-    surprise instead of a sum: a chunk then moves W by at most 2·lr_max·n times the error whatever
-    η is (0.64 at C = 16, 1.28 at the CMS period 32, for lr_max = 0.02).
+    (Titans §3.1 leaves θ_t free). Biases start at θ = lr_max/4, η = 0.5, α ≈ 0.0025 (~400 tokens).
+    Why (1 − η): a chunk of n tokens takes its gradients at one point and momentum weighs each by up
+    to 1/(1 − η), so correlated keys move W by ≈ 2θ·n/(1 − η) times the error, which diverges past
+    ~2; training drives η to 0.99 within 25 steps (`--no-self-mod`: memory 1e11, then NaN). With
+    (1 − η) a chunk moves W by at most 2·lr_max·n times the error (0.64 at C = 16, lr_max = 0.02).
     """
 
     def __init__(self, heads, d, lr_max):
@@ -493,8 +453,8 @@ class RateHeads(nn.Module):
         self.bias = nn.Parameter(torch.tensor([0.0, 0.0, -6.0]).repeat(heads, 1, 1))  # [H, 1, 3]
 
     def forward(self, *feats):
-        """θ, η, α, each [B, H, T], from feats [B, H, T, d]: one input read by all three rates, or
-        three inputs, one per rate (the self-modifying memory's)."""
+        """lr, momentum_decay, forget (θ, η, α), each [B, H, T], from feats [B, H, T, d]: one input
+        read by all three rates, or three inputs, one per rate (the self-modifying memory's)."""
         if len(feats) == 1:
             logits = torch.einsum("bhtd,hdr->bhtr", feats[0], self.weight)
         else:
@@ -505,25 +465,21 @@ class RateHeads(nn.Module):
 
 
 class MemoryLayer(nn.Module):
-    """What every memory layer shares: input projection + causal conv in, output projection out.
+    """x [B, T, dim] -> input projection -> causal conv -> features [B, H, T, d]; memory reads ->
+    output projection -> [B, T, dim]. Subclasses define read, write and read_write (feats, state)."""
 
-    Subclasses define read(feats, state), write(feats, state) and the read-before-write
-    `_read_write(feats, state)`; forward() runs the latter on a raw input sequence.
-    """
-    recording = False  # when True (set by analysis code), layers fill a `trace` dict of detached values
-
-    def __init__(self, dim, heads, d_head, chunk_size, threshold, relative, checkpoint):
+    def __init__(self, config):
         super().__init__()
-        self.heads, self.chunk_size, self.checkpoint = heads, chunk_size, checkpoint
-        self.threshold, self.relative = threshold, relative
-        self.in_proj = nn.Linear(dim, heads * d_head, bias=False)
-        self.conv = CausalConv(heads * d_head)
-        self.out_proj = nn.Linear(heads * d_head, dim, bias=False)
+        H, d = config.heads, config.d_head
+        self.heads, self.chunk_size, self.settings = H, config.chunk_size, update_settings(config)
+        self.in_proj = nn.Linear(config.dim, H * d, bias=False)
+        self.conv = CausalConv(H * d)
+        self.out_proj = nn.Linear(H * d, config.dim, bias=False)
 
     def initial_state(self, batch):
         return initial_state(self.initial_weights, batch)
 
-    def features(self, x, conv_tail=None):
+    def features(self, x, conv_tail):
         """x: [B, T, dim] -> per-head features [B, H, T, d] and the new conv tail."""
         feats, conv_tail = self.conv(self.in_proj(x), conv_tail)
         return split_heads(feats, self.heads), conv_tail
@@ -532,25 +488,29 @@ class MemoryLayer(nn.Module):
         """[B, H, T, d] memory reads -> [B, T, dim] layer output."""
         return self.out_proj(merge_heads(memory_out.to(dtype)))
 
-    def forward(self, x, state=None, conv_tail=None):
-        """Read before write over x: [B, T, dim]. Returns (y [B, T, dim], state, conv_tail)."""
-        state = state if state is not None else self.initial_state(x.shape[0])
-        feats, conv_tail = self.features(x, conv_tail)
-        out, state = self._read_write(feats, state)
-        return self.output(out, x.dtype), state, conv_tail
+    def forward(self, x, state):
+        """Read before write over x: [B, T, dim]. Returns (y [B, T, dim], the new state)."""
+        feats, conv_tail = self.features(x, state.conv_tail)
+        out, state = self.read_write(feats, state)
+        return self.output(out, x.dtype), replace(state, conv_tail=conv_tail)
 
+
+# === 7. The Titans memory layer (Titans §3.1, §4.4) =============================================
+# From the conv's per-head features: q, k, v = SiLU of per-head linear maps (k, q then
+# L2-normalized), and the rates θ, η, α from RateHeads. The layer reads the memory with q and
+# writes k -> v into it with §5, read before write (Titans Eqs. 9-15). Its state can be carried
+# across calls, so a caller can feed a long sequence in pieces.
 
 class NeuralMemory(MemoryLayer):
     """Titans neural long-term memory: read before write, chunk-parallel, state carried."""
 
-    def __init__(self, dim, heads, d_head, depth=2, expansion=2, chunk_size=16, lr_max=0.02,
-                 threshold=None, relative=False, checkpoint=False, read_mode="chunk_start"):
-        super().__init__(dim, heads, d_head, chunk_size, threshold, relative, checkpoint)
-        self.read_mode = read_mode                      # memory_update's (§4); not read()'s
-        self.to_query = HeadLinear(heads, d_head, d_head)
-        self.to_key_value = HeadLinear(heads, d_head, 2 * d_head)
-        self.rates = RateHeads(heads, d_head, lr_max)
-        self.initial_weights = init_memory_weights(heads, d_head, depth, expansion)
+    def __init__(self, config):
+        super().__init__(config)
+        H, d = config.heads, config.d_head
+        self.to_query = HeadLinear(H, d, d)
+        self.to_key_value = HeadLinear(H, d, 2 * d)
+        self.rates = RateHeads(H, d, config.lr_max)
+        self.initial_weights = init_memory_weights(H, d, config.memory_depth, config.expansion)
 
     def queries(self, feats):
         return F.normalize(F.silu(self.to_query(feats)), dim=-1)    # [B, H, T, d]
@@ -559,36 +519,28 @@ class NeuralMemory(MemoryLayer):
         k, v = F.silu(self.to_key_value(feats)).chunk(2, dim=-1)     # each [B, H, T, d]
         return F.normalize(k, dim=-1), v
 
-    def _update(self, feats, state, read):
+    def read_write(self, feats, state, read=True):
+        """Read M_W(q) (if read) before writing every k -> v (Titans Eqs. 9-15): (reads or None, state)."""
         k, v = self.keys_values(feats)
         out, weights, momentum, surprise = memory_update(
             state.weights, state.momentum, k, v, self.queries(feats) if read else None,
-            *self.rates(feats), self.chunk_size, threshold=self.threshold,
-            relative=self.relative, checkpoint=self.checkpoint, read_mode=self.read_mode)
-        if self.recording:
-            self.trace.setdefault("surprise", []).append(surprise)  # [B, H, T] per write
-        return out, MemoryState(weights, momentum)
-
-    def _read_write(self, feats, state):
-        return self._update(feats, state, read=True)
+            *self.rates(feats), self.chunk_size, **self.settings)
+        return out, replace(state, weights=weights, momentum=momentum, surprise=surprise)
 
     def read(self, feats, state):
         """M_W(q) at the given state for every token (no write). Returns [B, T, dim]."""
         return self.output(memory_forward(state.weights, self.queries(feats)), feats.dtype)
 
     def write(self, feats, state):
-        """Write every token of feats into the memory (Titans Eqs. 9-14); no read."""
-        return self._update(feats, state, read=False)[1]
+        return self.read_write(feats, state, read=False)[1]
 
 
-# -------------------------------------------------------------------------------------------------
-# 6. Self-modification (NL §8.1-8.2, Eqs. 76-93) — flag `self_mod`
-# -------------------------------------------------------------------------------------------------
-# With self_mod off the keys, values, queries and rates come from fixed linear maps (Titans, above).
-# With it on, each head holds six memories, M_k, M_v, M_q, M_lr, M_forget, M_mem, and the first
-# five *generate* what M_mem needs (NL Eqs. 80-88). All six are written in context, so the maps
-# that produce keys and values change as the sequence goes: the model modifies itself. Per chunk,
-# from the chunk-start states of all six:
+# === 8. Self-modification (NL §8.1-8.2, Eqs. 76-93) — flag `self_mod` ===========================
+# With self_mod off the keys, values, queries and rates come from fixed linear maps (§7). With it
+# on, each head holds six memories, M_k, M_v, M_q, M_lr, M_forget, M_mem, and the first five
+# *generate* what M_mem needs (NL Eqs. 80-88). All six are written in context, so the maps that
+# produce keys and values change as the sequence goes: the model modifies itself. Per chunk, from
+# the chunk-start states of all six:
 #   1. generate k = M_k(x), v = M_v(x), q = M_q(x), θ = lr_max·σ(w_lr·M_lr(x)), α = σ(w_α·M_forget(x))
 #   2. self-generated targets v̂_□ = M_□(v) for every memory (NL Eq. 84)
 #   3. write all six with keys k, values v̂_□ and the same θ, η, α, through one memory_update call
@@ -602,19 +554,21 @@ SELF_MOD_COMPONENTS = ("k", "v", "q", "lr", "forget", "mem")   # seed paper: m_k
 class SelfModifyingMemory(MemoryLayer):
     """Six stacked per-head memories; the state is [B, 6·H, d_in, d_out] per layer, component-major."""
 
-    def __init__(self, dim, heads, d_head, depth=2, expansion=2, chunk_size=16, lr_max=0.02,
-                 threshold=None, relative=False, checkpoint=False):
-        super().__init__(dim, heads, d_head, chunk_size, threshold, relative, checkpoint)
-        n = len(SELF_MOD_COMPONENTS)
+    def __init__(self, config):
+        super().__init__(config)
+        H, d, n = config.heads, config.d_head, len(SELF_MOD_COMPONENTS)
         # Full-scale residual branches: with M(x) ≈ x, k ≈ v ≈ q and there is nothing to memorize.
-        self.initial_weights = init_memory_weights(n * heads, d_head, depth, expansion, branch_scale=1.0)
-        self.rates = RateHeads(heads, d_head, lr_max)  # w_lr, w_forget read-outs and η's linear map
+        self.initial_weights = init_memory_weights(n * H, d, config.memory_depth, config.expansion,
+                                                   branch_scale=1.0)
+        self.rates = RateHeads(H, d, config.lr_max)  # w_lr, w_forget read-outs and η's linear map
+        # Step 4 reads M_mem at the chunk-start state in either read mode: the generators of step 1
+        # must read that state to make the chunk's keys and rates. Each chunk is recomputed whole.
+        self.checkpoint = self.settings.pop("checkpoint")
+        self.settings["read_mode"] = "chunk_start"
 
-    def features(self, x, conv_tail=None):
-        """Unit-norm per-head inputs [B, H, T, d]: the generators feed on their own outputs chunk after
-        chunk, so their gradients compound over the sequence; fixing the input scale keeps that
-        recurrence from exploding whatever the scale of in_proj (measured: gradient norms of 1e3
-        within 30 steps under PyTorch's default init without it)."""
+    def features(self, x, conv_tail):
+        """Unit-norm features: the generators feed on their own outputs chunk after chunk, and a fixed
+        input scale keeps that recurrence from exploding (gradient norms of 1e3 in 30 steps without)."""
         feats, conv_tail = super().features(x, conv_tail)
         return F.normalize(feats, dim=-1), conv_tail
 
@@ -638,12 +592,10 @@ class SelfModifyingMemory(MemoryLayer):
         q = F.normalize(memory_forward(tuple(w[:, 2] for w in W), feats), dim=-1)
         return self.output(memory_forward(tuple(w[:, 5] for w in W), q), feats.dtype)
 
-    def _chunk(self, feats, state, read):
-        """One chunk [B, H, n, d] of steps 1-4; returns (M_mem(q) or None, new state, surprise)."""
-        k, v, q, lr, momentum_decay, forget = self.generate(feats, state.weights)
-        W = self.by_component(state.weights)
-        # Step 4 reads M_mem at the chunk-start state in either read mode (HOPEConfig.read_mode):
-        # the generators of step 1 must read that state to make the chunk's keys and rates.
+    def _chunk(self, feats, weights, momentum, read):
+        """One chunk [B, H, n, d] of steps 1-4; returns (M_mem(q) or None, weights, momentum, surprise)."""
+        k, v, q, lr, momentum_decay, forget = self.generate(feats, weights)
+        W = self.by_component(weights)
         out = memory_forward(tuple(w[:, 5] for w in W), q) if read else None       # step 4
         targets = memory_forward(W, v[:, None]).flatten(1, 2)                     # step 2 [B, 6H, n, d]
         n = len(SELF_MOD_COMPONENTS)
@@ -651,31 +603,26 @@ class SelfModifyingMemory(MemoryLayer):
         lr, momentum_decay, forget = (r[:, None].expand(-1, n, -1, -1).flatten(1, 2)
                                       for r in (lr, momentum_decay, forget))      # [B, 6H, n]
         _, weights, momentum, surprise = memory_update(                           # step 3
-            state.weights, state.momentum, keys, targets, None, lr, momentum_decay, forget,
-            self.chunk_size, threshold=self.threshold, relative=self.relative)
-        return out, MemoryState(weights, momentum), surprise
+            weights, momentum, keys, targets, None, lr, momentum_decay, forget, self.chunk_size,
+            **self.settings)
+        return out, weights, momentum, surprise
 
-    def _run(self, feats, state, read):
+    def read_write(self, feats, state, read=True):
+        """Steps 1-4 chunk by chunk: (M_mem(q) if read, else None; the state after the writes)."""
         step = maybe_recompute(self._chunk, self.checkpoint)
-        outs, surprises = [], []
+        weights, momentum, outs, surprises = state.weights, state.momentum, [], []
         for chunk in feats.split(self.chunk_size, dim=2):
-            out, state, surprise = step(chunk, state, read)
+            out, weights, momentum, surprise = step(chunk, weights, momentum, read)
             outs.append(out)
             surprises.append(surprise)
-        if self.recording:                                            # [B, 6, H, T] per write
-            self.trace.setdefault("surprise", []).append(torch.cat(surprises, 2).unflatten(1, (6, self.heads)))
+        state = replace(state, weights=weights, momentum=momentum, surprise=torch.cat(surprises, 2))
         return (torch.cat(outs, 2) if read else None), state
 
     def write(self, feats, state):
-        return self._run(feats, state, read=False)[1]
-
-    def _read_write(self, feats, state):
-        return self._run(feats, state, read=True)
+        return self.read_write(feats, state, read=False)[1]
 
 
-# -------------------------------------------------------------------------------------------------
-# 7. CMS, the Continuum Memory System (NL §7, Eqs. 70-74) — flag `cms`
-# -------------------------------------------------------------------------------------------------
+# === 9. CMS, the Continuum Memory System (NL §7, Eqs. 70-74) — flag `cms` =======================
 # CMS replaces the block's feed-forward by memories that keep learning in context, each at its own
 # pace: a level with period p is a per-head memory whose chunk size is p, so its fast weights
 # change once every p tokens (fast level p = 8, slow level p = 32). Keys are the level's input,
@@ -684,13 +631,12 @@ class SelfModifyingMemory(MemoryLayer):
 # 2-layer MLP.
 
 class CMSLevel(nn.Module):
-    recording = False
+    """One level: a per-head memory of chunk size `period`, read with its own keys."""
 
     def __init__(self, config, period):
         super().__init__()
         H, d = config.heads, config.d_head
-        self.heads, self.period, self.gate = H, period, surprise_settings(config)
-        self.checkpoint, self.read_mode = config.checkpoint, config.read_mode
+        self.heads, self.period, self.settings = H, period, update_settings(config)
         self.in_proj = nn.Linear(config.dim, H * d, bias=False)
         self.to_value = HeadLinear(H, d, d)
         self.rates = RateHeads(H, d, config.lr_max if config.cms_lr_max is None else config.cms_lr_max)
@@ -703,20 +649,17 @@ class CMSLevel(nn.Module):
     def forward(self, x, state):
         feats = split_heads(self.in_proj(x), self.heads)                           # [B, H, T, d]
         keys = F.normalize(feats, dim=-1)                                          # also the queries
-        threshold, relative = self.gate
+        # values unit-norm like the keys: larger values make larger writes, and larger fast weights
+        # a steeper inner loss (raw values sent the slow level to NaN in training)
+        values = F.normalize(self.to_value(feats), dim=-1)
         out, weights, momentum, surprise = memory_update(
-            # values unit-norm like the keys: larger values make larger writes, and larger fast
-            # weights a steeper inner loss (raw values sent the slow level to NaN in training)
-            state.weights, state.momentum, keys, F.normalize(self.to_value(feats), dim=-1), keys,
-            *self.rates(feats), self.period, threshold=threshold,
-            relative=relative, checkpoint=self.checkpoint, read_mode=self.read_mode)
-        if self.recording:
-            self.trace.setdefault("surprise", []).append(surprise)
-        return self.out_proj(merge_heads(out.to(x.dtype))), MemoryState(weights, momentum)
+            state.weights, state.momentum, keys, values, keys, *self.rates(feats), self.period,
+            **self.settings)
+        return self.out_proj(merge_heads(out.to(x.dtype))), MemoryState(weights, momentum, surprise=surprise)
 
 
 class CMS(nn.Module):
-    recording = False
+    """The levels, mixed per token by a softmax gate; the state is one MemoryState per level."""
 
     def __init__(self, config):
         super().__init__()
@@ -729,40 +672,25 @@ class CMS(nn.Module):
     def forward(self, x, states):
         outs, states = zip(*(level(x, s) for level, s in zip(self.levels, states)))
         mix = torch.softmax(self.gate(x), dim=-1)                                   # [B, T, levels]
-        if self.recording:
-            self.trace = {"level_outputs": [o.detach() for o in outs], "mix": mix.detach()}
         return sum(mix[..., i:i + 1] * out for i, out in enumerate(outs)), list(states)
 
 
 class MLP(nn.Module):
-    def __init__(self, dim, hidden):
+    """The plain feed-forward (CMS off, and the GPT baseline); it has no state."""
+
+    def __init__(self, config):
         super().__init__()
-        self.up, self.down = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        hidden = config.mlp_hidden or 4 * config.dim
+        self.up, self.down = nn.Linear(config.dim, hidden), nn.Linear(hidden, config.dim)
 
-    def forward(self, x):
-        return self.down(F.gelu(self.up(x)))
+    def initial_state(self, batch):
+        return None
 
-
-# -------------------------------------------------------------------------------------------------
-# 8. Surprise gate (seed paper §2) — flag `surprise`
-# -------------------------------------------------------------------------------------------------
-# A token whose surprise s_t (§3) is below γ writes nothing: its θ_t is zeroed inside
-# memory_update (§5), while decay and momentum still run. With `surprise` on, every memory write of
-# the model (main memory, all six self-modifying memories, every CMS level) gets the same γ.
-# Absolute mode thresholds s_t itself (γ = 0.02 by default); relative mode thresholds
-# s_t / mean(s over the chunk), which does not depend on the loss scale (a one-token chunk scores
-# exactly 1, so γ ≤ 1 lets it write). Off: no gate at all.
-
-def surprise_settings(config):
-    """(threshold, relative) for memory_update: (None, False) when the gate is off."""
-    if not config.surprise:
-        return None, False
-    return config.surprise_threshold, config.surprise_mode == "relative"
+    def forward(self, x, state):
+        return self.down(F.gelu(self.up(x))), None
 
 
-# -------------------------------------------------------------------------------------------------
-# 9. Mixers and blocks (Titans §4)
-# -------------------------------------------------------------------------------------------------
+# === 10. Mixers and blocks (Titans §3.3, §4) ====================================================
 # Attention uses rotary position embeddings (RoPE), so models run past their training length, and
 # N_p persistent tokens: learned, data-independent inputs prepended to every attention context
 # (Titans §3.3). Four ways to combine the memory with attention:
@@ -770,6 +698,7 @@ def surprise_settings(config):
 #   mag  memory as gate: sliding-window attention ⊗ σ(memory)                         (Titans §4.2)
 #   mal  memory as layer: memory, then sliding-window attention                       (Titans §4.3)
 #   lmm  memory only (NL's HOPE has no attention)
+# Each mixer has initial_state(batch) and its own small state type.
 
 def rotary(positions, d, dtype):
     """RoPE's cos and sin, each [T, 1, d/2], of angles proportional to positions [T]."""
@@ -787,18 +716,17 @@ def rope(x, rotation):
 
 
 class Attention(nn.Module):
-    """Causal multi-head attention with RoPE, optional sliding window and persistent tokens.
+    """Causal multi-head attention with RoPE, optional sliding window and persistent tokens. forward()
+    takes and returns a (keys, values) cache of earlier tokens (with a window, the last `window`).
+    Speed: keys_values multiplies by the k, v rows of qkv only; forward takes the fused causal kernel
+    when it can, and otherwise attends in query blocks (linear in T with a window)."""
 
-    forward() takes a key/value cache of earlier tokens and returns the updated one, so a sequence
-    can be fed in pieces; with a window the cache keeps only the last `window` tokens.
-    """
-
-    def __init__(self, dim, heads, window=None, persistent_tokens=0):
+    def __init__(self, config, window=None, persistent_tokens=0):
         super().__init__()
-        self.dim, self.heads, self.window = dim, heads, window
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.out = nn.Linear(dim, dim, bias=False)
-        self.persistent = nn.Parameter(torch.randn(persistent_tokens, dim) * 0.02) \
+        self.dim, self.heads, self.window = config.dim, config.heads, window
+        self.qkv = nn.Linear(config.dim, 3 * config.dim, bias=False)
+        self.out = nn.Linear(config.dim, config.dim, bias=False)
+        self.persistent = nn.Parameter(torch.randn(persistent_tokens, config.dim) * 0.02) \
             if persistent_tokens else None
 
     def rotation(self, positions, dtype):
@@ -818,7 +746,10 @@ class Attention(nn.Module):
         return k.transpose(1, 2), v.transpose(1, 2)
 
     def persistent_keys_values(self, batch, dtype):
-        """Keys and values of the persistent tokens [B, h, N_p, dh] (no position: visible to all)."""
+        """Keys and values of the persistent tokens [B, h, N_p, dh] (no position: visible to all),
+        or None without persistent tokens."""
+        if self.persistent is None:
+            return None
         k, v = self.keys_values(self.persistent.to(dtype)[None])
         return k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)
 
@@ -839,7 +770,7 @@ class Attention(nn.Module):
             return self.attend(q, k, v, None), new_cache             # plain causal: fused kernel
         # Query blocks of `window` tokens each see at most 2·window keys: linear in T.
         block = self.window or T
-        persistent = self.persistent_keys_values(B, x.dtype) if self.persistent is not None else None
+        persistent = self.persistent_keys_values(B, x.dtype)
         outs = []
         for start in range(0, T, block):
             q_pos = positions[start:start + block]
@@ -858,37 +789,30 @@ class Attention(nn.Module):
         return torch.cat(outs, 1), new_cache
 
 
-@dataclass
-class LayerState:
-    """Everything one block carries from one piece of a sequence to the next."""
-    memory: MemoryState = None         # the mixer's long-term memory (Titans or self-modifying)
-    conv_tail: torch.Tensor = None     # its conv input tail (the stream it writes)
-    query_tail: torch.Tensor = None    # MAC: conv tail of the stream it reads with
-    attention: tuple = None            # (keys, values) cache of the mixer's attention
-    cms: list = None                   # one MemoryState per CMS level
-
-
 def make_memory(config):
-    """The mixer's memory: self-modifying (§6) when `self_mod`, else Titans (§5)."""
-    threshold, relative = surprise_settings(config)
-    args = (config.dim, config.heads, config.d_head, config.memory_depth, config.expansion,
-            config.chunk_size, config.lr_max, threshold, relative, config.checkpoint)
-    if config.self_mod:
-        return SelfModifyingMemory(*args)               # reads at the chunk start in either mode
-    return NeuralMemory(*args, read_mode=config.read_mode)
+    """The mixer's memory: self-modifying (§8) when `self_mod`, else Titans (§7)."""
+    return SelfModifyingMemory(config) if config.self_mod else NeuralMemory(config)
+
+
+class MACState(NamedTuple):
+    memory: MemoryState          # the memory, with the conv tail of the stream it writes (y)
+    query_tail: torch.Tensor     # the conv tail of the stream it reads with (x)
 
 
 class MACMixer(nn.Module):
-    """Memory as context, per segment of `segment_len` tokens starting at the segment-start state:
-    h = M(q) read with the segment's inputs; y = attention over [persistent ‖ h ‖ segment], where
-    h_i is visible to position j iff i ≤ j; then the memory is written with y (chunk size C) and
-    the output is y ⊗ σ(M(y)), M again read at the segment-start state (Titans Eqs. 21-25)."""
+    """Memory as context (Titans Eqs. 21-25), per segment of `segment_len` tokens, from the segment-
+    start state: h = M(q) read with the segment's inputs; y = attention over [persistent ‖ h ‖
+    segment] (h_i visible to position j iff i ≤ j); write y into M; output y ⊗ σ(M(y)), M read at
+    the segment start. Speed: keep_state=False (training) skips the last segment's unread write."""
 
     def __init__(self, config):
         super().__init__()
         self.segment_len = config.segment_len
         self.memory = make_memory(config)
-        self.attention = Attention(config.dim, config.heads, None, config.persistent_tokens)
+        self.attention = Attention(config, None, config.persistent_tokens)
+
+    def initial_state(self, batch):
+        return MACState(self.memory.initial_state(batch), None)
 
     def attend_segment(self, q, k, v, retrieved, rotation, persistent):
         """Attention of the segment's q [B, h, L, dh] over [persistent ‖ h ‖ segment keys]."""
@@ -904,28 +828,34 @@ class MACMixer(nn.Module):
         return self.attention.attend(q, torch.cat(keys, 2), torch.cat(values, 2), visible)
 
     def forward(self, x, state, position, keep_state=True):
-        """keep_state=False (training): the last segment's write is skipped, as nothing reads it."""
         B, T, _ = x.shape
         # What depends on x alone is computed for the whole sequence at once; the loop below
         # carries only what depends on the memory state.
         cos, sin = self.attention.rotation(torch.arange(position, position + T, device=x.device), x.dtype)
         query_feats, query_tail = self.memory.features(x, state.query_tail)      # [B, H, T, d]
         q, k, v = self.attention.project(x, (cos, sin))                           # [B, h, T, dh]
-        persistent = self.attention.persistent_keys_values(B, x.dtype) \
-            if self.attention.persistent is not None else None
-        memory, conv_tail, outs = state.memory, state.conv_tail, []
+        persistent = self.attention.persistent_keys_values(B, x.dtype)
+        memory, outs, written = state.memory, [], []
         L, last = self.segment_len, (T - 1) // self.segment_len
         segments = zip(*(t.split(L, dim=2) for t in (query_feats, q, k, v)), cos.split(L), sin.split(L))
         for index, (feats, q_s, k_s, v_s, cos_s, sin_s) in enumerate(segments):
             retrieved = self.memory.read(feats, memory)                           # h  [B, L, dim]
             y = self.attend_segment(q_s, k_s, v_s, retrieved, (cos_s, sin_s), persistent)
-            y_feats, conv_tail = self.memory.features(y, conv_tail)
+            y_feats, conv_tail = self.memory.features(y, memory.conv_tail)
             gate = self.memory.read(y_feats, memory)
             if keep_state or index < last:
                 memory = self.memory.write(y_feats, memory)
+                written.append(memory.surprise)
+            memory = replace(memory, conv_tail=conv_tail)
             outs.append(y * torch.sigmoid(gate))
-        return torch.cat(outs, 1), replace(state, memory=memory if keep_state else None,
-                                           conv_tail=conv_tail, query_tail=query_tail)
+        if not keep_state:
+            return torch.cat(outs, 1), None
+        return torch.cat(outs, 1), MACState(replace(memory, surprise=torch.cat(written, -1)), query_tail)
+
+
+class WindowState(NamedTuple):
+    memory: MemoryState          # the memory, with its conv tail
+    cache: tuple                 # the sliding-window attention's (keys, values) of earlier tokens
 
 
 class MAGMixer(nn.Module):
@@ -935,14 +865,16 @@ class MAGMixer(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.memory = make_memory(config)
-        self.attention = Attention(config.dim, config.heads, config.segment_len, config.persistent_tokens)
+        self.attention = Attention(config, config.segment_len, config.persistent_tokens)
         self.norm_attention, self.norm_memory = nn.LayerNorm(config.dim), nn.LayerNorm(config.dim)
 
+    def initial_state(self, batch):
+        return WindowState(self.memory.initial_state(batch), None)
+
     def forward(self, x, state, position, keep_state=True):
-        y, cache = self.attention(x, position, state.attention)
-        m, memory, conv_tail = self.memory(x, state.memory, state.conv_tail)
-        out = self.norm_attention(y) * torch.sigmoid(self.norm_memory(m))
-        return out, replace(state, memory=memory, conv_tail=conv_tail, attention=cache)
+        y, cache = self.attention(x, position, state.cache)
+        m, memory = self.memory(x, state.memory)
+        return self.norm_attention(y) * torch.sigmoid(self.norm_memory(m)), WindowState(memory, cache)
 
 
 class MALMixer(nn.Module):
@@ -951,12 +883,19 @@ class MALMixer(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.memory = make_memory(config)
-        self.attention = Attention(config.dim, config.heads, config.segment_len, config.persistent_tokens)
+        self.attention = Attention(config, config.segment_len, config.persistent_tokens)
+
+    def initial_state(self, batch):
+        return WindowState(self.memory.initial_state(batch), None)
 
     def forward(self, x, state, position, keep_state=True):
-        m, memory, conv_tail = self.memory(x, state.memory, state.conv_tail)
-        y, cache = self.attention(m, position, state.attention)
-        return y, replace(state, memory=memory, conv_tail=conv_tail, attention=cache)
+        m, memory = self.memory(x, state.memory)
+        y, cache = self.attention(m, position, state.cache)
+        return y, WindowState(memory, cache)
+
+
+class LMMState(NamedTuple):
+    memory: MemoryState
 
 
 class LMMMixer(nn.Module):
@@ -966,24 +905,35 @@ class LMMMixer(nn.Module):
         super().__init__()
         self.memory = make_memory(config)
 
+    def initial_state(self, batch):
+        return LMMState(self.memory.initial_state(batch))
+
     def forward(self, x, state, position, keep_state=True):
-        y, memory, conv_tail = self.memory(x, state.memory, state.conv_tail)
-        return y, replace(state, memory=memory, conv_tail=conv_tail)
+        y, memory = self.memory(x, state.memory)
+        return y, LMMState(memory)
 
 
 class AttentionMixer(nn.Module):
-    """The GPT baseline's mixer: full causal attention with RoPE and a growing cache."""
+    """The GPT baseline's mixer: full causal attention with RoPE; its state is the (keys, values)
+    cache of the earlier tokens."""
 
     def __init__(self, config):
         super().__init__()
-        self.attention = Attention(config.dim, config.heads)
+        self.attention = Attention(config)
+
+    def initial_state(self, batch):
+        return None
 
     def forward(self, x, state, position, keep_state=True):
-        y, cache = self.attention(x, position, state.attention)
-        return y, replace(state, attention=cache)
+        return self.attention(x, position, state)
 
 
 MIXERS = {"mac": MACMixer, "mag": MAGMixer, "mal": MALMixer, "lmm": LMMMixer}
+
+
+class BlockState(NamedTuple):
+    mixer: object                # the mixer's state type
+    ffn: list                    # one MemoryState per CMS level, or None (MLP)
 
 
 class Block(nn.Module):
@@ -994,28 +944,19 @@ class Block(nn.Module):
         transformer = config.model == "transformer"
         self.norm1, self.norm2 = nn.LayerNorm(config.dim), nn.LayerNorm(config.dim)
         self.mixer = AttentionMixer(config) if transformer else MIXERS[config.mixer](config)
-        hidden = config.mlp_hidden or 4 * config.dim
-        self.ffn = CMS(config) if config.cms and not transformer else MLP(config.dim, hidden)
+        self.ffn = CMS(config) if config.cms and not transformer else MLP(config)
 
     def initial_state(self, batch):
-        memory = getattr(self.mixer, "memory", None)
-        return LayerState(memory=memory.initial_state(batch) if memory is not None else None,
-                          cms=self.ffn.initial_state(batch) if isinstance(self.ffn, CMS) else None)
+        return BlockState(self.mixer.initial_state(batch), self.ffn.initial_state(batch))
 
     def forward(self, x, state, position, keep_state=True):
-        y, state = self.mixer(self.norm1(x), state, position, keep_state)
+        y, mixer_state = self.mixer(self.norm1(x), state.mixer, position, keep_state)
         x = x + y
-        if isinstance(self.ffn, CMS):
-            y, cms_state = self.ffn(self.norm2(x), state.cms)
-            state = replace(state, cms=cms_state)
-        else:
-            y = self.ffn(self.norm2(x))
-        return x + y, state
+        y, ffn_state = self.ffn(self.norm2(x), state.ffn)
+        return x + y, BlockState(mixer_state, ffn_state)
 
 
-# -------------------------------------------------------------------------------------------------
-# 10. Models: configuration, the language model, generation, the ablation rows
-# -------------------------------------------------------------------------------------------------
+# === 11. Models: the configuration, and the language model (HOPE, its ablations and GPT) ========
 
 @dataclass
 class HOPEConfig:
@@ -1023,16 +964,17 @@ class HOPEConfig:
     vocab_size: int = 256
     dim: int = 256
     layers: int = 6
-    heads: int = None                  # None: dim // d_head; if given, d_head = dim // heads
-    d_head: int = 64
+    heads: int = None                  # None: dim // d_head
+    d_head: int = None                 # memory head width; None: dim // heads if heads is given, else 64
     mixer: str = "mac"                 # mac | mag | mal | lmm
-    cms: bool = True                   # §7: continuum memory levels instead of the MLP
-    self_mod: bool = True              # §6: self-modifying memories instead of linear maps
-    surprise: bool = True              # §8: surprise-gated writes
+    cms: bool = True                   # §9: continuum memory levels instead of the MLP
+    self_mod: bool = True              # §8: self-modifying memories instead of linear maps
+    surprise: bool = True              # §3: surprise-gated writes
     surprise_threshold: float = 0.02   # γ
     surprise_mode: str = "absolute"    # absolute | relative
     chunk_size: int = 16               # C
     read_mode: str = "chunk_start"     # chunk_start | in_chunk (§4; Titans memory and CMS levels)
+    parallel: bool = True              # memory_update's chunk form (§5); False: the token loop (§4)
     segment_len: int = 64              # MAC segment, MAG/MAL attention window
     persistent_tokens: int = 4         # N_p
     memory_depth: int = 2
@@ -1048,31 +990,32 @@ class HOPEConfig:
     tied_head: bool = False            # output head = the token embedding (transposed)
 
     def __post_init__(self):
+        """Fill in what None leaves open; a given heads or d_head is kept as it is."""
         self.cms_periods = tuple(self.cms_periods)
+        if self.d_head is None:
+            self.d_head = self.dim // self.heads if self.heads else 64
         if self.heads is None:
             self.heads = max(1, self.dim // self.d_head)
-        elif self.heads > 0 and self.dim % self.heads == 0:
-            self.d_head = self.dim // self.heads
 
     def validate(self):
         """Raise ValueError with a one-line message if the configuration cannot be built."""
+        relative_in_chunk = self.read_mode == "in_chunk" and self.surprise and self.surprise_mode == "relative"
         checks = [
             (self.model in ("hope", "transformer"), f"unknown model '{self.model}' (hope, transformer)"),
             (self.mixer in MIXERS, f"unknown mixer '{self.mixer}' ({', '.join(MIXERS)})"),
             (self.surprise_mode in ("absolute", "relative"),
              f"unknown surprise mode '{self.surprise_mode}' (absolute, relative)"),
-            (self.dim > 0 and self.layers > 0 and self.vocab_size > 0, "dim, layers and vocab_size must be positive"),
-            (self.heads > 0 and self.dim % self.heads == 0,
-             f"dim {self.dim} is not divisible by heads {self.heads}"),
+            (min(self.dim, self.layers, self.vocab_size, self.seq_len) > 0,
+             "dim, layers, vocab_size and seq_len must be positive"),
+            (self.heads > 0 and self.dim % self.heads == 0, f"dim {self.dim} is not divisible by heads {self.heads}"),
             (self.d_head % 2 == 0, f"head width {self.d_head} must be even (RoPE)"),
             (self.chunk_size > 0, f"chunk size must be positive, got {self.chunk_size}"),
-            (self.read_mode in READ_MODES,
-             f"unknown read mode '{self.read_mode}' ({', '.join(READ_MODES)})"),
-            (not (self.read_mode == "in_chunk" and self.surprise and self.surprise_mode == "relative"),
+            (self.read_mode in READ_MODES, f"unknown read mode '{self.read_mode}' ({', '.join(READ_MODES)})"),
+            (not relative_in_chunk,
              "read mode in_chunk takes no relative surprise gate (its chunk mean sees later tokens)"),
             (self.chunk_size > 0 and self.segment_len > 0 and self.segment_len % self.chunk_size == 0,
              f"segment_len {self.segment_len} must be a positive multiple of chunk size {self.chunk_size}"),
-            (all(p > 0 for p in self.cms_periods) and len(self.cms_periods) > 0,
+            (len(self.cms_periods) > 0 and all(p > 0 for p in self.cms_periods),
              f"CMS periods must be positive, got {self.cms_periods}"),
             (self.memory_depth >= 1 and self.expansion >= 1, "memory depth and expansion must be >= 1"),
             (self.persistent_tokens >= 0, "persistent_tokens must be >= 0"),
@@ -1098,23 +1041,15 @@ class HOPEConfig:
 
 @dataclass
 class ModelState:
-    """Where a sequence stands: its next position and every block's LayerState."""
+    """Where a sequence stands: its next position and every block's BlockState."""
     position: int
     layers: list
 
 
 class LanguageModel(nn.Module):
     """Token embedding -> blocks -> norm -> output head. HOPE, its ablations and GPT.
-
-    The init recipe (measured on in-context recall and on language; README, "Training recipe"): the
-    token embedding ~ N(0, 1) and PyTorch's own init for every linear map (U(±1/√fan_in)), with an
-    untied output head. GPT-2's recipe (N(0, 0.02) everywhere, tied head) leaves every model here,
-    the Transformer included, on a plateau at MQAR: with 0.02 weights the attention logits start
-    near 0 (uniform attention, tiny gradients for q and k), and with a 0.02 embedding the token
-    identity is a small part of the residual stream that later layers must match on. A unit-scale
-    embedding cannot be tied to the head: the initial logits would have a standard deviation of
-    √dim (an initial loss of ~60 nats at dim 64).
-    """
+    Init (README, "Training recipe"): embedding ~ N(0, 1), PyTorch's own init for the linear maps,
+    an untied head. GPT-2's N(0, 0.02) and tied head leave every model here on a plateau at MQAR."""
 
     def __init__(self, config):
         super().__init__()
@@ -1141,12 +1076,9 @@ class LanguageModel(nn.Module):
         return ModelState(0, [block.initial_state(batch) for block in self.blocks])
 
     def advance(self, idx, state, keep_state=True):
-        """Process idx [B, T] as the continuation of `state`. Returns (logits [B, T, V], new state).
-
-        Chunks, segments and CMS periods are aligned to absolute positions, so `state` must sit on
-        a multiple of config.period (every state this returns after a whole period does).
-        keep_state=False returns no state, which lets MAC skip its last segment's write (training).
-        """
+        """Process idx [B, T] as the continuation of `state` (on a multiple of config.period: chunks,
+        segments and CMS periods align to absolute positions). Returns (logits [B, T, V], new state);
+        keep_state=False returns no state, which lets MAC skip its last segment's write (training)."""
         if state.position % self.config.period:
             raise ValueError(f"state at position {state.position} is not on a period boundary")
         x = self.embed(idx)
@@ -1193,70 +1125,3 @@ class LanguageModel(nn.Module):
             else:
                 pending = torch.cat([pending, token], 1)
         return (idx, torch.stack(all_logits, 1)) if return_logits else idx
-
-    def recording(self, on=True):
-        """Make every memory layer record into a fresh `trace` dict (for analyze.py): per-token
-        surprise of each write (a list, in sequence order) and the CMS level outputs."""
-        for module in self.modules():
-            if isinstance(module, (MemoryLayer, CMSLevel, CMS)):
-                module.recording = on
-                if on:
-                    module.trace = {}
-        return self
-
-
-def build_model(config):
-    return LanguageModel(config)
-
-
-# The rows of the seed paper's Table 1, as flags on one config.
-ABLATION_ROWS = {
-    "Full HOPE": dict(model="hope", cms=True, self_mod=True, surprise=True),
-    "No CMS": dict(model="hope", cms=False, self_mod=True, surprise=True),
-    "No Self-Mod": dict(model="hope", cms=True, self_mod=False, surprise=True),
-    "No Surprise": dict(model="hope", cms=True, self_mod=True, surprise=False),
-    "Titans": dict(model="hope", cms=True, self_mod=False, surprise=False),
-    "Transformer": dict(model="transformer"),
-    "Transformer (matched)": dict(model="transformer"),
-    # Two rows that pull apart what "No CMS" mixes (issue: in-context learning vs capacity):
-    "CMS frozen": dict(model="hope", cms=True, self_mod=True, surprise=True, cms_lr_max=0.0),
-    "No CMS (matched MLP)": dict(model="hope", cms=False, self_mod=True, surprise=True),
-}
-
-
-def count_params(config):
-    """Parameters of a config, without allocating them."""
-    with torch.device("meta"):
-        return build_model(config).num_params()
-
-
-def ablation_config(row, config):
-    """The config of one ablation row, built from a base config (dims, data, training context)."""
-    if row not in ABLATION_ROWS:
-        raise ValueError(f"unknown ablation row '{row}' ({', '.join(ABLATION_ROWS)})")
-    base = {k: v for k, v in vars(config).items() if k not in ("heads",)}
-    row_config = HOPEConfig(**{**base, **ABLATION_ROWS[row]})
-    if row == "Transformer (matched)":
-        # same layers, dim = the smallest multiple of 64 whose parameters reach Full HOPE's
-        target = count_params(ablation_config("Full HOPE", config))
-        dim = 64
-        while count_params(HOPEConfig(**{**base, **ABLATION_ROWS[row], "dim": dim})) < target:
-            dim += 64
-        row_config = HOPEConfig(**{**base, **ABLATION_ROWS[row], "dim": dim})
-    if row == "No CMS (matched MLP)":
-        # the MLP's hidden width h whose parameters, (2·dim + 1)·h + dim, come closest to CMS's
-        with torch.device("meta"):
-            cms = sum(p.numel() for p in CMS(row_config).parameters())
-        row_config.mlp_hidden = max(1, round((cms - config.dim) / (2 * config.dim + 1)))
-    return row_config
-
-
-def flops_per_token(config, seq_len=None):
-    """Training FLOPs (forward + backward) per token, counted by running one sequence."""
-    from torch.utils.flop_counter import FlopCounterMode
-    seq_len = seq_len or config.seq_len
-    model = build_model(config)
-    idx = torch.zeros(1, seq_len, dtype=torch.long)
-    with FlopCounterMode(display=False) as counter:
-        model(idx, idx)[1].backward()
-    return counter.get_total_flops() / seq_len

@@ -4,7 +4,7 @@ test_hope.py — pytest + Hypothesis property tests for hope.py.
 Run: `python -m pytest -q`. With CI set in the environment (as `.ci/run` does) a
 derandomized Hypothesis profile is loaded, so CI runs the same examples every time.
 
-Memory core (hope.py §2-5: memory_update and NeuralMemory), in float64 unless stated, over
+Memory core (hope.py §2-7: memory_update and NeuralMemory), in float64 unless stated, over
 random batch sizes, heads, head widths, memory depths 1-3, expansions, sequence lengths T (also
 T not a multiple of C and T < C), chunk sizes C from 1 to beyond T, nonzero initial momentum, and
 rates θ, η, α anywhere in (0, 1), with values 1e-6 from either end mixed in, and both read modes
@@ -24,7 +24,7 @@ rates θ, η, α anywhere in (0, 1), with values 1e-6 from either end mixed in, 
 "Agree" means max |a − b| ≤ rtol · max |reference|, tensor by tensor: rtol = 1e-9 between the
 two paths (values and gradients), 1e-12 where the same numbers should come out ("unchanged").
 
-The HOPE model (§6-10), on tiny float64 configs, for every ablation row and every mixer: every
+The HOPE model (§8-11), on tiny float64 configs, for every ablation row and every mixer: every
 parameter gets a gradient, flags that are off create no parameters, causality, generation with
 carried state equals one forward (both also with in_chunk reads), batch independence,
 self-modification (fast ≠ meta, chunk 1 changes the keys generated in chunk 2), CMS periods, the
@@ -49,6 +49,7 @@ import torch
 from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
 
+import ablate
 import hope
 import train
 from hope import NeuralMemory, memory_shapes, memory_update
@@ -56,6 +57,7 @@ from hope import NeuralMemory, memory_shapes, memory_update
 # The tests run thousands of tiny ops: one thread is faster for them, and a busy machine cannot
 # stall a second thread (an oversubscribed OpenMP region costs ~0.3 s per op instead of ~0.3 ms).
 torch.set_num_threads(1)
+train.fast_cpu_math()                 # as the scripts do
 
 # Hypothesis profiles. "dev" (the default) keeps the suite fast on a 2-core CPU; "ci" runs the same
 # examples on every run (derandomized, no example database). `.ci/run` sets CI.
@@ -66,25 +68,25 @@ settings.register_profile("ci", settings.get_profile("dev"), derandomize=True, d
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 
-# --- memory core (hope.py §2-5) ---
+# --- memory core (hope.py §2-7) ---
 
 PATHS_RTOL = 1e-9      # parallel vs sequential, values and gradients (hope.py §5)
 SAME_RTOL = 1e-12      # "changes nothing": a real leak is many orders of magnitude larger
 RATE_EXTREMES = (1e-6, 1e-3, 0.5, 1 - 1e-3, 1 - 1e-6)   # all inside hope.py's clamp [1e-6, 1-1e-6]
-SEQUENCE_FIELDS = ("keys", "values", "queries", "lr", "beta", "alpha")
+SEQUENCE_FIELDS = ("keys", "values", "queries", "lr", "momentum_decay", "forget")
 
 
 @dataclass
 class MemoryProblem:
     """The arguments of one memory_update call (float64 unless built otherwise)."""
-    params: tuple
+    weights: tuple
     momentum: tuple
     keys: torch.Tensor
     values: torch.Tensor
     queries: torch.Tensor
     lr: torch.Tensor
-    beta: torch.Tensor
-    alpha: torch.Tensor
+    momentum_decay: torch.Tensor
+    forget: torch.Tensor
     chunk_size: int
     seed: int
     read_mode: str = "chunk_start"
@@ -95,24 +97,30 @@ class MemoryProblem:
         return self.keys.shape[2]
 
     def tensors(self):
-        return [*self.params, *self.momentum, *(getattr(self, f) for f in SEQUENCE_FIELDS)]
+        return [*self.weights, *self.momentum, *(getattr(self, f) for f in SEQUENCE_FIELDS)]
 
     def with_tensors(self, tensors):
         """The same problem with `tensors` (in the order of tensors()) substituted."""
-        n = len(self.params)
-        return replace(self, params=tuple(tensors[:n]), momentum=tuple(tensors[n:2 * n]),
+        n = len(self.weights)
+        return replace(self, weights=tuple(tensors[:n]), momentum=tuple(tensors[n:2 * n]),
                        **dict(zip(SEQUENCE_FIELDS, tensors[2 * n:])))
 
     def run(self, parallel, **kwargs):
-        return memory_update(self.params, self.momentum, self.keys, self.values, self.queries,
-                             self.lr, self.beta, self.alpha, self.chunk_size, parallel=parallel,
+        return memory_update(self.weights, self.momentum, self.keys, self.values, self.queries,
+                             self.lr, self.momentum_decay, self.forget, self.chunk_size, parallel=parallel,
                              read_mode=self.read_mode, **kwargs)
 
-    def time_slice(self, start, stop, params, momentum):
-        """Tokens [start, stop) starting from the state (params, momentum)."""
+    def time_slice(self, start, stop, weights, momentum):
+        """Tokens [start, stop) starting from the state (weights, momentum)."""
         t = slice(start, stop)
-        return replace(self, params=params, momentum=momentum,
+        return replace(self, weights=weights, momentum=momentum,
                        **{f: getattr(self, f)[:, :, t] for f in SEQUENCE_FIELDS})
+
+
+def titans_memory(dim, heads, d_head, depth=2, chunk_size=16):
+    """A NeuralMemory with no surprise gate (the rest as HOPEConfig's defaults)."""
+    return NeuralMemory(hope.HOPEConfig(dim=dim, heads=heads, d_head=d_head, memory_depth=depth,
+                                        chunk_size=chunk_size, surprise=False))
 
 
 def unit_vectors(gen, shape, dtype=torch.float64):
@@ -144,22 +152,22 @@ def memory_problems(draw, min_batch=1, max_batch=2, min_T=1, max_T=20, several_c
     T = draw(st.integers(max(min_T, 2 if several_chunks else 1), max_T), label="T")
     C = draw(st.integers(1, T - 1) if several_chunks else st.integers(1, T + 4), label="C")
     momentum_scale = draw(st.sampled_from([0.0, 0.1, 1.0]), label="momentum scale")
-    lr, beta, alpha = (draw(rate_tensors((B, H, T)), label=name) for name in ("θ", "η", "α"))
+    lr, momentum_decay, forget = (draw(rate_tensors((B, H, T)), label=name) for name in ("θ", "η", "α"))
     seed = draw(st.integers(0, 2**32 - 1), label="seed")
     gen = torch.Generator().manual_seed(seed)
-    params = tuple(torch.randn(B, H, d_in, d_out, generator=gen, dtype=torch.float64)
+    weights = tuple(torch.randn(B, H, d_in, d_out, generator=gen, dtype=torch.float64)
                    / math.sqrt(d_in) for d_in, d_out in memory_shapes(d, depth, expansion))
     momentum = tuple(momentum_scale * torch.randn(W.shape, generator=gen, dtype=torch.float64)
-                     / math.sqrt(W.shape[-2]) for W in params)
+                     / math.sqrt(W.shape[-2]) for W in weights)
     keys, queries = (unit_vectors(gen, (B, H, T, d)) for _ in range(2))
     values = torch.randn(B, H, T, d, generator=gen, dtype=torch.float64)
-    return MemoryProblem(params, momentum, keys, values, queries, lr, beta, alpha, C, seed)
+    return MemoryProblem(weights, momentum, keys, values, queries, lr, momentum_decay, forget, C, seed)
 
 
 def named(result):
-    """(name, tensor) pairs of a memory_update result (outputs, params, momentum, surprise)."""
-    outputs, params, momentum, surprise = result
-    return ([("outputs", outputs)] + [(f"params[{i}]", W) for i, W in enumerate(params)]
+    """(name, tensor) pairs of a memory_update result (outputs, weights, momentum, surprise)."""
+    outputs, weights, momentum, surprise = result
+    return ([("outputs", outputs)] + [(f"weights[{i}]", W) for i, W in enumerate(weights)]
             + [(f"momentum[{i}]", S) for i, S in enumerate(momentum)] + [("surprise", surprise)])
 
 
@@ -267,7 +275,7 @@ def perturb(problem, gen, fields, start, stop=None, samples=slice(None)):
     for name in fields:
         x = getattr(problem, name).clone()
         region = x[samples, :, start:stop]
-        if name in ("lr", "beta", "alpha"):
+        if name in ("lr", "momentum_decay", "forget"):
             fresh = torch.rand(region.shape, generator=gen, dtype=x.dtype) * 0.98 + 0.01
         else:
             fresh = region + torch.randn(region.shape, generator=gen, dtype=x.dtype)
@@ -318,20 +326,20 @@ def random_projections(problem, reference):
 def gradients(problem, parallel, projections, **kwargs):
     """d/d(every input) of Σ P·outputs + Σ P·new weights + Σ P·new momentum."""
     leaves = leaf_copies(problem.tensors())
-    outputs, params, momentum, _ = problem.with_tensors(leaves).run(parallel, **kwargs)
-    scalar = sum((P * t).sum() for P, t in zip(projections, (outputs, *params, *momentum)))
+    outputs, weights, momentum, _ = problem.with_tensors(leaves).run(parallel, **kwargs)
+    scalar = sum((P * t).sum() for P, t in zip(projections, (outputs, *weights, *momentum)))
     return torch.autograd.grad(scalar, leaves)
 
 
 def gradient_names(problem):
-    n = len(problem.params)
-    return ([f"params[{i}]" for i in range(n)] + [f"momentum[{i}]" for i in range(n)]
+    n = len(problem.weights)
+    return ([f"weights[{i}]" for i in range(n)] + [f"momentum[{i}]" for i in range(n)]
             + list(SEQUENCE_FIELDS))
 
 
 @given(memory_problems(), read_and_gate_modes(), st.booleans())
 def test_gradients_parallel_equal_sequential(problem, modes, queries_are_keys):
-    """Gradients of a random scalar of the outputs and final state w.r.t. params, momentum, keys,
+    """Gradients of a random scalar of the outputs and final state w.r.t. weights, momentum, keys,
     values, queries, θ, η, α agree between the paths to 1e-9 relative (per input tensor), gate
     off or on, in both read modes, also with the keys passed as queries (one tensor, one
     gradient)."""
@@ -361,11 +369,11 @@ def test_chunk_size_one_is_the_online_loop(problem):
     problem = replace(problem, chunk_size=1)
     B, H, T, _ = problem.keys.shape
     outputs, surprise = torch.zeros_like(problem.queries), torch.zeros_like(problem.lr)
-    final_W = [torch.zeros_like(W) for W in problem.params]
-    final_S = [torch.zeros_like(W) for W in problem.params]
+    final_W = [torch.zeros_like(W) for W in problem.weights]
+    final_S = [torch.zeros_like(W) for W in problem.weights]
     for b in range(B):
         for h in range(H):
-            W = [p[b, h] for p in problem.params]
+            W = [p[b, h] for p in problem.weights]
             S = [s[b, h] for s in problem.momentum]
             for t in range(T):
                 outputs[b, h, t] = plain_memory(W, problem.queries[b, h, t])
@@ -375,9 +383,9 @@ def test_chunk_size_one_is_the_online_loop(problem):
                             - problem.values[b, h, t]).pow(2).sum()
                     grads = torch.autograd.grad(loss, leaves)
                 surprise[b, h, t] = loss.detach()
-                theta, eta, alpha = (float(r[b, h, t]) for r in (problem.lr, problem.beta, problem.alpha))
+                theta, eta, forget = (float(r[b, h, t]) for r in (problem.lr, problem.momentum_decay, problem.forget))
                 S = [eta * s - theta * g for s, g in zip(S, grads)]
-                W = [(1 - alpha) * w + s for w, s in zip(W, S)]
+                W = [(1 - forget) * w + s for w, s in zip(W, S)]
             for i in range(len(W)):
                 final_W[i][b, h], final_S[i][b, h] = W[i], S[i]
     reference = (outputs, tuple(final_W), tuple(final_S), surprise)
@@ -393,7 +401,7 @@ def test_chunk_size_one_is_the_online_loop(problem):
 
 @given(memory_problems(several_chunks=True), read_and_gate_modes(), st.data())
 def test_state_carry_equals_one_call(problem, modes, data):
-    """Two calls split at a chunk boundary, (new_params, new_momentum) carried from the first to
+    """Two calls split at a chunk boundary, (new_weights, new_momentum) carried from the first to
     the second, equal one call on the whole sequence (both paths, gate off or on, both read
     modes)."""
     read_mode, gate = modes
@@ -404,10 +412,10 @@ def test_state_carry_equals_one_call(problem, modes, data):
     for parallel in (False, True):
         whole = problem.run(parallel, **kwargs)
         assume_tame(result_tensors(whole))
-        y1, params, momentum, s1 = problem.time_slice(0, split, problem.params,
+        y1, weights, momentum, s1 = problem.time_slice(0, split, problem.weights,
                                                       problem.momentum).run(parallel, **kwargs)
-        y2, params, momentum, s2 = problem.time_slice(split, T, params, momentum).run(parallel, **kwargs)
-        pieces = (torch.cat([y1, y2], 2), params, momentum, torch.cat([s1, s2], 2))
+        y2, weights, momentum, s2 = problem.time_slice(split, T, weights, momentum).run(parallel, **kwargs)
+        pieces = (torch.cat([y1, y2], 2), weights, momentum, torch.cat([s1, s2], 2))
         assert_results_close(pieces, whole, PATHS_RTOL, f"parallel={parallel} ")
 
 
@@ -438,7 +446,7 @@ def test_memory_causality_within_chunk(problem, modes, data):
     t = data.draw(st.integers(0, problem.T - 1), label="t")
     first = t - t % C if read_mode == "chunk_start" else t
     gen = torch.Generator().manual_seed(problem.seed)
-    changed = perturb(perturb(problem, gen, ("keys", "values", "lr", "beta", "alpha"), first),
+    changed = perturb(perturb(problem, gen, ("keys", "values", "lr", "momentum_decay", "forget"), first),
                       gen, ("queries",), t + 1)
     kwargs = gate_kwargs(problem, gate)
     for parallel in (False, True):
@@ -459,7 +467,7 @@ def test_in_chunk_reads_see_earlier_tokens_of_the_chunk(problem, data):
     t = data.draw(st.sampled_from([t for t in range(problem.T) if t % C]), label="t")
     s = data.draw(st.integers(t - t % C, t - 1), label="s")
     half = torch.full_like(problem.lr, 0.5)
-    problem = replace(problem, lr=half, beta=half, alpha=torch.full_like(half, 0.1),
+    problem = replace(problem, lr=half, momentum_decay=half, forget=torch.full_like(half, 0.1),
                       read_mode="in_chunk")
     gen = torch.Generator().manual_seed(problem.seed)
     changed = perturb(problem, gen, ("keys", "values"), s, s + 1)
@@ -496,7 +504,7 @@ def test_samples_are_independent(problem, gate, data):
         x[b] += torch.randn(x[b].shape, generator=gen, dtype=x.dtype)
         return x
 
-    changed = replace(changed, params=tuple(map(change, problem.params)),
+    changed = replace(changed, weights=tuple(map(change, problem.weights)),
                       momentum=tuple(map(change, problem.momentum)))
     others = [i for i in range(problem.keys.shape[0]) if i != b]
     for parallel in (False, True):
@@ -525,13 +533,13 @@ def test_every_token_gated_only_decays(problem, relative):
     """With γ above every score and zero initial momentum, momentum stays exactly 0 and the
     weights only decay: W_T = Π_t (1 − α_t)·W⁰; every chunk reads (and scores its surprise at)
     Π_{j < chunk start} (1 − α_j)·W⁰ (products computed here)."""
-    problem = replace(problem, momentum=tuple(torch.zeros_like(W) for W in problem.params))
+    problem = replace(problem, momentum=tuple(torch.zeros_like(W) for W in problem.weights))
     C, T = problem.chunk_size, problem.T
-    keep = 1 - problem.alpha                                            # [B, H, T]
+    keep = 1 - problem.forget                                            # [B, H, T]
     outputs, surprise = [], []
     for t in range(T):
         decay = torch.prod(keep[:, :, :t - t % C], dim=-1)[:, :, None, None]
-        anchor = [decay * W0 for W0 in problem.params]
+        anchor = [decay * W0 for W0 in problem.weights]
         outputs.append(plain_memory(anchor, problem.queries[:, :, t:t + 1]))
         error = plain_memory(anchor, problem.keys[:, :, t:t + 1]) - problem.values[:, :, t:t + 1]
         surprise.append(error.pow(2).sum(-1))
@@ -540,11 +548,11 @@ def test_every_token_gated_only_decays(problem, relative):
     # relative scores s_t / mean_chunk(s) are at most C; absolute ones are known from above
     threshold = C + 1.0 if relative else 2 * surprise.max().item() + 1
     for parallel in (False, True):
-        y, params, momentum, s = problem.run(parallel, threshold=threshold, relative=relative)
+        y, weights, momentum, s = problem.run(parallel, threshold=threshold, relative=relative)
         for i, S in enumerate(momentum):
             assert torch.count_nonzero(S) == 0, f"parallel={parallel}: momentum[{i}] moved"
-        for i, (W, W0) in enumerate(zip(params, problem.params)):
-            assert_close(W, decay * W0, PATHS_RTOL, f"parallel={parallel}: params[{i}]")
+        for i, (W, W0) in enumerate(zip(weights, problem.weights)):
+            assert_close(W, decay * W0, PATHS_RTOL, f"parallel={parallel}: weights[{i}]")
         assert_close(y, outputs, PATHS_RTOL, f"parallel={parallel}: outputs")
         assert_close(s, surprise, PATHS_RTOL, f"parallel={parallel}: surprise")
 
@@ -556,7 +564,7 @@ def test_relative_gate_lets_one_token_chunks_write_at_threshold_one(problem):
     final one-token chunk writes as if ungated (state carried from the gated chunks before it)."""
     C = problem.chunk_size
     stop = C * ((problem.T - 1) // C) + 1                   # full chunks, then one token
-    ends_with_one = problem.time_slice(0, stop, problem.params, problem.momentum)
+    ends_with_one = problem.time_slice(0, stop, problem.weights, problem.momentum)
     for parallel in (False, True):
         online = replace(problem, chunk_size=1)
         ungated = online.run(parallel)
@@ -567,10 +575,10 @@ def test_relative_gate_lets_one_token_chunks_write_at_threshold_one(problem):
 
         whole = ends_with_one.run(parallel, threshold=1.0, relative=True)
         assume_tame(result_tensors(whole))
-        y1, params, momentum, s1 = ends_with_one.time_slice(0, stop - 1, problem.params, problem.momentum) \
+        y1, weights, momentum, s1 = ends_with_one.time_slice(0, stop - 1, problem.weights, problem.momentum) \
             .run(parallel, threshold=1.0, relative=True)
-        y2, params, momentum, s2 = ends_with_one.time_slice(stop - 1, stop, params, momentum).run(parallel)
-        pieces = (torch.cat([y1, y2], 2), params, momentum, torch.cat([s1, s2], 2))
+        y2, weights, momentum, s2 = ends_with_one.time_slice(stop - 1, stop, weights, momentum).run(parallel)
+        pieces = (torch.cat([y1, y2], 2), weights, momentum, torch.cat([s1, s2], 2))
         assert_results_close(pieces, whole, PATHS_RTOL, f"parallel={parallel}, final one-token chunk: ")
 
 
@@ -584,18 +592,18 @@ def test_relative_gate_with_zero_surprise_is_finite(parallel, C):
     assert torch.equal(hope.surprise_gate(zeros, 1.0, relative=True), torch.ones_like(zeros))
     B, H, T, d = 2, 2, 7, 4
     gen = torch.Generator().manual_seed(0)
-    params = tuple(torch.zeros(B, H, i, o, dtype=torch.float64) for i, o in memory_shapes(d, 2, 2))
+    weights = tuple(torch.zeros(B, H, i, o, dtype=torch.float64) for i, o in memory_shapes(d, 2, 2))
     keys = unit_vectors(gen, (B, H, T, d))
     rates = [torch.rand(B, H, T, generator=gen, dtype=torch.float64) for _ in range(3)]
-    problem = MemoryProblem(params, tuple(torch.zeros_like(W) for W in params), keys, keys.clone(),
+    problem = MemoryProblem(weights, tuple(torch.zeros_like(W) for W in weights), keys, keys.clone(),
                             unit_vectors(gen, (B, H, T, d)), *rates, C, 0)
     leaves = [t.clone().requires_grad_() for t in problem.tensors()]
     result = problem.with_tensors(leaves).run(parallel, threshold=1.0, relative=True)
     assert torch.count_nonzero(result[3]) == 0, "the surprise is not 0"
     for name, x in named(result):
         assert torch.isfinite(x).all(), f"{name} not finite"
-    outputs, params, momentum, _ = result
-    scalar = sum(x.sum() for x in (outputs, *params, *momentum))
+    outputs, weights, momentum, _ = result
+    scalar = sum(x.sum() for x in (outputs, *weights, *momentum))
     for name, g in zip(gradient_names(problem), torch.autograd.grad(scalar, leaves, allow_unused=True)):
         assert g is None or torch.isfinite(g).all(), f"d/d {name} not finite"
 
@@ -604,7 +612,7 @@ def test_relative_gate_with_zero_surprise_is_finite(parallel, C):
 
 @given(st.integers(0, 2**32 - 1), st.integers(1, 48), st.integers(1, 52), st.sampled_from([1, 2, 3]),
        st.sampled_from(["low", "high", "mixed"]), st.sampled_from(["low", "high", "mixed"]))
-def test_extreme_gates_float32_finite(seed, T, C, depth, eta, alpha):
+def test_extreme_gates_float32_finite(seed, T, C, depth, eta, forget):
     """η and α at 1e-6 and 1 − 1e-6 (all of one, or mixed per token), float32: outputs, state,
     surprise and the gradients w.r.t. every input are finite on both paths. (Examples whose
     float64 dynamics leave float32's range are skipped: that is growth, not a numerical fault.)"""
@@ -616,14 +624,14 @@ def test_extreme_gates_float32_finite(seed, T, C, depth, eta, alpha):
             return torch.where(torch.rand(B, H, T, generator=gen) < 0.5, 1e-6, 1 - 1e-6)
         return torch.full((B, H, T), 1e-6 if mode == "low" else 1 - 1e-6)
 
-    params = tuple(torch.randn(B, H, i, o, generator=gen) / math.sqrt(i)
+    weights = tuple(torch.randn(B, H, i, o, generator=gen) / math.sqrt(i)
                    for i, o in memory_shapes(d, depth, 2))
-    momentum = tuple(0.1 * torch.randn(W.shape, generator=gen) for W in params)
+    momentum = tuple(0.1 * torch.randn(W.shape, generator=gen) for W in weights)
     keys, queries = (unit_vectors(gen, (B, H, T, d), torch.float32) for _ in range(2))
     values = torch.randn(B, H, T, d, generator=gen)
     lr = 0.1 * torch.rand(B, H, T, generator=gen)
-    problem = MemoryProblem(params, momentum, keys, values, queries, lr, extreme(eta),
-                            extreme(alpha), C, seed)
+    problem = MemoryProblem(weights, momentum, keys, values, queries, lr, extreme(eta),
+                            extreme(forget), C, seed)
     reference = problem.with_tensors([t.double() for t in problem.tensors()]).run(False)
     assume_tame(result_tensors(reference), limit=1e15)
     for parallel in (False, True):
@@ -631,8 +639,8 @@ def test_extreme_gates_float32_finite(seed, T, C, depth, eta, alpha):
         result = problem.with_tensors(leaves).run(parallel)
         for name, x in named(result):
             assert x.dtype == torch.float32 and torch.isfinite(x).all(), f"parallel={parallel}: {name}"
-        outputs, params, momentum, _ = result
-        scalar = sum(x.sum() for x in (outputs, *params, *momentum))
+        outputs, weights, momentum, _ = result
+        scalar = sum(x.sum() for x in (outputs, *weights, *momentum))
         for name, g in zip(gradient_names(problem), torch.autograd.grad(scalar, leaves)):
             assert torch.isfinite(g).all(), f"parallel={parallel}: d/d {name} not finite"
 
@@ -643,8 +651,8 @@ def test_neural_memory_long_sequence_finite(seed):
     """NeuralMemory(dim=64, heads=2, d_head=32) with default settings stays finite on T = 4096
     random tokens: outputs, final state, and the gradients of every parameter."""
     torch.manual_seed(seed % 2**31)
-    memory = NeuralMemory(dim=64, heads=2, d_head=32)
-    y, state, conv_tail = memory(torch.randn(1, 4096, 64))
+    memory = titans_memory(dim=64, heads=2, d_head=32)
+    y, state = memory(torch.randn(1, 4096, 64), memory.initial_state(1))
     bad = (~torch.isfinite(y)).any(-1).nonzero()[:, 1]
     assert bad.numel() == 0, f"outputs not finite from token {bad.min().item()} of 4096 on"
     for i, W in enumerate((*state.weights, *state.momentum)):
@@ -661,7 +669,7 @@ def test_memory_stays_bounded_whatever_the_momentum(kind):
     memory (C = 16) and a CMS level (period 32); a raw θ diverges to inf/NaN."""
     torch.manual_seed(0)
     config = hope.HOPEConfig(dim=32, d_head=8, cms_periods=(32,))
-    memory = hope.CMS(config).levels[0] if kind == "cms" else NeuralMemory(dim=32, heads=4, d_head=8)
+    memory = hope.CMS(config).levels[0] if kind == "cms" else titans_memory(dim=32, heads=4, d_head=8)
     with torch.no_grad():
         memory.rates.bias.copy_(torch.tensor([20.0, 4.0, -20.0]))     # θ = θ_max, η = 0.98, α ≈ 0
     x = torch.randn(1, 1, 32).expand(2, 1024, 32)                       # one token, 1024 times
@@ -688,8 +696,8 @@ def test_no_grad_plain_inputs_and_no_side_effects(problem, modes):
             no_grad = problem.with_tensors(leaves).run(parallel, **kwargs)
         assert not any(t.requires_grad for t in result_tensors(no_grad))
         with_grad = problem.with_tensors(leaves).run(parallel, **kwargs)
-        outputs, params, momentum, _ = with_grad
-        sum(x.sum() for x in (outputs, *params, *momentum)).backward()
+        outputs, weights, momentum, _ = with_grad
+        sum(x.sum() for x in (outputs, *weights, *momentum)).backward()
         assert_results_close(no_grad, plain, SAME_RTOL, f"parallel={parallel}, no_grad: ")
         assert_results_close(with_grad, plain, SAME_RTOL, f"parallel={parallel}, with grad: ")
         for name, x, (copy, version) in zip(2 * gradient_names(problem), inputs + leaves,
@@ -711,8 +719,8 @@ def test_checkpointing_changes_nothing(problem, modes):
     leaves = leaf_copies(problem.tensors())
     checkpointed = problem.with_tensors(leaves).run(True, checkpoint=True, **kwargs)
     assert_results_close(checkpointed, reference, SAME_RTOL, "checkpointed ")
-    outputs, params, momentum, _ = checkpointed
-    scalar = sum((P * t).sum() for P, t in zip(projections, (outputs, *params, *momentum)))
+    outputs, weights, momentum, _ = checkpointed
+    scalar = sum((P * t).sum() for P, t in zip(projections, (outputs, *weights, *momentum)))
     actual = torch.autograd.grad(scalar, leaves)
     expected = gradients(problem, True, projections, **kwargs)
     assume_tame(expected)
@@ -726,21 +734,21 @@ def test_checkpointing_changes_nothing(problem, modes):
        st.integers(1, 6), st.integers(2, 4), st.integers(0, 5), st.data())
 def test_neural_memory_split_equals_full(seed, batch, heads, depth, C, chunks, extra, data):
     """NeuralMemory on a whole sequence equals two calls split at a chunk boundary with
-    (state, conv_tail) carried: outputs, final state and conv tail (float64, 1e-9 relative)."""
+    the state (with its conv tail) carried: outputs, final state and conv tail (float64, 1e-9 relative)."""
     T = C * chunks + extra % C
     split = C * data.draw(st.integers(1, chunks - 1), label="split after chunks")
     torch.manual_seed(seed)
-    memory = NeuralMemory(dim=8, heads=heads, d_head=4, depth=depth, chunk_size=C).double()
+    memory = titans_memory(dim=8, heads=heads, d_head=4, depth=depth, chunk_size=C).double()
     x = torch.randn(batch, T, 8, dtype=torch.float64)
-    y, state, tail = memory(x)
+    y, state = memory(x, memory.initial_state(batch))
     assume_tame([y, *state.weights, *state.momentum])
-    y1, state1, tail1 = memory(x[:, :split])
-    y2, state2, tail2 = memory(x[:, split:], state1, tail1)
+    y1, state1 = memory(x[:, :split], memory.initial_state(batch))
+    y2, state2 = memory(x[:, split:], state1)
     assert_close(torch.cat([y1, y2], 1), y, PATHS_RTOL, "outputs")
     for i, (a, b) in enumerate(zip((*state2.weights, *state2.momentum),
                                    (*state.weights, *state.momentum))):
         assert_close(a, b, PATHS_RTOL, f"state[{i}]")
-    assert_close(tail2, tail, PATHS_RTOL, "conv tail")
+    assert_close(state2.conv_tail, state.conv_tail, PATHS_RTOL, "conv tail")
 
 
 # ------------------------------------------------------------------ initial memory weights
@@ -761,7 +769,7 @@ def test_initial_memory_scales_only_the_last_layer(depth, expansion):
 
 
 # -------------------------------------------------------------------------------------------------
-# --- the HOPE model (hope.py §6-10) ---
+# --- the HOPE model (hope.py §8-11) ---
 # Tiny float64 configs, every ablation row and every mixer.
 
 TINY = dict(vocab_size=37, dim=32, layers=2, d_head=8, chunk_size=4, segment_len=8,
@@ -773,8 +781,8 @@ CASES = [(row, mixer) for row in MEMORY_ROWS for mixer in hope.MIXERS] + \
 
 def tiny_model(row="Full HOPE", mixer="mac", seed=0, **overrides):
     torch.manual_seed(seed)
-    config = hope.ablation_config(row, hope.HOPEConfig(**{**TINY, "mixer": mixer, **overrides}))
-    return hope.build_model(config).double()
+    config = ablate.ablation_config(row, hope.HOPEConfig(**{**TINY, "mixer": mixer, **overrides}))
+    return hope.LanguageModel(config).double()
 
 
 def tokens(batch=2, length=22, seed=1):
@@ -802,11 +810,11 @@ def test_flags_that_are_off_create_no_parameters():
     assert "SelfModifyingMemory" not in modules("No Self-Mod")
     assert "NeuralMemory" in modules("No Self-Mod")
     assert tiny_model("Full HOPE").num_params() == tiny_model("No Surprise").num_params()
-    full = hope.count_params(hope.ablation_config("Full HOPE", hope.HOPEConfig(**TINY)))
-    matched = hope.ablation_config("Transformer (matched)", hope.HOPEConfig(**TINY))
-    assert matched.dim % 64 == 0 and hope.count_params(matched) >= full
+    full = ablate.count_params(ablate.ablation_config("Full HOPE", hope.HOPEConfig(**TINY)))
+    matched = ablate.ablation_config("Transformer (matched)", hope.HOPEConfig(**TINY))
+    assert matched.dim % 64 == 0 and ablate.count_params(matched) >= full
     if matched.dim > 64:
-        assert hope.count_params(dataclasses.replace(matched, dim=matched.dim - 64)) < full
+        assert ablate.count_params(dataclasses.replace(matched, dim=matched.dim - 64)) < full
 
 
 def test_unconfounded_cms_rows():
@@ -820,20 +828,20 @@ def test_unconfounded_cms_rows():
         return state.layers[0], meta
     frozen, meta = cms_states("CMS frozen")
     full, _ = cms_states("Full HOPE")
-    for level_frozen, level_full, level_meta in zip(frozen.cms, full.cms, meta):
+    for level_frozen, level_full, level_meta in zip(frozen.ffn, full.ffn, meta):
         for W_frozen, W_full, W0 in zip(level_frozen.weights, level_full.weights, level_meta):
             cosine = torch.cosine_similarity(W_frozen.flatten(2), W0.detach().expand_as(W_frozen).flatten(2), dim=-1)
             assert torch.allclose(cosine, torch.ones_like(cosine), atol=1e-12)     # decayed, not written
             cosine = torch.cosine_similarity(W_full.flatten(2), W0.detach().expand_as(W_full).flatten(2), dim=-1)
             assert cosine.min() < 1 - 1e-6                                       # Full HOPE writes
-    assert not torch.equal(frozen.memory.weights[0], tiny_model("CMS frozen").blocks[0].mixer.memory
+    assert not torch.equal(frozen.mixer.memory.weights[0], tiny_model("CMS frozen").blocks[0].mixer.memory
                            .initial_state(2).weights[0])                         # the main memory writes
     base = hope.HOPEConfig(**TINY)
-    matched = hope.ablation_config("No CMS (matched MLP)", base)
-    full_params = hope.count_params(hope.ablation_config("Full HOPE", base))
+    matched = ablate.ablation_config("No CMS (matched MLP)", base)
+    full_params = ablate.count_params(ablate.ablation_config("Full HOPE", base))
     assert matched.mlp_hidden != 4 * base.dim
-    assert abs(hope.count_params(matched) - full_params) <= base.layers * (2 * base.dim + 1)
-    assert hope.count_params(hope.ablation_config("CMS frozen", base)) == full_params
+    assert abs(ablate.count_params(matched) - full_params) <= base.layers * (2 * base.dim + 1)
+    assert ablate.count_params(ablate.ablation_config("CMS frozen", base)) == full_params
 
 
 def assert_causal(model):
@@ -910,8 +918,8 @@ def test_self_mod_fast_state_leaves_meta_state():
     idx = tokens(length=TINY["chunk_size"])
     _, state = model.advance(idx, model.initial_state(idx.shape[0]))
     for block, layer in zip(model.blocks, state.layers):
-        fast = block.mixer.memory.by_component(layer.memory.weights)
-        meta = block.mixer.memory.by_component(hope.per_sample(block.mixer.memory.initial_weights, 2))
+        fast = block.mixer.memory.by_component(layer.mixer.memory.weights)
+        meta = block.mixer.memory.by_component(block.mixer.memory.initial_state(2).weights)
         for f, m in zip(fast, meta):
             change = (f - m).flatten(3).norm(dim=-1)                          # [B, 6, H]
             assert (change > 0).all()
@@ -923,9 +931,9 @@ def test_self_mod_chunk_one_changes_keys_generated_in_chunk_two(monkeypatch):
     calls = []
     real_update = hope.memory_update
 
-    def spy(params, momentum, keys, *args, **kwargs):
+    def spy(weights, momentum, keys, *args, **kwargs):
         calls.append(keys.detach().clone())
-        return real_update(params, momentum, keys, *args, **kwargs)
+        return real_update(weights, momentum, keys, *args, **kwargs)
 
     monkeypatch.setattr(hope, "memory_update", spy)
     C = TINY["chunk_size"]
@@ -967,24 +975,25 @@ def test_gate_closed_means_no_memory_is_written(row, mixer):
     model = tiny_model(row, mixer, surprise_threshold=1e9)
     idx = tokens()
     _, state = model.advance(idx, model.initial_state(idx.shape[0]))
-    states = [s for layer in state.layers for s in [layer.memory, *(layer.cms or [])]]
+    states = [s for layer in state.layers for s in [layer.mixer.memory, *layer.ffn]]
     assert len(states) == TINY["layers"] * 3
     for s in states:
         for S in s.momentum:
             assert torch.equal(S, torch.zeros_like(S))
     open_gate = tiny_model(row, mixer, surprise_threshold=0.0)
     _, state = open_gate.advance(idx, open_gate.initial_state(idx.shape[0]))
-    assert any(S.abs().max() > 0 for S in state.layers[0].memory.momentum)
+    assert any(S.abs().max() > 0 for S in state.layers[0].mixer.memory.momentum)
 
 
-def test_surprise_is_recorded_for_analysis():
-    """model.recording() exposes per-token surprise of the memories and the CMS level outputs."""
-    model = tiny_model("Full HOPE", "mac").recording()
+def test_states_carry_the_surprise_for_analysis():
+    """Every MemoryState a write returns holds the per-token surprise of that write: the mixer
+    memory's (all six self-modifying ones, over the whole input) and each CMS level's."""
+    model = tiny_model("Full HOPE", "mac")
     idx = tokens()
-    model.advance(idx, model.initial_state(idx.shape[0]))   # forward() skips MAC's last, unread write
-    memory = model.blocks[0].mixer.memory
-    assert torch.cat(memory.trace["surprise"], -1).shape == (2, 6, model.config.heads, idx.shape[1])
-    assert len(model.blocks[0].ffn.trace["level_outputs"]) == 2
+    _, state = model.advance(idx, model.initial_state(idx.shape[0]))
+    H = model.config.heads
+    assert state.layers[0].mixer.memory.surprise.shape == (2, 6 * H, idx.shape[1])
+    assert [s.surprise.shape for s in state.layers[0].ffn] == [(2, H, idx.shape[1])] * 2
 
 
 def test_config_rejects_bad_values():
@@ -1125,7 +1134,7 @@ def test_flags_override_the_preset():
 
 def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     model_cfg = hope.HOPEConfig(model="transformer", dim=32, layers=1, d_head=16)
-    model = hope.build_model(model_cfg)
+    model = hope.LanguageModel(model_cfg)
     optimizer = torch.optim.AdamW(model.parameters())
     path = tmp_path / "ckpt.pt"
     save = lambda step: train.save_checkpoint(path, model, optimizer, model_cfg, train.TrainConfig(), step, 0.0, [])
@@ -1291,7 +1300,6 @@ def test_bad_input_exits_2_with_one_line(corpus, tmp_path, capsys, monkeypatch):
 
 # --- ablate.py and analyze.py: every row, column and figure exists, every number is finite ---
 
-import ablate  # noqa: E402
 import analyze  # noqa: E402
 
 
@@ -1309,16 +1317,16 @@ def test_ablate_smoke_then_analyze(tmp_path, monkeypatch):
     finite numbers; a rerun trains nothing (cached); analyze.py reads a run's snapshots and writes
     Figures 1-4, the JSON and the summary, all finite."""
     md, out = ablate.ablate("smoke", out_dir=tmp_path / "abl")
-    for row in hope.ABLATION_ROWS:
+    for row in ablate.ABLATION_ROWS:
         assert f"| {row} |" in md
     assert "**" in md                                               # best loss in bold
     table = json.loads((out / "results.json").read_text())["table"]
-    assert [c["row"] for c in table] == list(hope.ABLATION_ROWS)
+    assert [c["row"] for c in table] == list(ablate.ABLATION_ROWS)
     for cell in table:
         for key in ("loss", "val_loss", "params", "tokens_per_s"):
             assert math.isfinite(cell[key]) and cell[key] > 0, (cell["row"], key)
         assert cell["row"] == "Full HOPE" or math.isfinite(cell["delta"])
-    assert len((out / "results.csv").read_text().strip().splitlines()) == 1 + len(hope.ABLATION_ROWS)
+    assert len((out / "results.csv").read_text().strip().splitlines()) == 1 + len(ablate.ABLATION_ROWS)
     assert (out / "fig5_curves.png").read_bytes()[:4] == b"\x89PNG"
 
     def no_training(*args, **kwargs):
@@ -1418,7 +1426,7 @@ def test_bench_model_row_breaks_full_hope_down_by_component():
     up to more than the step's wall time, and every backward op is traced to a forward component."""
     base = hope.HOPEConfig(dim=32, layers=1, d_head=16, seq_len=32, chunk_size=8, segment_len=16,
                            cms_periods=(8, 16))
-    config = hope.ablation_config("Full HOPE", base)
+    config = ablate.ablation_config("Full HOPE", base)
     result = bench.bench_model_row(config, batch=2, steps=1, warmup=2, device=torch.device("cpu"),
                                    seed=0, breakdown=True)
     table = result["breakdown_ms"]

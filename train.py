@@ -8,7 +8,8 @@ train.py — data, training loop, checkpoints and sampling for hope.py, in the s
     torchrun --standalone --nproc_per_node=8 train.py --preset small --data openwebtext   # 8 GPUs (DDP)
     python train.py --sample --prompt "ROMEO"           # generate text from out/ckpt.pt
 
-Sections: 1. presets and command line, 2. data, 3. training, 4. sampling and main.
+Sections: 1. presets and command line, 2. data, 3. training, 4. what guards it (checkpoints, Ctrl-C,
+several processes), 5. sampling and main.
 ablate.py uses PRESETS, build_arg_parser, resolve_config, get_data, run and train_model.
 Bad input (flags, data, checkpoint) raises UserError; main() prints it as one line, exit code 2.
 Under torchrun every rank trains a replica (DistributedDataParallel) on its own batches, and rank 0
@@ -26,7 +27,7 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +82,19 @@ class TrainConfig:
     passkey_distance: int = None   # --data passkey: code-to-question distance (None: 2 x segment_len)
     passkey_digits: int = 4        # --data passkey: code length
 
+    def validate(self):
+        """Raise ValueError with a one-line message if training cannot run with these settings."""
+        for ok, message in [(self.steps > 0, f"--steps must be positive, got {self.steps}"),
+                            (self.batch_size > 0 and self.grad_accum > 0,
+                             "--batch-size and --grad-accum must be positive"),
+                            (self.eval_every > 0 and self.save_every >= 0 and self.seed >= 0,
+                             "--eval-every must be positive, --save-every and --seed >= 0"),
+                            (self.lr > 0 and (self.max_tokens is None or self.max_tokens > 0),
+                             "--lr and --max-tokens must be positive")]:
+            if not ok:
+                raise ValueError(message)
+        return self
+
 
 MODEL_FIELDS = {f.name for f in fields(hope.HOPEConfig)}
 TRAIN_FIELDS = {f.name for f in fields(TrainConfig)}
@@ -133,6 +147,8 @@ def build_arg_parser():
     p.add_argument("--read-mode", choices=hope.READ_MODES, help="chunk_start (default): every token reads "
                    "the memory as it was at its chunk's start; in_chunk: after the earlier tokens' writes")
     p.add_argument("--checkpoint", action=on_off, help="recompute memory chunks in backward")
+    p.add_argument("--parallel", action=on_off, help="the memory update's chunk form (default); "
+                   "--no-parallel: its token-by-token loop, hope.py §4 (same numbers, much slower)")
     p.add_argument("--data", help="shakespeare (default, offline) | openwebtext | PATH (.txt/.md, folder) | "
                    "mqar | passkey (recall tasks, generated on the fly)")
     p.add_argument("--tokenizer", choices=tuple(VOCAB_SIZES), help="default: gpt2 for openwebtext, else byte")
@@ -194,6 +210,8 @@ def resolve_config(args, checkpoint=None):
         if preset not in PRESETS:
             raise UserError(f"unknown preset '{preset}' ({', '.join(PRESETS)})")
         settings = {**PRESETS[preset], **given, "preset": preset}
+        if "heads" in given and "d_head" not in given:       # --heads splits dim: d_head = dim // heads
+            del settings["d_head"]
         if "lr" not in given and settings["dim"] > 0 and settings["dim"] != PRESETS[preset]["dim"]:
             settings["lr"] = width_scaled_lr(preset, settings["dim"])
         settings.setdefault("tokenizer", "gpt2" if settings.get("data") == "openwebtext" else "byte")
@@ -209,22 +227,10 @@ def resolve_config(args, checkpoint=None):
         settings.update(given)
     model_cfg = hope.HOPEConfig(**{k: v for k, v in settings.items() if k in MODEL_FIELDS})
     cfg = TrainConfig(**{k: v for k, v in settings.items() if k in TRAIN_FIELDS})
-    chunk = model_cfg.chunk_size
-    for ok, message in [(cfg.steps > 0, f"--steps must be positive, got {cfg.steps}"),
-                        (chunk > 0, f"--chunk-size must be positive, got {chunk}"),
-                        (model_cfg.seq_len > 0 and cfg.batch_size > 0 and cfg.grad_accum > 0,
-                         "--seq-len, --batch-size and --grad-accum must be positive"),
-                        (cfg.eval_every > 0 and cfg.save_every >= 0 and cfg.seed >= 0,
-                         "--eval-every must be positive, --save-every and --seed >= 0"),
-                        (cfg.lr > 0 and (cfg.max_tokens is None or cfg.max_tokens > 0),
-                         "--lr and --max-tokens must be positive")]:
-        if not ok:
-            raise UserError(message)
     try:
-        model_cfg.validate()
+        return model_cfg.validate(), cfg.validate()
     except ValueError as e:
         raise UserError(str(e)) from None
-    return model_cfg, cfg
 
 
 # -------------------------------------------------------------------------------------------------
@@ -486,8 +492,300 @@ def recall_task(cfg, segment_len):
 
 
 # -------------------------------------------------------------------------------------------------
-# 3. Training
+# 3. Training (as nanoGPT's train.py: set up, then one loop); §4 holds what guards it
 # -------------------------------------------------------------------------------------------------
+
+def warmup_steps(steps):
+    """5% of the steps, but at least min(10, steps // 2) and at least 1: a short run warms up too."""
+    return max(1, steps // 20, min(10, steps // 2))
+
+
+def learning_rate(step, cfg):
+    """Linear warmup over warmup_steps(cfg.steps) steps (5% of them, but at least min(10, steps // 2)
+    and at least 1: --steps 10 warms up over 5), then cosine decay to lr/10. step: 0-based."""
+    warmup = warmup_steps(cfg.steps)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, cfg.steps - warmup))
+    return cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+
+
+def lr_summary(model_cfg, cfg):
+    """'lr 5.0e-04 (scaled from 4.0e-03 at dim 64), warmup 12 steps': the schedule this run uses."""
+    preset = PRESETS.get(cfg.preset, {})
+    scaled = (bool(preset) and model_cfg.dim != preset["dim"]
+              and cfg.lr == width_scaled_lr(cfg.preset, model_cfg.dim))
+    source = f" (scaled from {preset['lr']:.1e} at dim {preset['dim']})" if scaled else ""
+    return f"lr {cfg.lr:.1e}{source}, warmup {warmup_steps(cfg.steps)} steps"
+
+
+def make_optimizer(model, cfg, device):
+    """AdamW with weight decay on matrices and memory meta-weights, not on biases, norms and gains."""
+    groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=True)   # one kernel per step
+
+
+@torch.no_grad()
+def evaluate(model, batches, device, autocast):
+    """Mean loss over the fixed validation batches, and the accuracy of the greedy prediction on
+    the targets that count (for recall tasks: the answers); every sequence starts with fresh memory."""
+    model.eval()
+    losses, correct, counted = [], 0, 0
+    for x, y in batches:
+        y = y.to(device)
+        with autocast:
+            logits, loss = model(x.to(device), y)
+        losses.append(loss.item())
+        scored = y != IGNORE
+        correct += (logits.argmax(-1) == y)[scored].sum().item()
+        counted += scored.sum().item()
+    model.train()
+    return sum(losses) / len(losses), correct / counted
+
+
+def run(args):
+    """Train as the parsed flags say (--resume: continue out_dir/ckpt.pt); see train_model."""
+    out_dir = args.out_dir or TrainConfig.out_dir
+    checkpoint = load_checkpoint(Path(out_dir) / "ckpt.pt") if args.resume else None
+    model_cfg, cfg = resolve_config(args, checkpoint)
+    cfg.out_dir = out_dir                        # a resumed run stays where its checkpoint is
+    return train_model(model_cfg, cfg, checkpoint)
+
+
+def load_data(cfg, model_cfg):
+    """(train, val, meta, unit of the loss), and one line about the data. train and val are token
+    memmaps, or the same RecallTask (validation then draws from its own seeds)."""
+    if cfg.data in RECALL_TASKS:
+        task = recall_task(cfg, model_cfg.segment_len)
+        print(f"data: {task}, generated on the fly, {model_cfg.seq_len} tokens a sequence; "
+              f"loss and accuracy on the answers only, chance accuracy {task.chance:.3f}")
+        return task, task, {"chance": task.chance}, "nats/answer"
+    train_data, val_data, meta = get_data(cfg.data, cfg.tokenizer, cfg.max_tokens, cfg.data_dir)
+    if min(len(train_data), len(val_data)) <= model_cfg.seq_len:
+        raise UserError(f"corpus too small: {len(train_data)} train and {len(val_data)} val tokens "
+                        f"for --seq-len {model_cfg.seq_len}")
+    unit = "nats/byte" if cfg.tokenizer == "byte" else "nats/token"
+    print(f"data: {meta['source']}, {meta['train_tokens']:,} train / {meta['val_tokens']:,} val "
+          f"{cfg.tokenizer} tokens; baselines on train: unigram {meta['unigram']:.2f}, "
+          f"bigram {meta['bigram']:.2f} {unit}")
+    return train_data, val_data, meta, unit
+
+
+@dataclass
+class Progress:
+    """What the loop carries from step to step; a checkpoint saves all of it but interval_time."""
+    step: int = 0
+    elapsed: float = 0.0               # seconds since the run began, resumed runs included
+    recent_losses: list = field(default_factory=list)   # train losses since the last evaluation
+    val_loss_0: float = None           # the step-0 val loss: a later one above it stops the run
+    interval_time: float = 0.0         # seconds spent in steps since the last evaluation
+
+
+@dataclass
+class Trainer:
+    """What train_model sets up once and its helpers read."""
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    model_cfg: hope.HOPEConfig
+    cfg: TrainConfig
+    meta: dict
+    unit: str
+    val_batches: list
+    device: torch.device
+    autocast: object
+    rank: int
+    world: int
+
+    @property
+    def tokens_per_step(self):
+        return self.cfg.batch_size * self.cfg.grad_accum * self.world * self.model_cfg.seq_len
+
+    @property
+    def ckpt_path(self):
+        return Path(self.cfg.out_dir) / "ckpt.pt"
+
+    @property
+    def log_path(self):
+        return Path(self.cfg.out_dir) / "log.jsonl"
+
+
+def train_model(model_cfg, cfg, checkpoint=None):
+    """Train from scratch, or from a loaded checkpoint. Returns a dict: train_loss and val_loss (of
+    the last evaluation), accuracy (recall tasks), tokens_per_s, params, step, elapsed, curve (the
+    log's records), baselines. Raises UserError for bad input, NonFiniteLoss if the loss or gradient
+    is not finite, Diverged if the val loss rises above its step-0 value, KeyboardInterrupt (after
+    saving) on Ctrl-C. Under torchrun every rank calls it; they stop together, and rank 0
+    evaluates, logs and saves."""
+    rank, world, device = join_process_group(cfg)
+    train_data, val_data, meta, unit = rank_zero_first(lambda: load_data(cfg, model_cfg), rank, world)
+    bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    fast_cpu_math()
+    torch.manual_seed(cfg.seed)
+    model = hope.LanguageModel(model_cfg).to(device)
+    optimizer = make_optimizer(model, cfg, device)
+    progress = Progress() if checkpoint is None else restore(checkpoint, model, optimizer, device)
+    compiled = cfg.compile if cfg.compile is not None else device.type == "cuda"
+    forward = torch.compile(model) if compiled else model
+    if world > 1:                                # averages the gradients over the ranks in backward
+        forward = DistributedDataParallel(forward, device_ids=[device] if device.type == "cuda" else None)
+    val_batches = eval_batches(val_data, cfg.batch_size, model_cfg.seq_len, cfg.eval_batches)
+    t = Trainer(model, optimizer, model_cfg, cfg, meta, unit, val_batches, device, autocast, rank, world)
+    print_setup(t, bf16, compiled)
+    open_log(t, progress.step, resumed=checkpoint is not None)
+    start, run_time, first_step = time.perf_counter() - progress.elapsed, 0.0, progress.step
+    if checkpoint is None:
+        evaluate_log_save(t, progress)
+        if cfg.save_every:                       # the initialization, for analyze.py's drift
+            save(t, progress, Path(cfg.out_dir) / f"ckpt_{progress.step:06d}.pt")
+    with CtrlC() as ctrl_c, tqdm(total=cfg.steps, initial=progress.step, unit="step", mininterval=1,
+                                  disable=rank != 0) as bar:
+        while progress.step < cfg.steps:
+            t0 = time.perf_counter()
+            loss = train_step(t, forward, train_data, progress.step)
+            progress.step, dt = progress.step + 1, time.perf_counter() - t0
+            progress.interval_time, run_time = progress.interval_time + dt, run_time + dt
+            progress.recent_losses.append(loss)
+            progress.elapsed = time.perf_counter() - start
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{t.tokens_per_step / dt:,.0f}", refresh=False)
+            bar.update()
+            if progress.step % cfg.eval_every == 0 or progress.step == cfg.steps:
+                evaluate_log_save(t, progress)
+            if cfg.save_every and progress.step % cfg.save_every == 0:
+                save(t, progress, Path(cfg.out_dir) / f"ckpt_{progress.step:06d}.pt")
+            if mean_over_ranks(float(ctrl_c.pressed), world, device) > 0:     # on any rank
+                save(t, progress, t.ckpt_path)
+                tqdm.write(f"interrupted: saved step {progress.step} to {t.ckpt_path}; continue with --resume")
+                raise KeyboardInterrupt
+    return finish(t, progress, progress.step - first_step, run_time)
+
+
+def train_step(t, forward, train_data, step):
+    """One optimizer step of grad_accum micro-batches; returns the loss (the mean over the ranks)."""
+    cfg = t.cfg
+    for group in t.optimizer.param_groups:
+        group["lr"] = learning_rate(step, cfg)
+    loss_sum = 0.0
+    for micro in range(cfg.grad_accum):
+        x, y = get_batch(train_data, cfg.batch_size, t.model_cfg.seq_len, cfg.seed, step,
+                         t.rank * cfg.grad_accum + micro)
+        with gradient_sync(forward, micro == cfg.grad_accum - 1):
+            with t.autocast:
+                loss = forward(x.to(t.device), y.to(t.device))[1] / cfg.grad_accum
+            loss.backward()
+        loss_sum += loss.item()
+    loss_sum = mean_over_ranks(loss_sum, t.world, t.device)      # every rank checks the same loss
+    grad_norm = torch.nn.utils.clip_grad_norm_(t.model.parameters(), cfg.grad_clip)
+    if not (math.isfinite(loss_sum) and torch.isfinite(grad_norm)):
+        what = "loss" if not math.isfinite(loss_sum) else "gradient"
+        raise NonFiniteLoss(f"non-finite {what} at step {step + 1}; "
+                            f"the last good checkpoint {t.ckpt_path} is intact")
+    t.optimizer.step()
+    t.optimizer.zero_grad(set_to_none=True)
+    return loss_sum
+
+
+def evaluate_log_save(t, progress):
+    """Evaluate, append a record to the log, save ckpt.pt. The train loss is the mean over the steps
+    since the last evaluation."""
+    val_loss, accuracy = evaluate(t.model, t.val_batches, t.device, t.autocast) if t.rank == 0 else (0.0, None)
+    val_loss = from_rank_zero(val_loss, t.world, t.device)
+    if progress.val_loss_0 is not None and not val_loss <= progress.val_loss_0:   # NaN too; before any save
+        raise Diverged(f"val loss {val_loss:.4f} at step {progress.step} rose above its step-0 value "
+                       f"{progress.val_loss_0:.4f}: training diverged; try a smaller --lr (now {t.cfg.lr:g})")
+    progress.val_loss_0 = val_loss if progress.val_loss_0 is None else progress.val_loss_0
+    recent = progress.recent_losses
+    train_loss = sum(recent) / len(recent) if recent else None
+    tokens_per_s = len(recent) * t.tokens_per_step / progress.interval_time if progress.interval_time else None
+    record = dict(step=progress.step, train_loss=train_loss, val_loss=val_loss,
+                  lr=learning_rate(max(progress.step - 1, 0), t.cfg), tokens_per_s=tokens_per_s,
+                  elapsed=progress.elapsed)
+    shown = "-" if train_loss is None else f"{train_loss:.4f}"
+    recall = ""
+    if "chance" in t.meta:
+        record["accuracy"] = accuracy
+        recall = f", recall accuracy {accuracy:.3f} (chance {t.meta['chance']:.3f})"
+    tqdm.write(f"step {progress.step}: train loss {shown}, val loss {val_loss:.4f} ({t.unit}){recall}")
+    if t.rank == 0:
+        with open(t.log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    progress.recent_losses, progress.interval_time = [], 0.0
+    save(t, progress, t.ckpt_path)
+
+
+def print_setup(t, bf16, compiled):
+    m, cfg = t.model_cfg, t.cfg
+    flags = "" if m.model == "transformer" else \
+        f" {m.mixer}, cms={m.cms}, self_mod={m.self_mod}, surprise={m.surprise},"
+    print(f"model: {m.model}{flags} dim {m.dim}, {m.layers} layers, {t.model.num_params():,} params, "
+          f"on {t.device}{', bf16' if bf16 else ''}{', compiled' if compiled else ''}, {lr_summary(m, cfg)}")
+    print(f"batch: {cfg.batch_size} × grad-accum {cfg.grad_accum} × world size {t.world} = "
+          f"{cfg.batch_size * cfg.grad_accum * t.world} sequences, {t.tokens_per_step:,} tokens per step")
+
+
+def finish(t, progress, steps_run, run_time):
+    """After the last step: the log's curve, a one-line summary, and train_model's result."""
+    wait_for_all_ranks(t.world)                      # rank 0 has written the log
+    curve = [json.loads(line) for line in t.log_path.read_text().splitlines()]
+    if not curve or curve[-1]["step"] != progress.step:   # --resume of a finished run whose log is gone
+        evaluate_log_save(t, progress)
+        wait_for_all_ranks(t.world)
+        curve = [json.loads(line) for line in t.log_path.read_text().splitlines()]
+    last, tokens_per_s = curve[-1], steps_run * t.tokens_per_step / run_time if run_time else None
+    meta = t.meta
+    reference = f"chance {meta['chance']:.3f}" if "chance" in meta else f"bigram baseline {meta['bigram']:.2f}"
+    accuracy = f", recall accuracy {last['accuracy']:.3f}" if "accuracy" in last else ""
+    print(f"done: val loss {last['val_loss']:.4f} {t.unit}{accuracy} ({reference}) after {progress.step} "
+          f"steps, {progress.elapsed:.0f} s" + (f", {tokens_per_s:,.0f} tokens/s" if tokens_per_s else ""))
+    return dict(train_loss=last["train_loss"], val_loss=last["val_loss"], accuracy=last.get("accuracy"),
+                tokens_per_s=tokens_per_s, params=t.model.num_params(), step=progress.step,
+                elapsed=progress.elapsed, curve=curve,
+                baselines={k: meta[k] for k in ("unigram", "bigram", "chance") if k in meta})
+
+
+# -------------------------------------------------------------------------------------------------
+# 4. What guards the loop: checkpoints and exact resume, Ctrl-C, several processes (torchrun)
+# -------------------------------------------------------------------------------------------------
+
+def open_log(t, step, resumed):
+    """Create out_dir; a resumed run keeps the log's records up to its step, a new one starts it anew."""
+    Path(t.cfg.out_dir).mkdir(parents=True, exist_ok=True)
+    if not resumed and t.ckpt_path.exists():
+        print(f"note: this new run overwrites {t.ckpt_path} (--resume would have continued it)")
+    old_log = t.log_path.read_text().splitlines() if resumed and t.log_path.exists() else []
+    if t.rank == 0:
+        t.log_path.write_text("".join(line + "\n" for line in old_log if json.loads(line)["step"] <= step))
+
+
+def save(t, progress, path):
+    if t.rank == 0:
+        save_checkpoint(path, t.model, t.optimizer, t.model_cfg, t.cfg, progress.step, progress.elapsed,
+                        progress.recent_losses, progress.val_loss_0)
+
+
+def restore(checkpoint, model, optimizer, device):
+    """Load a checkpoint's weights, optimizer and RNG state; returns its Progress."""
+    load_model_state(model, checkpoint)
+    try:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise UserError(f"checkpoint's optimizer state does not fit the model: {str(e).splitlines()[0]}") from None
+    progress = Progress(checkpoint["step"], checkpoint["elapsed"], checkpoint["recent_losses"],
+                        checkpoint.get("val_loss_0", math.inf))      # an older checkpoint: NaN stops only
+    torch.set_rng_state(checkpoint["rng"]["torch"])
+    if device.type == "cuda" and checkpoint["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+    return progress
+
+
+def fast_cpu_math():
+    """Gradients pushed through long products of decays underflow into denormal floats, which are
+    ~3x slower on CPUs; flushing them to zero changes nothing visible. The setting is process-wide,
+    so hope.py leaves it alone and the scripts (train, ablate, bench, analyze) opt in here."""
+    torch.set_flush_denormal(True)
+
 
 def pick_device(name):
     available = dict(cuda=torch.cuda.is_available(), mps=torch.backends.mps.is_available(), cpu=True)
@@ -590,37 +888,6 @@ def gradient_sync(forward, sync):
     return forward.no_sync()
 
 
-def warmup_steps(steps):
-    """5% of the steps, but at least min(10, steps // 2) and at least 1: a short run warms up too."""
-    return max(1, steps // 20, min(10, steps // 2))
-
-
-def learning_rate(step, cfg):
-    """Linear warmup over warmup_steps(cfg.steps) steps (5% of them, but at least min(10, steps // 2)
-    and at least 1: --steps 10 warms up over 5), then cosine decay to lr/10. step: 0-based."""
-    warmup = warmup_steps(cfg.steps)
-    if step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, cfg.steps - warmup))
-    return cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
-
-
-def lr_summary(model_cfg, cfg):
-    """'lr 5.0e-04 (scaled from 4.0e-03 at dim 64), warmup 12 steps': the schedule this run uses."""
-    preset = PRESETS.get(cfg.preset, {})
-    scaled = (bool(preset) and model_cfg.dim != preset["dim"]
-              and cfg.lr == width_scaled_lr(cfg.preset, model_cfg.dim))
-    source = f" (scaled from {preset['lr']:.1e} at dim {preset['dim']})" if scaled else ""
-    return f"lr {cfg.lr:.1e}{source}, warmup {warmup_steps(cfg.steps)} steps"
-
-
-def make_optimizer(model, cfg, device):
-    """AdamW with weight decay on matrices and memory meta-weights, not on biases, norms and gains."""
-    groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=True)   # one kernel per step
-
-
 def load_model_state(model, checkpoint):
     """Load a checkpoint's weights into model, or raise a one-line UserError if they do not fit."""
     state = {k.removeprefix("_orig_mod."): v for k, v in checkpoint["model"].items()}   # torch.compile
@@ -679,194 +946,8 @@ class CtrlC:
             signal.signal(signal.SIGINT, self.previous)
 
 
-@torch.no_grad()
-def evaluate(model, batches, device, autocast):
-    """Mean loss over the fixed validation batches, and the accuracy of the greedy prediction on
-    the targets that count (for recall tasks: the answers); every sequence starts with fresh memory."""
-    model.eval()
-    losses, correct, counted = [], 0, 0
-    for x, y in batches:
-        y = y.to(device)
-        with autocast:
-            logits, loss = model(x.to(device), y)
-        losses.append(loss.item())
-        scored = y != IGNORE
-        correct += (logits.argmax(-1) == y)[scored].sum().item()
-        counted += scored.sum().item()
-    model.train()
-    return sum(losses) / len(losses), correct / counted
-
-
-def run(args):
-    """Train as the parsed flags say (--resume: continue out_dir/ckpt.pt); see train_model."""
-    out_dir = args.out_dir or TrainConfig.out_dir
-    checkpoint = load_checkpoint(Path(out_dir) / "ckpt.pt") if args.resume else None
-    model_cfg, cfg = resolve_config(args, checkpoint)
-    cfg.out_dir = out_dir                        # a resumed run stays where its checkpoint is
-    return train_model(model_cfg, cfg, checkpoint)
-
-
-def load_data(cfg, model_cfg):
-    """(train, val, meta, unit of the loss), and one line about the data. train and val are token
-    memmaps, or the same RecallTask (validation then draws from its own seeds)."""
-    if cfg.data in RECALL_TASKS:
-        task = recall_task(cfg, model_cfg.segment_len)
-        print(f"data: {task}, generated on the fly, {model_cfg.seq_len} tokens a sequence; "
-              f"loss and accuracy on the answers only, chance accuracy {task.chance:.3f}")
-        return task, task, {"chance": task.chance}, "nats/answer"
-    train_data, val_data, meta = get_data(cfg.data, cfg.tokenizer, cfg.max_tokens, cfg.data_dir)
-    if min(len(train_data), len(val_data)) <= model_cfg.seq_len:
-        raise UserError(f"corpus too small: {len(train_data)} train and {len(val_data)} val tokens "
-                        f"for --seq-len {model_cfg.seq_len}")
-    unit = "nats/byte" if cfg.tokenizer == "byte" else "nats/token"
-    print(f"data: {meta['source']}, {meta['train_tokens']:,} train / {meta['val_tokens']:,} val "
-          f"{cfg.tokenizer} tokens; baselines on train: unigram {meta['unigram']:.2f}, "
-          f"bigram {meta['bigram']:.2f} {unit}")
-    return train_data, val_data, meta, unit
-
-
-def train_model(model_cfg, cfg, checkpoint=None):
-    """Train from scratch, or from a loaded checkpoint. Returns a dict: train_loss and val_loss (of
-    the last evaluation), accuracy (recall tasks), tokens_per_s, params, step, elapsed, curve (the
-    log's records), baselines. Raises UserError for bad input, NonFiniteLoss if the loss or gradient
-    is not finite, Diverged if the val loss rises above its step-0 value, KeyboardInterrupt (after
-    saving) on Ctrl-C. Under torchrun every rank calls it; they stop together, and rank 0
-    evaluates, logs and saves."""
-    rank, world, device = join_process_group(cfg)
-    train_data, val_data, meta, unit = rank_zero_first(lambda: load_data(cfg, model_cfg), rank, world)
-
-    bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(cfg.seed)
-    model = hope.build_model(model_cfg).to(device)
-    optimizer = make_optimizer(model, cfg, device)
-    step, elapsed, recent_losses = 0, 0.0, []    # recent_losses: train losses since the last eval
-    val_loss_0 = None                            # the step-0 val loss: a later one above it stops
-    if checkpoint is not None:
-        load_model_state(model, checkpoint)
-        try:
-            optimizer.load_state_dict(checkpoint["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise UserError(f"checkpoint's optimizer state does not fit the model: {str(e).splitlines()[0]}") from None
-        step, elapsed, recent_losses = checkpoint["step"], checkpoint["elapsed"], checkpoint["recent_losses"]
-        val_loss_0 = checkpoint.get("val_loss_0", math.inf)     # an older checkpoint: NaN stops only
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-        if device.type == "cuda" and checkpoint["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
-    compiled = cfg.compile if cfg.compile is not None else device.type == "cuda"
-    forward = torch.compile(model) if compiled else model
-    if world > 1:                                # averages the gradients over the ranks in backward
-        forward = DistributedDataParallel(forward, device_ids=[device] if device.type == "cuda" else None)
-    m = model_cfg
-    flags = "" if m.model == "transformer" else \
-        f" {m.mixer}, cms={m.cms}, self_mod={m.self_mod}, surprise={m.surprise},"
-    print(f"model: {m.model}{flags} dim {m.dim}, {m.layers} layers, {model.num_params():,} params, "
-          f"on {device}{', bf16' if bf16 else ''}{', compiled' if compiled else ''}, {lr_summary(m, cfg)}")
-    print(f"batch: {cfg.batch_size} × grad-accum {cfg.grad_accum} × world size {world} = "
-          f"{cfg.batch_size * cfg.grad_accum * world} sequences, "
-          f"{cfg.batch_size * cfg.grad_accum * world * m.seq_len:,} tokens per step")
-
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path, log_path = out_dir / "ckpt.pt", out_dir / "log.jsonl"
-    if checkpoint is None and ckpt_path.exists():
-        print(f"note: this new run overwrites {ckpt_path} (--resume would have continued it)")
-    old_log = log_path.read_text().splitlines() if checkpoint is not None and log_path.exists() else []
-    if rank == 0:
-        log_path.write_text("".join(line + "\n" for line in old_log if json.loads(line)["step"] <= step))
-    val_batches = eval_batches(val_data, cfg.batch_size, model_cfg.seq_len, cfg.eval_batches)
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * world * model_cfg.seq_len
-    interval_time, run_time, run_tokens, start = 0.0, 0.0, 0, time.perf_counter() - elapsed
-
-    def save(path):
-        if rank == 0:
-            save_checkpoint(path, model, optimizer, model_cfg, cfg, step, elapsed, recent_losses, val_loss_0)
-
-    def evaluate_log_save():              # train loss: the mean over the steps since the last eval
-        nonlocal recent_losses, interval_time, val_loss_0
-        val_loss, accuracy = evaluate(model, val_batches, device, autocast) if rank == 0 else (0.0, None)
-        val_loss = from_rank_zero(val_loss, world, device)
-        if val_loss_0 is not None and not val_loss <= val_loss_0:        # NaN too; before any save
-            raise Diverged(f"val loss {val_loss:.4f} at step {step} rose above its step-0 value "
-                           f"{val_loss_0:.4f}: training diverged; try a smaller --lr (now {cfg.lr:g})")
-        val_loss_0 = val_loss if val_loss_0 is None else val_loss_0
-        train_loss = sum(recent_losses) / len(recent_losses) if recent_losses else None
-        tokens_per_s = len(recent_losses) * tokens_per_step / interval_time if interval_time else None
-        record = dict(step=step, train_loss=train_loss, val_loss=val_loss,
-                      lr=learning_rate(max(step - 1, 0), cfg), tokens_per_s=tokens_per_s, elapsed=elapsed)
-        shown = "-" if train_loss is None else f"{train_loss:.4f}"
-        recall = ""
-        if "chance" in meta:
-            record["accuracy"] = accuracy
-            recall = f", recall accuracy {accuracy:.3f} (chance {meta['chance']:.3f})"
-        tqdm.write(f"step {step}: train loss {shown}, val loss {val_loss:.4f} ({unit}){recall}")
-        if rank == 0:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-        recent_losses, interval_time = [], 0.0
-        save(ckpt_path)
-
-    if checkpoint is None:
-        evaluate_log_save()
-        if cfg.save_every:                       # the initialization, for analyze.py's drift
-            save(out_dir / f"ckpt_{step:06d}.pt")
-    with CtrlC() as ctrl_c, tqdm(total=cfg.steps, initial=step, unit="step", mininterval=1,
-                                  disable=rank != 0) as bar:
-        while step < cfg.steps:
-            t0 = time.perf_counter()
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, cfg)
-            loss_sum = 0.0
-            for micro in range(cfg.grad_accum):
-                x, y = get_batch(train_data, cfg.batch_size, model_cfg.seq_len, cfg.seed, step,
-                                 rank * cfg.grad_accum + micro)
-                with gradient_sync(forward, micro == cfg.grad_accum - 1):
-                    with autocast:
-                        loss = forward(x.to(device), y.to(device))[1] / cfg.grad_accum
-                    loss.backward()
-                loss_sum += loss.item()
-            loss_sum = mean_over_ranks(loss_sum, world, device)      # every rank checks the same loss
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            if not (math.isfinite(loss_sum) and torch.isfinite(grad_norm)):
-                what = "loss" if not math.isfinite(loss_sum) else "gradient"
-                raise NonFiniteLoss(f"non-finite {what} at step {step + 1}; "
-                                    f"the last good checkpoint {ckpt_path} is intact")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step, dt = step + 1, time.perf_counter() - t0
-            interval_time, run_time = interval_time + dt, run_time + dt
-            run_tokens += tokens_per_step
-            recent_losses.append(loss_sum)
-            elapsed = time.perf_counter() - start
-            bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}", refresh=False)
-            bar.update()
-            if step % cfg.eval_every == 0 or step == cfg.steps:
-                evaluate_log_save()
-            if cfg.save_every and step % cfg.save_every == 0:
-                save(out_dir / f"ckpt_{step:06d}.pt")
-            if mean_over_ranks(float(ctrl_c.pressed), world, device) > 0:     # on any rank
-                save(ckpt_path)
-                tqdm.write(f"interrupted: saved step {step} to {ckpt_path}; continue with --resume")
-                raise KeyboardInterrupt
-    wait_for_all_ranks(world)                        # rank 0 has written the log
-    curve = [json.loads(line) for line in log_path.read_text().splitlines()]
-    if not curve or curve[-1]["step"] != step:       # --resume of a finished run whose log is gone
-        evaluate_log_save()
-        wait_for_all_ranks(world)
-        curve = [json.loads(line) for line in log_path.read_text().splitlines()]
-    last, tokens_per_s = curve[-1], run_tokens / run_time if run_time else None
-    reference = f"chance {meta['chance']:.3f}" if "chance" in meta else f"bigram baseline {meta['bigram']:.2f}"
-    accuracy = f", recall accuracy {last['accuracy']:.3f}" if "accuracy" in last else ""
-    print(f"done: val loss {last['val_loss']:.4f} {unit}{accuracy} ({reference}) after {step} "
-          f"steps, {elapsed:.0f} s" + (f", {tokens_per_s:,.0f} tokens/s" if tokens_per_s else ""))
-    return dict(train_loss=last["train_loss"], val_loss=last["val_loss"], accuracy=last.get("accuracy"),
-                tokens_per_s=tokens_per_s, params=model.num_params(), step=step, elapsed=elapsed, curve=curve,
-                baselines={k: meta[k] for k in ("unigram", "bigram", "chance") if k in meta})
-
-
 # -------------------------------------------------------------------------------------------------
-# 4. Sampling and main
+# 5. Sampling and main
 # -------------------------------------------------------------------------------------------------
 
 def sample(args):
@@ -874,7 +955,8 @@ def sample(args):
     checkpoint = load_checkpoint(Path(args.out_dir or TrainConfig.out_dir) / "ckpt.pt")
     model_cfg, cfg = resolve_config(args, checkpoint)
     device = pick_device(cfg.device)
-    model = hope.build_model(model_cfg)
+    fast_cpu_math()
+    model = hope.LanguageModel(model_cfg)
     load_model_state(model, checkpoint)
     model.to(device).eval()
     tokenizer = Tokenizer(cfg.tokenizer)
