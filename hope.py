@@ -979,7 +979,7 @@ class HOPEConfig:
     persistent_tokens: int = 4         # N_p
     memory_depth: int = 2
     expansion: int = 2                 # memory MLP hidden width = expansion · d_head
-    lr_max: float = 0.02               # θ_max (see RateHeads on stability)
+    lr_max: float = None               # θ_max; None: 0.02·√(16 / d_head) (see RateHeads on stability)
     cms_lr_max: float = None           # θ_max of the CMS levels (None: lr_max; 0 freezes CMS alone)
     mlp_hidden: int = None             # hidden width of the plain MLP feed-forward (None: 4 · dim)
     cms_periods: tuple = (8, 32)
@@ -996,6 +996,8 @@ class HOPEConfig:
             self.d_head = self.dim // self.heads if self.heads else 64
         if self.heads is None:
             self.heads = max(1, self.dim // self.d_head)
+        if self.lr_max is None:      # 0.02 at heads of 16; at heads of 64, 0.02 diverged within 20 steps
+            self.lr_max = 0.02 * (16 / self.d_head) ** 0.5
 
     def validate(self):
         """Raise ValueError with a one-line message if the configuration cannot be built."""

@@ -1220,6 +1220,16 @@ def test_width_scales_the_lr_and_warmup_never_rounds_to_zero():
         assert lrs[0] > 0 and lrs[warmup - 1] == max(lrs) == 1.0
 
 
+def test_inner_step_bound_follows_the_head_width():
+    """θ_max is 0.02 at heads of 16 and falls as 1/√d_head (at heads of 64, 0.02 diverged within 20
+    steps; `bench.py stability`); a given --lr-max is kept."""
+    parse = train.build_arg_parser().parse_args
+    assert train.resolve_config(parse([]))[0].lr_max == 0.02
+    assert train.resolve_config(parse(["--d-head", "64"]))[0].lr_max == pytest.approx(0.01)
+    assert train.resolve_config(parse(["--preset", "small"]))[0].lr_max == pytest.approx(0.01)
+    assert train.resolve_config(parse(["--d-head", "64", "--lr-max", "0.05"]))[0].lr_max == 0.05
+
+
 def test_ddp_torchrun_two_ranks_equal_one_rank_with_grad_accum_2(corpus, tmp_path):
     """Rank r draws the batches of micro-steps r × grad_accum + micro: the same batches, the same
     averaged gradients, the same weights, also after --resume; rank 0 alone prints and saves."""

@@ -135,7 +135,8 @@ def build_arg_parser():
     for name in ("dim", "layers", "heads", "d-head", "seq-len", "chunk-size", "segment-len",
                  "memory-depth", "expansion", "persistent-tokens"):
         p.add_argument(f"--{name}", type=int)
-    p.add_argument("--lr-max", type=float, help="θ_max, the largest inner learning rate of every memory")
+    p.add_argument("--lr-max", type=float, help="θ_max, the largest inner learning rate of every memory "
+                   "(default 0.02·√(16 / d_head))")
     p.add_argument("--cms-lr-max", type=float, help="θ_max of the CMS levels (default: --lr-max; 0 freezes them)")
     p.add_argument("--mlp-hidden", type=int, help="hidden width of the plain MLP feed-forward (default 4 x dim)")
     p.add_argument("--cms-periods", type=lambda s: tuple(int(p) for p in s.split(",")),
@@ -718,7 +719,7 @@ def evaluate_log_save(t, progress):
 def print_setup(t, bf16, compiled):
     m, cfg = t.model_cfg, t.cfg
     flags = "" if m.model == "transformer" else \
-        f" {m.mixer}, cms={m.cms}, self_mod={m.self_mod}, surprise={m.surprise},"
+        f" {m.mixer}, cms={m.cms}, self_mod={m.self_mod}, surprise={m.surprise}, θ_max {m.lr_max:.3g},"
     print(f"model: {m.model}{flags} dim {m.dim}, {m.layers} layers, {t.model.num_params():,} params, "
           f"on {t.device}{', bf16' if bf16 else ''}{', compiled' if compiled else ''}, {lr_summary(m, cfg)}")
     print(f"batch: {cfg.batch_size} × grad-accum {cfg.grad_accum} × world size {t.world} = "
