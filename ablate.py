@@ -19,9 +19,11 @@ import dataclasses
 import hashlib
 import io
 import json
+import os
 import re
 import statistics
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -123,12 +125,48 @@ def configs(scale_settings, data, tokenizer, row, seed, out_dir, device, overrid
     return model_cfg, cfg
 
 
+def claim(run_dir):
+    """Claim a run directory for this process: a lock file that holds its pid. False while another
+    live process holds it (two processes with overlapping --rows); a dead process's lock is taken."""
+    lock = Path(run_dir) / "training.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        try:
+            with open(lock, "x") as f:
+                f.write(str(os.getpid()))
+            return True
+        except FileExistsError:
+            time.sleep(0.1)                                    # let its owner finish writing its pid
+            try:
+                owner = int(lock.read_text())
+                os.kill(owner, 0)                              # raises if no such process
+                return False
+            except (FileNotFoundError, ValueError, ProcessLookupError):
+                lock.unlink(missing_ok=True)
+            except PermissionError:                            # alive, another user's
+                return False
+
+
 def run_once(model_cfg, cfg):
     """Train one run, or read its cached result. A crash is recorded, not raised; a diverged run
-    (NonFiniteLoss) is cached like a finished one, as it would diverge again."""
+    (NonFiniteLoss) is cached like a finished one, as it would diverge again. A run that another
+    process is training is waited for, then read."""
     result_path = Path(cfg.out_dir) / "result.json"
     if result_path.exists():
         return json.loads(result_path.read_text())
+    if not claim(cfg.out_dir):
+        print(f"waiting for another process to finish {cfg.out_dir}", flush=True)
+        while not claim(cfg.out_dir):
+            time.sleep(10)
+    try:
+        if result_path.exists():                               # the other process finished it
+            return json.loads(result_path.read_text())
+        return train_and_record(model_cfg, cfg, result_path)
+    finally:
+        (Path(cfg.out_dir) / "training.lock").unlink(missing_ok=True)
+
+
+def train_and_record(model_cfg, cfg, result_path):
     try:
         result = train.train_model(model_cfg, cfg)
     except KeyboardInterrupt:

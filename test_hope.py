@@ -1488,3 +1488,19 @@ def test_ablation_delta_is_paired_by_seed():
     assert not ablate.paired_delta(flipping, reference)[2]
     assert ablate.paired_delta([shifted[0], dict(error="x"), shifted[2]], reference)[2]
     assert ablate.paired_delta([shifted[0], dict(error="x")], reference[:2]) is None
+
+
+def test_ablation_run_directory_is_claimed_by_one_live_process(tmp_path):
+    """Two ablate processes with overlapping --rows must not train one run at once: the second
+    waits while the first (a live pid in the lock) trains; a dead process's lock is taken over."""
+    run_dir = tmp_path / "run"
+    assert ablate.claim(run_dir) and (run_dir / "training.lock").read_text() == str(os.getpid())
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (run_dir / "training.lock").write_text(str(sleeper.pid))
+        assert not ablate.claim(run_dir)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert ablate.claim(run_dir)                          # the sleeper is gone: its lock is stale
+    assert (run_dir / "training.lock").read_text() == str(os.getpid())
