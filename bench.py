@@ -40,7 +40,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 
 import torch
@@ -135,13 +134,9 @@ def print_table(headers, rows):
 
 
 def write_json(path, data):
-    """Write JSON atomically: a temporary file beside the target, then os.replace."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False) as f:
-        json.dump(data, f, indent=2)
-        tmp = f.name
-    os.replace(tmp, path)
+    """Write JSON atomically (train.atomic_write), creating its folder."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    train.atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2)))
 
 
 def fmt_ms(seconds):

@@ -1148,6 +1148,7 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         save(2)
     assert path.read_bytes() == before and train.load_checkpoint(path)["step"] == 1
+    assert list(tmp_path.iterdir()) == [path]                   # the half-written temp file is gone
 
 
 @pytest.mark.parametrize("arch", [GPT, HOPE], ids=["transformer", "hope"])

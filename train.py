@@ -329,10 +329,14 @@ def baselines(tokens):
 
 
 def atomic_write(path, write):
-    """write(tmp) then rename: a crash never leaves half a file under `path`."""
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    """write(tmp) then rename: a crash never leaves half a file under `path`, and two processes that
+    write the same path (two ablate.py runs) never share a temporary file."""
+    tmp = Path(path).with_name(f"{Path(path).name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def get_data(data="shakespeare", tokenizer="byte", max_tokens=None, data_dir=None):
