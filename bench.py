@@ -928,6 +928,16 @@ COMMANDS = {"memory": bench_memory, "models": bench_models, "scaling": bench_sca
             "roofline": bench_roofline, "stability": bench_stability}
 
 
+def choices(parser, flag, value, known):
+    """A ';'-separated flag value (the names hold commas) as a list of known names; None stays None."""
+    if value is None:
+        return None
+    chosen = [name.strip() for name in value.split(";") if name.strip()]
+    if not chosen or not set(chosen) <= set(known):
+        parser.error(f"{flag}: choose from {'; '.join(known)} (got {';'.join(chosen)})")
+    return chosen
+
+
 def parse_args(argv=None):
     parser = train.OneLineParser(description=__doc__.split("\nHow it measures")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -960,8 +970,8 @@ def parse_args(argv=None):
     group.add_argument("--flags", choices=["titans", "hope"], default="titans",
                        help="memory flags of the mixer blocks (default titans: cms/self_mod/surprise off)")
     group = parser.add_argument_group("stability")
-    group.add_argument("--sizes", default=None, help=f"comma list of: {'; '.join(STABILITY_SIZES)} "
-                       "(separated by ';'; default all)")
+    group.add_argument("--sizes", default=None, help=f"';' list of: {'; '.join(STABILITY_SIZES)} "
+                       "(default all)")
     group.add_argument("--stability-steps", type=int, default=30)
     group.add_argument("--stability-rows", default=None, help=f"';' list of: {'; '.join(STABILITY_ROWS)} "
                        "(default all; e.g. half the rows per process)")
@@ -975,15 +985,8 @@ def parse_args(argv=None):
     args.rows = MODEL_ROWS if args.rows is None else [r.strip() for r in args.rows.split(",") if r.strip()]
     if not args.rows or not set(args.rows) <= set(MODEL_ROWS):
         parser.error(f"--rows: choose from {', '.join(MODEL_ROWS)} (got {','.join(args.rows)})")
-    if args.sizes is not None:
-        args.sizes = [s.strip() for s in args.sizes.split(";") if s.strip()]
-        if not args.sizes or not set(args.sizes) <= set(STABILITY_SIZES):
-            parser.error(f"--sizes: choose from {'; '.join(STABILITY_SIZES)} (got {';'.join(args.sizes)})")
-    if args.stability_rows is not None:
-        args.stability_rows = [r.strip() for r in args.stability_rows.split(";") if r.strip()]
-        if not args.stability_rows or not set(args.stability_rows) <= set(STABILITY_ROWS):
-            parser.error(f"--stability-rows: choose from {'; '.join(STABILITY_ROWS)} "
-                         f"(got {';'.join(args.stability_rows)})")
+    args.sizes = choices(parser, "--sizes", args.sizes, STABILITY_SIZES)
+    args.stability_rows = choices(parser, "--stability-rows", args.stability_rows, STABILITY_ROWS)
     if args.stability_steps < 1:
         parser.error("--stability-steps must be >= 1")
     if args.command == "stability" and args.device != "cpu":
