@@ -74,7 +74,7 @@ ABLATION_ROWS = {
     "Titans": dict(model="hope", cms=True, self_mod=False, surprise=False),
     "Transformer": dict(model="transformer"),
     "Transformer (matched)": dict(model="transformer"),
-    # Two rows that pull apart what "No CMS" mixes (issue: in-context learning vs capacity):
+    # Two rows that pull apart what "No CMS" mixes, in-context learning and capacity:
     "CMS frozen": dict(model="hope", cms=True, self_mod=True, surprise=True, cms_lr_max=0.0),
     "No CMS (matched MLP)": dict(model="hope", cms=False, self_mod=True, surprise=True),
 }

@@ -732,12 +732,13 @@ def print_setup(t, bf16, compiled):
 
 def finish(t, progress, steps_run, run_time):
     """After the last step: the log's curve, a one-line summary, and train_model's result."""
+    read_log = lambda: [json.loads(line) for line in t.log_path.read_text().splitlines()]
     wait_for_all_ranks(t.world)                      # rank 0 has written the log
-    curve = [json.loads(line) for line in t.log_path.read_text().splitlines()]
+    curve = read_log()
     if not curve or curve[-1]["step"] != progress.step:   # --resume of a finished run whose log is gone
         evaluate_log_save(t, progress)
         wait_for_all_ranks(t.world)
-        curve = [json.loads(line) for line in t.log_path.read_text().splitlines()]
+        curve = read_log()
     last, tokens_per_s = curve[-1], steps_run * t.tokens_per_step / run_time if run_time else None
     meta = t.meta
     reference = f"chance {meta['chance']:.3f}" if "chance" in meta else f"bigram baseline {meta['bigram']:.2f}"
