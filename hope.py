@@ -18,7 +18,7 @@ Papers: Titans (Behrouz, Zhong, Mirrokni 2024), Nested Learning (Behrouz et al. 
 the seed paper that combines them into HOPE. The README lists every departure from them.
 """
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 import torch
@@ -958,36 +958,41 @@ class Block(nn.Module):
 
 # === 11. Models: the configuration, and the language model (HOPE, its ablations and GPT) ========
 
+def option(default, help):
+    """A config field and the help of its command-line flag (train.py makes one flag per field)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class HOPEConfig:
-    model: str = "hope"                # "hope", or "transformer" for the GPT baseline
-    vocab_size: int = 256
-    dim: int = 256
-    layers: int = 6
-    heads: int = None                  # None: dim // d_head
-    d_head: int = None                 # memory head width; None: dim // heads if heads is given, else 64
-    mixer: str = "mac"                 # mac | mag | mal | lmm
-    cms: bool = True                   # §9: continuum memory levels instead of the MLP
-    self_mod: bool = True              # §8: self-modifying memories instead of linear maps
-    surprise: bool = True              # §3: surprise-gated writes
-    surprise_threshold: float = 0.02   # γ
-    surprise_mode: str = "absolute"    # absolute | relative
-    chunk_size: int = 16               # C
-    read_mode: str = "chunk_start"     # chunk_start | in_chunk (§4; Titans memory and CMS levels)
-    parallel: bool = True              # memory_update's chunk form (§5); False: the token loop (§4)
-    segment_len: int = 64              # MAC segment, MAG/MAL attention window
-    persistent_tokens: int = 4         # N_p
-    memory_depth: int = 2
-    expansion: int = 2                 # memory MLP hidden width = expansion · d_head
-    lr_max: float = None               # θ_max; None: 0.02·√(16 / d_head) (see RateHeads on stability)
-    cms_lr_max: float = None           # θ_max of the CMS levels (None: lr_max; 0 freezes CMS alone)
-    mlp_hidden: int = None             # hidden width of the plain MLP feed-forward (None: 4 · dim)
-    cms_periods: tuple = (8, 32)
-    seq_len: int = 512                 # training context (RoPE lets models run past it)
-    checkpoint: bool = False           # recompute each memory chunk in backward (memory ∝ T/C)
-    embed_std: float = 1.0             # token embedding ~ N(0, embed_std²) (PyTorch's default: 1)
-    init_std: float = None             # linear maps ~ N(0, init_std²); None: PyTorch's default init
-    tied_head: bool = False            # output head = the token embedding (transposed)
+    model: str = option("hope", "hope, or transformer for the GPT baseline")
+    vocab_size: int = option(256, "token vocabulary (set by the tokenizer or the recall task)")
+    dim: int = option(256, "model width")
+    layers: int = option(6, "blocks")
+    heads: int = option(None, "memory and attention heads (default: dim / d_head)")
+    d_head: int = option(None, "memory head width (default: dim / heads if heads is given, else 64)")
+    mixer: str = option("mac", "mac | mag | mal | lmm: how memory and attention combine (§10)")
+    cms: bool = option(True, "continuum memory levels instead of the MLP (§9, NL Eqs. 70-74)")
+    self_mod: bool = option(True, "self-modifying memories instead of linear maps (§8, NL Eqs. 76-93)")
+    surprise: bool = option(True, "surprise-gated memory writes (§3)")
+    surprise_threshold: float = option(0.02, "γ, the surprise gate's threshold")
+    surprise_mode: str = option("absolute", "absolute | relative: gate on s_t or on s_t / chunk mean")
+    chunk_size: int = option(16, "C, tokens per memory chunk")
+    read_mode: str = option("chunk_start", "chunk_start | in_chunk: the weights a token reads (§4)")
+    parallel: bool = option(True, "the memory update's chunk form (§5); off: the token loop (§4)")
+    segment_len: int = option(64, "MAC segment, MAG/MAL attention window")
+    persistent_tokens: int = option(4, "N_p, learned tokens prepended to every attention context")
+    memory_depth: int = option(2, "layers of the memory MLP")
+    expansion: int = option(2, "memory MLP hidden width = expansion x d_head")
+    lr_max: float = option(None, "θ_max, the largest inner learning rate (default: 0.02·√(16/d_head))")
+    cms_lr_max: float = option(None, "θ_max of the CMS levels (default: lr_max; 0 freezes CMS alone)")
+    mlp_hidden: int = option(None, "hidden width of the plain MLP feed-forward (default: 4 x dim)")
+    cms_periods: tuple = option((8, 32), "CMS level periods, e.g. 8,32")
+    seq_len: int = option(512, "training context (RoPE lets models run past it)")
+    checkpoint: bool = option(False, "recompute each memory chunk in backward (memory ∝ T/C)")
+    embed_std: float = option(1.0, "token embedding init ~ N(0, x²)")
+    init_std: float = option(None, "linear maps init ~ N(0, x²) (default: PyTorch's own init)")
+    tied_head: bool = option(False, "output head = the token embedding (transposed)")
 
     def __post_init__(self):
         """Fill in what None leaves open; a given heads or d_head is kept as it is."""
