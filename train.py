@@ -57,30 +57,34 @@ PRESETS = {
 
 @dataclass
 class TrainConfig:
-    preset: str = "tiny"
-    data: str = "shakespeare"      # shakespeare | openwebtext | a local .txt/.md file or folder
-    tokenizer: str = "byte"        # byte | gpt2
-    max_tokens: int = None         # cap on the prepared corpus (openwebtext: 20M if not given)
-    data_dir: str = None           # cache of prepared corpora (default: data_cache/ beside this file)
-    out_dir: str = "out"
-    batch_size: int = 8            # sequences per micro-batch
-    grad_accum: int = 1            # micro-batches per optimizer step
-    steps: int = 250
-    lr: float = 4e-3               # peak: linear warmup (see learning_rate), cosine to lr/10
-    weight_decay: float = 0.1      # on tensors with >= 2 dimensions only
-    grad_clip: float = 1.0
-    eval_every: int = 50
-    eval_batches: int = 8
-    save_every: int = 0            # also keep out_dir/ckpt_{step:06d}.pt every N steps (0: never)
-    seed: int = 1337
-    device: str = "auto"           # auto | cpu | cuda | mps
-    dtype: str = "auto"            # auto (bfloat16 autocast on CUDA, else float32) | float32 | bfloat16
-    compile: bool = None           # torch.compile; None: on for CUDA, off elsewhere
-    mqar_pairs: int = 8            # --data mqar: pairs per sequence, each queried once
-    mqar_keys: int = 32            # --data mqar: key vocabulary
-    mqar_values: int = 32          # --data mqar: value vocabulary
-    passkey_distance: int = None   # --data passkey: code-to-question distance (None: 2 x segment_len)
-    passkey_digits: int = 4        # --data passkey: code length
+    """The training half of a run's config; train.py makes one flag per field, its help from the field."""
+    preset: str = hope.option("tiny", "the other flags' defaults: tiny (CPU) | small | scaled (seed paper §3)")
+    data: str = hope.option("shakespeare", "shakespeare (offline) | openwebtext | PATH (.txt/.md, folder) | "
+                            "mqar | passkey (recall tasks, generated on the fly)")
+    tokenizer: str = hope.option("byte", "default: gpt2 for openwebtext, else byte")
+    max_tokens: int = hope.option(None, "cap on the prepared corpus (default: 20M for openwebtext, else none)")
+    data_dir: str = hope.option(None, "cache of prepared corpora (default: data_cache/ beside train.py)")
+    out_dir: str = hope.option("out", "checkpoints (ckpt.pt) and the log (log.jsonl)")
+    batch_size: int = hope.option(8, "sequences per micro-batch")
+    grad_accum: int = hope.option(1, "micro-batches per optimizer step")
+    steps: int = hope.option(250, "optimizer steps")
+    lr: float = hope.option(4e-3, "peak learning rate: linear warmup, cosine decay to lr/10; without --lr, "
+                                  "a --dim other than the preset's scales it by preset dim / dim")
+    weight_decay: float = hope.option(0.1, "AdamW weight decay, on tensors with >= 2 dimensions only")
+    grad_clip: float = hope.option(1.0, "clip the gradient's norm to this")
+    eval_every: int = hope.option(50, "evaluate, log and save every N steps")
+    eval_batches: int = hope.option(8, "validation batches per evaluation")
+    save_every: int = hope.option(0, "also keep out_dir/ckpt_{step:06d}.pt every N steps (0: never)")
+    seed: int = hope.option(1337, "seed of the init and of the batches")
+    device: str = hope.option("auto", "auto: cuda, else mps, else cpu")
+    dtype: str = hope.option("auto", "auto: bfloat16 autocast on CUDA, else float32")
+    compile: bool = hope.option(None, "torch.compile (default: on for CUDA, off elsewhere)")
+    mqar_pairs: int = hope.option(8, "--data mqar: key-value pairs per sequence, each queried once")
+    mqar_keys: int = hope.option(32, "--data mqar: size of the key vocabulary")
+    mqar_values: int = hope.option(32, "--data mqar: size of the value vocabulary")
+    passkey_distance: int = hope.option(None, "--data passkey: tokens from the code to the question "
+                                              "(default: 2 x segment_len)")
+    passkey_digits: int = hope.option(4, "--data passkey: length of the code")
 
     def validate(self):
         """Raise ValueError with a one-line message if training cannot run with these settings."""
