@@ -204,6 +204,16 @@ def apply_recall_task(settings, seq_len=None):
     return settings
 
 
+def padded_vocab(settings, vocab_size=None):
+    """The tokenizer's or the recall task's vocabulary, or a given --vocab-size at least as large: its
+    extra ids pad the embedding and the head (nanoGPT pads GPT-2's 50257 to 50304); no data holds them."""
+    needed = settings["vocab_size"]
+    if vocab_size is not None and vocab_size < needed:
+        source = f"{settings['data']} task" if settings.get("data") in RECALL_TASKS else f"{settings['tokenizer']} tokenizer"
+        raise UserError(f"--vocab-size {vocab_size} is smaller than the {source}'s vocabulary ({needed})")
+    return needed if vocab_size is None else vocab_size
+
+
 def resolve_config(args, checkpoint=None):
     """(hope.HOPEConfig, TrainConfig) from the preset, or the checkpoint's saved config, and the
     flags that were given. Resuming, a model or data flag must agree with the checkpoint, and the
@@ -223,6 +233,7 @@ def resolve_config(args, checkpoint=None):
         settings["vocab_size"] = VOCAB_SIZES[settings["tokenizer"]]
         if settings.get("data") in RECALL_TASKS:
             apply_recall_task(settings, given.get("seq_len"))
+        settings["vocab_size"] = padded_vocab(settings, given.get("vocab_size"))
     else:
         settings = {**checkpoint["config"]["model"], **checkpoint["config"]["train"]}
         conflicts = [f"{k}={settings[k]!r} in the checkpoint, {v!r} given"
@@ -276,6 +287,8 @@ class Tokenizer:
         return self.encode(b"\n") if self.bpe is None else np.array([self.bpe.eot_token], np.uint16)
 
     def decode(self, ids):
+        """token ids -> text; the ids of a padded --vocab-size, past the tokenizer's, decode to nothing."""
+        ids = [i for i in ids if i < VOCAB_SIZES[self.name]]
         return bytes(ids).decode("utf-8", "replace") if self.bpe is None else self.bpe.decode(ids)
 
 
