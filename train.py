@@ -124,63 +124,71 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+# Flags with a fixed set of values; the other config flags take any value of their field's type.
+CHOICES = {"model": ("hope", "transformer"), "mixer": tuple(hope.MIXERS), "surprise_mode": ("absolute", "relative"),
+           "read_mode": hope.READ_MODES, "preset": tuple(PRESETS), "tokenizer": tuple(VOCAB_SIZES),
+           "device": ("auto", "cpu", "cuda", "mps"), "dtype": ("auto", "float32", "bfloat16")}
+
+
+def comma_ints(text):
+    """--cms-periods 8,32 -> (8, 32)."""
+    return tuple(int(part) for part in text.split(","))
+
+
+# What train.py itself does with these fields, for their flags' help.
+DERIVED = {"vocab_size": "a larger one pads it, as nanoGPT pads GPT-2's 50257 to 50304",
+           "seq_len": "--data mqar or passkey: the task's own unless given"}
+
+
+def shown(value):
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def flag_help(f):
+    """The field's help, then the value a run gets when the flag is left out: each preset's where
+    the presets differ, else the default (unless the help describes it, or train.py derives it)."""
+    values = {name: preset.get(f.name, f.default) for name, preset in PRESETS.items()}
+    notes = [DERIVED.get(f.name)]
+    if len(set(values.values())) > 1:
+        notes.insert(0, "presets: " + ", ".join(f"{name} {shown(value)}" for name, value in values.items()))
+    elif not (f.default is None or f.name in DERIVED or "default" in f.metadata["help"]):
+        notes.insert(0, f"default: {shown(f.default)}")
+    notes = "; ".join(note for note in notes if note)
+    return (f.metadata["help"] + (f" ({notes})" if notes else "")).replace("%", "%%")
+
+
+def add_config_flags(group, config_class):
+    """One flag per field of config_class, --name-with-dashes, default None ("not given"): bools
+    are --x/--no-x, tuples comma-separated ints, the rest take their field's type."""
+    for f in fields(config_class):
+        kind = getattr(f.type, "__name__", f.type)          # the annotation, or its string
+        flag = "--" + f.name.replace("_", "-")
+        if kind == "bool":
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, help=flag_help(f))
+        else:
+            convert = {"int": int, "float": float, "str": str, "tuple": comma_ints}[kind]
+            group.add_argument(flag, dest=f.name, type=convert, choices=CHOICES.get(f.name), help=flag_help(f))
+
+
 def build_arg_parser():
-    """Config flags default to None, meaning "not given": the preset (or the checkpoint) decides."""
-    p = OneLineParser(description="Train HOPE or the GPT baseline, or sample from a checkpoint.")
-    on_off = argparse.BooleanOptionalAction
-    p.add_argument("--preset", choices=PRESETS, help="tiny (CPU default) | small | scaled (seed paper §3)")
-    p.add_argument("--model", choices=("hope", "transformer"))
-    p.add_argument("--mixer", choices=tuple(hope.MIXERS))
-    p.add_argument("--cms", action=on_off, help="continuum memory levels instead of the MLP")
-    p.add_argument("--self-mod", action=on_off, help="self-modifying memories instead of linear maps")
-    p.add_argument("--surprise", action=on_off, help="surprise-gated memory writes")
-    p.add_argument("--surprise-threshold", type=float)
-    p.add_argument("--surprise-mode", choices=("absolute", "relative"))
-    for name in ("dim", "layers", "heads", "d-head", "seq-len", "chunk-size", "segment-len",
-                 "memory-depth", "expansion", "persistent-tokens"):
-        p.add_argument(f"--{name}", type=int)
-    p.add_argument("--lr-max", type=float, help="θ_max, the largest inner learning rate of every memory "
-                   "(default 0.02·√(16 / d_head))")
-    p.add_argument("--cms-lr-max", type=float, help="θ_max of the CMS levels (default: --lr-max; 0 freezes them)")
-    p.add_argument("--mlp-hidden", type=int, help="hidden width of the plain MLP feed-forward (default 4 x dim)")
-    p.add_argument("--cms-periods", type=lambda s: tuple(int(p) for p in s.split(",")),
-                   help="update periods of the CMS levels, comma-separated (default 8,32)")
-    p.add_argument("--embed-std", type=float, help="N(0, x²) init of the token embedding (default 1)")
-    p.add_argument("--init-std", type=float, help="N(0, x²) init of the linear maps (default: PyTorch's "
-                   "own; GPT-2 uses 0.02 for these and the embedding, with a tied head)")
-    p.add_argument("--tied-head", action=on_off, help="output head shares the token embedding")
-    p.add_argument("--read-mode", choices=hope.READ_MODES, help="chunk_start (default): every token reads "
-                   "the memory as it was at its chunk's start; in_chunk: after the earlier tokens' writes")
-    p.add_argument("--checkpoint", action=on_off, help="recompute memory chunks in backward")
-    p.add_argument("--parallel", action=on_off, help="the memory update's chunk form (default); "
-                   "--no-parallel: its token-by-token loop, hope.py §4 (same numbers, much slower)")
-    p.add_argument("--data", help="shakespeare (default, offline) | openwebtext | PATH (.txt/.md, folder) | "
-                   "mqar | passkey (recall tasks, generated on the fly)")
-    p.add_argument("--tokenizer", choices=tuple(VOCAB_SIZES), help="default: gpt2 for openwebtext, else byte")
-    p.add_argument("--max-tokens", type=int)
-    p.add_argument("--data-dir")
-    p.add_argument("--out-dir")
-    for name in ("batch-size", "grad-accum", "steps", "eval-every", "save-every", "seed"):
-        p.add_argument(f"--{name}", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--grad-clip", type=float)
-    p.add_argument("--eval-batches", type=int)
-    p.add_argument("--mqar-pairs", type=int, help="--data mqar: key-value pairs per sequence (default 8)")
-    p.add_argument("--mqar-keys", type=int, help="--data mqar: size of the key vocabulary (default 32)")
-    p.add_argument("--mqar-values", type=int, help="--data mqar: size of the value vocabulary (default 32)")
-    p.add_argument("--passkey-distance", type=int, help="--data passkey: tokens from the code to the "
-                   "question (default 2 x segment_len)")
-    p.add_argument("--passkey-digits", type=int, help="--data passkey: length of the code (default 4)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"))
-    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"))
-    p.add_argument("--compile", action=on_off)
-    p.add_argument("--resume", action="store_true", help="continue out_dir/ckpt.pt")
-    p.add_argument("--sample", action="store_true", help="print text generated from out_dir/ckpt.pt")
-    p.add_argument("--prompt", default="\n")
-    p.add_argument("--num-tokens", type=int, default=500)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int)
+    """A flag per field of hope.HOPEConfig and TrainConfig, and the flags of --resume and --sample.
+    Config flags default to None, meaning "not given": the preset (or the checkpoint) decides."""
+    p = OneLineParser(usage="%(prog)s [--preset NAME] [model and training flags] [--resume | --sample ...]",
+                      description="Train HOPE or the GPT baseline, or sample from a checkpoint. A flag "
+                      "left out takes the preset's value (tiny unless --preset is given), else the default "
+                      "shown; with --resume or --sample, the checkpoint's.")
+    add_config_flags(p.add_argument_group("model (hope.HOPEConfig)"), hope.HOPEConfig)
+    training = p.add_argument_group("training (TrainConfig)")
+    add_config_flags(training, TrainConfig)
+    training.add_argument("--resume", action="store_true", help="continue out_dir/ckpt.pt")
+    sampling = p.add_argument_group("sampling")
+    sampling.add_argument("--sample", action="store_true", help="print text generated from out_dir/ckpt.pt")
+    sampling.add_argument("--prompt", default="\n", help="the text to continue (default: a newline)")
+    sampling.add_argument("--num-tokens", type=int, default=500, help="tokens to generate (default: 500)")
+    sampling.add_argument("--temperature", type=float, default=0.8, help="softmax temperature (default: 0.8)")
+    sampling.add_argument("--top-k", type=int, help="sample among the k likeliest tokens (default: all)")
     return p
 
 
