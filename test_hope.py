@@ -1132,6 +1132,25 @@ def test_flags_override_the_preset():
     assert (cfg.lr, cfg.batch_size, cfg.steps) == (1e-3, 8, 2000)
 
 
+def test_every_config_field_has_a_flag():
+    """build_arg_parser makes a flag per field of hope.HOPEConfig and TrainConfig, its help from the
+    field; not given, a flag is None (the preset or the checkpoint decides)."""
+    parser = train.build_arg_parser()
+    actions = {flag: action for action in parser._actions for flag in action.option_strings}
+    for f in dataclasses.fields(hope.HOPEConfig) + dataclasses.fields(train.TrainConfig):
+        action = actions["--" + f.name.replace("_", "-")]
+        assert action.dest == f.name and action.default is None
+        assert action.help.startswith(f.metadata["help"].replace("%", "%%")), f.name
+    titles = {group.title for group in parser._action_groups}
+    assert {"model (hope.HOPEConfig)", "training (TrainConfig)", "sampling"} <= titles
+    args = parser.parse_args(["--no-cms", "--self-mod", "--cms-periods", "4,16", "--compile", "--vocab-size", "300"])
+    assert (args.cms, args.self_mod, args.cms_periods, args.compile) == (False, True, (4, 16), True)
+    assert (parser.parse_args([]).cms, parser.parse_args([]).compile) == (None, None)
+    model_cfg, cfg = train.resolve_config(args)
+    assert (model_cfg.cms, model_cfg.cms_periods, model_cfg.vocab_size, cfg.compile) == (False, (4, 16), 300, True)
+    assert train.Tokenizer("byte").decode([104, 105, 300]) == "hi"      # padded ids decode to nothing
+
+
 def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     model_cfg = hope.HOPEConfig(model="transformer", dim=32, layers=1, d_head=16)
     model = hope.LanguageModel(model_cfg)
@@ -1293,6 +1312,8 @@ def test_bad_input_exits_2_with_one_line(corpus, tmp_path, capsys, monkeypatch):
         "mqar pairs": (common + ["--data", "mqar", "--mqar-pairs", "40"], "--mqar-pairs"),
         "mqar context": (common + ["--data", "mqar", "--seq-len", "20"], "too short"),
         "passkey digits": (common + ["--data", "passkey", "--passkey-digits", "0"], "--passkey-digits"),
+        "vocab": (common + ["--vocab-size", "100"], "--vocab-size"),
+        "periods": (common + ["--cms-periods", "8,x"], "--cms-periods"),
     }
     for name, (argv, words) in cases.items():
         with pytest.raises(SystemExit) as stopped:
