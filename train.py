@@ -7,6 +7,7 @@ train.py — data, training loop, checkpoints and sampling for hope.py, in the s
     python train.py --resume                            # continue out/ckpt.pt exactly where it stopped
     torchrun --standalone --nproc_per_node=8 train.py --preset small --data openwebtext   # 8 GPUs (DDP)
     python train.py --sample --prompt "ROMEO"           # generate text from out/ckpt.pt
+    python train.py --help                              # a flag per field of hope.HOPEConfig and TrainConfig
 
 Sections: 1. presets and command line, 2. data, 3. training, 4. what guards it (checkpoints, Ctrl-C,
 several processes), 5. sampling and main.
