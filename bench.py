@@ -32,7 +32,6 @@ How it measures (the same for every subcommand):
 import argparse
 import contextlib
 import dataclasses
-import functools
 import json
 import math
 import multiprocessing
@@ -326,11 +325,39 @@ def row_config(row, base):
     return ablate.ablation_config(row, hope.HOPEConfig(**base))
 
 
-# Component labels of the breakdown. Regions are opened by wrapping methods of the model's modules
-# (and hope.memory_update) in torch.profiler.record_function; an op belongs to the component of the
-# regions around it, and a backward op to the component of the forward op that created its
-# autograd node (matched by the profiler's sequence number).
+# Component labels of the breakdown. An op belongs to the component of the torch.profiler
+# record_function regions around it, and a backward op to the component of the forward op that
+# created its autograd node (matched by the profiler's sequence number). The regions are opened by
+# two public hooks, and nothing of hope is replaced or wrapped:
+# - around a module's forward (a CMS level, CMS, the MLP; the memory and the attention where their
+#   forward is called, as in MAG, MAL and LMM): a forward pre-hook opens the region, a forward hook
+#   closes it;
+# - around the methods and functions that the model calls directly rather than through a module
+#   (MAC calls its memory's features/read/write and its attention's project/attend; memory_update
+#   is a function): a sys.setprofile function opens the region when their code starts and closes
+#   it when it returns.
 REGION = "bench/"
+
+
+def module_region(module):
+    """The region of a module whose forward is (part of) one component, or None."""
+    if isinstance(module, hope.CMSLevel):
+        return f"cms.p{module.period}"
+    kinds = ((hope.CMS, "cms"), (hope.MLP, "mlp"), (hope.SelfModifyingMemory, "selfmod"),
+             (hope.NeuralMemory, "memory"), (hope.Attention, "attention"))
+    return next((region for kind, region in kinds if isinstance(module, kind)), None)
+
+
+def function_regions():
+    """{code object: region} of the functions and methods the model calls outside a module's
+    forward. MemoryLayer.features runs inside SelfModifyingMemory.features too, where the outer
+    'selfmod' region decides (component_of looks for 'selfmod' before 'memory')."""
+    S, N, A = hope.SelfModifyingMemory, hope.NeuralMemory, hope.Attention
+    regions = {hope.memory_update: "memory_update", S.generate: "selfmod.generate"}
+    regions.update(dict.fromkeys((S.features, S.read, S.read_write, S.write), "selfmod"))
+    regions.update(dict.fromkeys((hope.MemoryLayer.features, N.read, N.read_write, N.write), "memory"))
+    regions.update(dict.fromkeys((A.project, A.keys_values, A.attend, A.persistent_keys_values), "attention"))
+    return {function.__code__: region for function, region in regions.items()}
 
 
 def component_of(regions):
@@ -361,51 +388,43 @@ def component_of(regions):
     return "rest (embedding, norms, head, loss, residuals, gating)"
 
 
-def wrap_method(obj, name, region, installed):
-    method = getattr(obj, name)
-
-    @functools.wraps(method)
-    def wrapped(*a, **k):
-        with record_function(REGION + region):
-            return method(*a, **k)
-    setattr(obj, name, wrapped)          # an instance attribute shadows the class's method
-    installed.append((obj, name))
-
-
 @contextlib.contextmanager
 def component_regions(model):
-    """Open a profiler region around each component's methods, for the duration of the block."""
-    installed = []
-    for module in model.modules():
-        if isinstance(module, hope.SelfModifyingMemory):
-            for name in ("features", "read", "write", "read_write"):
-                wrap_method(module, name, "selfmod", installed)
-            wrap_method(module, "generate", "selfmod.generate", installed)
-        elif isinstance(module, hope.NeuralMemory):
-            for name in ("features", "read", "write", "read_write"):
-                wrap_method(module, name, "memory", installed)
-        elif isinstance(module, hope.Attention):
-            for name in ("forward", "project", "attend", "persistent_keys_values"):
-                wrap_method(module, name, "attention", installed)
-        elif isinstance(module, hope.CMSLevel):
-            wrap_method(module, "forward", f"cms.p{module.period}", installed)
-        elif isinstance(module, hope.CMS):
-            wrap_method(module, "forward", "cms", installed)
-        elif isinstance(module, hope.MLP):
-            wrap_method(module, "forward", "mlp", installed)
-    original = hope.memory_update             # hope's modules look it up at call time
+    """Open a profiler region around each component of `model` for the duration of the block:
+    forward hooks on its modules, a profile function for hope's functions (see above)."""
+    opened = []                                    # the open regions, innermost last
 
-    @functools.wraps(original)
-    def memory_update(*a, **k):
-        with record_function(REGION + "memory_update"):
-            return original(*a, **k)
-    hope.memory_update = memory_update
+    def enter(region):
+        opened.append(record_function(REGION + region))
+        opened[-1].__enter__()
+
+    def leave():
+        opened.pop().__exit__(None, None, None)
+
+    handles = []
+    for module in model.modules():
+        region = module_region(module)
+        if region is not None:
+            handles.append(module.register_forward_pre_hook(lambda m, a, region=region: enter(region)))
+            handles.append(module.register_forward_hook(lambda m, a, out: leave(), always_call=True))
+    codes = function_regions()
+
+    def profiler(frame, event, arg):               # 'return' comes on an exception too
+        if event == "call" and frame.f_code in codes:
+            enter(codes[frame.f_code])
+        elif event == "return" and frame.f_code in codes:
+            leave()
+
+    previous = sys.getprofile()
+    sys.setprofile(profiler)                       # this thread only: the one that runs the step
     try:
         yield
     finally:
-        hope.memory_update = original
-        for obj, name in installed:
-            delattr(obj, name)
+        sys.setprofile(previous)
+        for handle in handles:
+            handle.remove()
+        while opened:                              # left open only if the block raised
+            leave()
 
 
 def breakdown_from_profile(prof, wall_s):
@@ -630,12 +649,13 @@ def bench_models(args, device):
                 print_breakdown(f"[{scale}] {row}", r)
         results[scale] = dict(note=note, batch=batch, steps=steps, warmup=warmup, rows=per_row)
     if any("breakdown_ms" in r for scale in results.values() for r in scale["rows"].values()):
-        print("\nbreakdown: every op's self CPU time goes to the component whose methods were on the "
-              "stack when it ran (record_function\nregions around hope's module methods and "
-              "memory_update); a backward op goes to the component of the forward op that created\n"
-              "its autograd node (profiler sequence numbers). In Full HOPE the main memory M_mem "
-              "is stacked with the five generator\nmemories in one memory_update call (hope.py §8), "
-              "so its write is inside 'write all 6 memories' (1/6 of its heads).")
+        print("\nbreakdown: every op's self CPU time goes to the component whose modules or methods were "
+              "on the stack when it ran (record_function\nregions opened by forward hooks on hope's "
+              "modules and by a sys.setprofile function around its methods and memory_update;\nnothing "
+              "in hope is replaced); a backward op goes to the component of the forward op that created "
+              "its autograd node\n(profiler sequence numbers). In Full HOPE the main memory M_mem is "
+              "stacked with the five generator memories in one\nmemory_update call (hope.py §8), so its "
+              "write is inside 'write all 6 memories' (1/6 of its heads).")
     return results
 
 
