@@ -869,14 +869,20 @@ STABILITY_ROWS = {"Full HOPE": [], "No CMS": ["--no-cms"], "No Self-Mod": ["--no
                   "Full HOPE, lmm": ["--mixer", "lmm"]}
 
 
+def memory_states(state):
+    """Every hope.MemoryState inside a (nested) state: the mixers' memories and the CMS levels'.
+    Block, mixer and CMS states are tuples and lists; attention caches hold tensors only."""
+    if isinstance(state, hope.MemoryState):
+        yield state
+    elif isinstance(state, (tuple, list)):
+        for part in state:
+            yield from memory_states(part)
+
+
 def memory_state_norm(state):
     """The largest Frobenius norm of any memory weight tensor (per sample and head) in a ModelState."""
-    norms = [0.0]
-    for layer in state.layers:
-        mixer_memory = [layer.mixer.memory] if hasattr(layer.mixer, "memory") else []   # GPT: none
-        for memory in mixer_memory + (layer.ffn or []):
-            norms += [W.detach().flatten(2).norm(dim=-1).max().item() for W in memory.weights]
-    return max(norms)
+    return max([0.0] + [W.detach().flatten(2).norm(dim=-1).max().item()
+                        for memory in memory_states(state.layers) for W in memory.weights])
 
 
 def stability_row(row, size_flags, steps, seed):
