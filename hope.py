@@ -45,8 +45,8 @@ GATE_EPS = 1e-6  # η and α are clamped to [GATE_EPS, 1 - GATE_EPS] so their lo
 # M_W(x) = x + MLP_W(x) with SiLU between layers. Each head has its own memory.
 
 def memory_forward(weights, x, layer_product=torch.matmul):
-    """M_W(x). weights: tuple of [B, H, d_in, d_out]; x: [B, H, T, d]. layer_product(h, W) is h W;
-    §5's in-chunk read passes terms of its own as W, with the product that reads every token's W."""
+    """M_W(x). weights: tuple of [B, H, d_in, d_out]; x: [B, H, T, d]. layer_product(h, W) is h W
+    (§5's in-chunk read passes its own terms as W, and the product that reads each token's W)."""
     h = x
     for layer, W in enumerate(weights):
         h = layer_product(h, W)                      # [B, H, T, d_out]
@@ -64,9 +64,8 @@ def memory_shapes(d, depth, expansion):
 
 
 def init_memory_weights(heads, d, depth, expansion, branch_scale=0.1):
-    """Learned initial weights W⁰ (the meta state), one [H, d_in, d_out] tensor per layer. The last
-    layer of a residual memory is scaled by branch_scale: 0.1 starts M(x) ≈ x; memories that must
-    differ from each other (the self-modifying generators, §8) use 1."""
+    """Learned initial weights W⁰ (the meta state), one [H, d_in, d_out] per layer. A residual
+    memory's last layer is scaled by branch_scale: 0.1 starts M(x) ≈ x (§8's generators use 1)."""
     weights = []
     for layer, (d_in, d_out) in enumerate(memory_shapes(d, depth, expansion)):
         W = torch.randn(heads, d_in, d_out) / math.sqrt(d_in)
@@ -78,9 +77,8 @@ def init_memory_weights(heads, d, depth, expansion, branch_scale=0.1):
 
 @dataclass
 class MemoryState:
-    """One memory layer's state: per-sample weights W and momentum S (tuples of [B, H, d_in, d_out]),
-    the last inputs of its causal conv (§6; None: zeros), and the per-token surprise s_t [B, H, T]
-    of the write that made it (§3; detached, for analysis)."""
+    """Per-sample weights W and momentum S (tuples of [B, H, d_in, d_out]), the causal conv's last
+    inputs (§6; None: zeros), and the surprise s_t [B, H, T] of the write that made it (§3; detached)."""
     weights: tuple
     momentum: tuple
     conv_tail: torch.Tensor = None
@@ -94,16 +92,12 @@ def initial_state(initial_weights, batch):
 
 
 # === 3. Inner loss and surprise, and the surprise gate (Titans Eq. 12; seed paper §2, §4.4) =====
-# The memory is trained, inside the forward pass, to map keys to values:
-#     ℓ_t(W) = ‖M_W(k_t) − v_t‖²      (summed over features)
-# The per-token surprise s_t is ℓ_t at the weights the token's gradient is taken at. The gradient
-# of ℓ_t w.r.t. each layer's weights is an outer product x_tᵀ δ_t of that layer's input and its
-# backpropagated error. We compute x and δ for all tokens at once, by hand (it is the textbook
-# backward pass of an MLP), so that weighted sums of gradients become matmuls in §5.
-#
-# The surprise gate (flag `surprise`): a token whose surprise is below γ writes nothing (its θ_t is
-# zeroed; decay and momentum still run). Absolute mode thresholds s_t (γ = 0.02 by default);
-# relative mode thresholds s_t / mean(s over the chunk), which does not depend on the loss scale.
+# The memory is trained, inside the forward pass, to map keys to values: ℓ_t(W) = ‖M_W(k_t) − v_t‖².
+# The surprise s_t is ℓ_t at the weights the token's gradient is taken at. Each layer's gradient is
+# an outer product x_tᵀ δ_t of its input and its backpropagated error; we compute x and δ for all
+# tokens at once, by hand (the textbook MLP backward), so §5's sums of gradients become matmuls.
+# The surprise gate (flag `surprise`): a token whose score is below γ writes nothing (θ_t = 0; decay
+# and momentum still run). The score is s_t (absolute) or s_t / its chunk's mean (relative).
 
 def silu_derivative(z):
     s = torch.sigmoid(z)
@@ -115,38 +109,28 @@ def inner_loss_terms(weights, keys, values):
     weights: tuple of [B, H, d_in, d_out]; keys, values: [B, H, n, d]. Returns the prediction M_W(k)
     [B, H, n, d], the loss [B, H, n] (detached: only ever the surprise), and per layer the inputs
     and deltas (lists of [B, H, n, ·])."""
-    inputs, preacts = [], []
-    h = keys
+    inputs, preacts, h = [], [], keys
     for layer, W in enumerate(weights):
         inputs.append(h)
-        z = h @ W                                    # [B, H, n, d_out]
-        if layer < len(weights) - 1:
-            preacts.append(z)
-            h = F.silu(z)
-        else:
-            h = z
+        preacts.append(h @ W)                        # [B, H, n, d_out]
+        h = preacts[-1] if layer == len(weights) - 1 else F.silu(preacts[-1])
     prediction = h if len(weights) == 1 else keys + h
     error = prediction - values                      # [B, H, n, d]
     loss = error.detach().pow(2).sum(-1)             # [B, H, n]   Titans Eq. 12 (a statistic: detached)
-    delta = 2 * error                                # dℓ/d(last layer's output); the skip adds I
-    deltas = [None] * len(weights)
-    for layer in reversed(range(len(weights))):
-        deltas[layer] = delta
-        if layer > 0:
-            delta = (delta @ weights[layer].transpose(-1, -2)) * silu_derivative(preacts[layer - 1])
+    deltas = [2 * error]                             # dℓ/d(last layer's output); the skip adds I
+    for layer in range(len(weights) - 1, 0, -1):     # back through each SiLU
+        deltas.insert(0, (deltas[0] @ weights[layer].transpose(-1, -2)) * silu_derivative(preacts[layer - 1]))
     return prediction, loss, inputs, deltas
 
 
 def relative_surprise(surprise):
-    """s_t / (mean of s over its chunk), surprise: [..., n] for one chunk (seed paper §4.4). A
-    one-token chunk scores exactly 1, and so does a chunk of zero surprises (0/0 := 1): γ ≤ 1 writes."""
+    """s_t / its chunk's mean, surprise: [..., n] for one chunk (seed paper §4.4); 0/0 := 1."""
     mean = surprise.mean(-1, keepdim=True)
     return torch.where(mean > 0, surprise / mean, torch.ones_like(surprise))
 
 
 def surprise_gate(surprise, threshold, relative):
-    """1 for tokens that may write, 0 where the score (s_t, or relative_surprise) is below γ.
-    surprise: [B, H, n] for one chunk; returns a float mask of that shape, or None (no gate)."""
+    """Float mask [B, H, n] for one chunk: 1 where the score reaches γ (may write), else 0; None: no gate."""
     if threshold is None:
         return None
     score = relative_surprise(surprise) if relative else surprise
@@ -160,13 +144,9 @@ def surprise_gate(surprise, threshold, relative):
 # a(t), the anchor, is the last token of the previous chunk: every token of a chunk takes its
 # gradient at, and reads, the chunk-start weights W_a (C = 1 is the plain online rule). This loop
 # is the readable reference; §5 computes exactly the same numbers much faster.
-#
-# Read modes. The default above, "chunk_start", reads weights up to C − 1 tokens stale. "in_chunk"
-# reads the weights after the writes of every token before t instead, gradients still at W_a(t):
-#     y_t = M_{W_{t−1}}(q_t)                         mini-batch form of Titans Eq. 16 (as in TTT)
-# Then y_t depends on the tokens before t and never on t or later ones. With C = 1 the two modes
-# are the same. The relative surprise gate (§3) does not go with it: a token's gate compares its
-# surprise with the mean over its whole chunk, so y_t would see the tokens after t.
+# Read mode "in_chunk" reads the weights after the writes of every token before t instead (TTT's
+# mini-batch form of Titans Eq. 16): y_t = M_{W_{t−1}}(q_t), gradients still at W_a(t). Not with
+# the relative gate, whose chunk mean would let y_t see the tokens after t.
 
 READ_MODES = ("chunk_start", "in_chunk")
 
@@ -222,11 +202,7 @@ def _memory_update_sequential(weights, momentum, keys, values, queries, lr, mome
 #     h_t W_{t−1} = A(t−1,0) h_t W_a + K(t−1,0) h_t S_a − Σ_{i<t} K(t−1,i) θ_i (h_t · x_i) δ_i
 # For the whole chunk the last sum is one masked matmul, ((H Xᵀ) ⊙ [θ_i K(t−1,i)]) Δ, and the
 # layer's inputs H come from the earlier layers read the same way (TTT's dual form).
-#
-# Fast paths, each marked "fast path" where it is taken (the tests check them against §4):
-#   - a memory read with its own keys (`queries is keys`, as CMS does) reuses the prediction M(k);
-#   - the coefficients of all full chunks are computed in one batch, a final partial chunk apart;
-#   - the sequence is split into chunks once (slicing per chunk makes backward quadratic in T).
+# Lines marked "fast path" only save work; the tests hold them to §4's loop.
 
 def segment_sum(x):
     """out[..., t, i] = Σ_{i<j≤t} x[..., j] for i ≤ t, −inf above the diagonal. x: [..., m]."""
@@ -314,15 +290,13 @@ def maybe_recompute(step, enabled):
 
 def _memory_update_parallel(weights, momentum, keys, values, queries, lr, momentum_decay, forget,
                             chunk_size, threshold, relative, checkpoint, read_mode):
-    T = keys.shape[2]
-    n_full = T // chunk_size
+    T, rates = keys.shape[2], (lr, momentum_decay, forget)
     in_chunk_reads = read_mode == "in_chunk" and queries is not None
-    rates = (lr, momentum_decay, forget)
     # fast path: the coefficients do not depend on the memory, so all full chunks get theirs at once
+    n_full = T // chunk_size
     split = n_full * chunk_size
     full_chunks = (r[:, :, :split].unflatten(2, (n_full, chunk_size)) for r in rates)
-    batched = chunk_coefficients(*full_chunks, in_chunk_reads)             # [B, H, chunks, ...]
-    blocks = list(zip(*(c.unbind(2) for c in batched)))
+    blocks = list(zip(*(c.unbind(2) for c in chunk_coefficients(*full_chunks, in_chunk_reads))))  # per chunk
     if split < T:                                                        # a final partial chunk
         blocks.append(chunk_coefficients(*(r[:, :, split:] for r in rates), in_chunk_reads))
     outputs, surprises = [], []
@@ -331,8 +305,7 @@ def _memory_update_parallel(weights, momentum, keys, values, queries, lr, moment
     chunk_queries = chunk_keys if queries is keys else \
         queries.split(chunk_size, dim=2) if queries is not None else [None] * len(blocks)
     for k, v, q, coefficients in zip(chunk_keys, chunk_values, chunk_queries, blocks):
-        out, weights, momentum, surprise = step(weights, momentum, k, v, q, coefficients,
-                                                threshold, relative)
+        out, weights, momentum, surprise = step(weights, momentum, k, v, q, coefficients, threshold, relative)
         outputs.append(out)
         surprises.append(surprise)
     outputs = torch.cat(outputs, dim=2) if queries is not None else None
@@ -343,37 +316,25 @@ def memory_update(weights, momentum, keys, values, queries, lr, momentum_decay, 
                   parallel=True, threshold=None, relative=False, checkpoint=False,
                   read_mode="chunk_start"):
     """Read and write a neural memory over a sequence: the functional core of the project.
-    weights, momentum:  tuples of [B, H, d_in, d_out] (the memory state W, §2, and its momentum S)
-    keys, values:       [B, H, T, d]   what to store (k_t -> v_t)
-    queries:            [B, H, T, d]   what to read, or None when only the write is needed
-    lr, momentum_decay, forget: [B, H, T]  θ_t, η_t, α_t (η and α are clamped to [1e-6, 1 − 1e-6])
-    chunk_size:         C; tokens of a chunk take their gradients at the chunk-start weights
-    parallel:           True: the chunk form of §5; False: the token loop of §4 (same numbers)
-    threshold:          surprise gate γ of §3 (None: no gate); relative: score s_t / chunk mean
-    checkpoint:         recompute each chunk in backward, keeping only the chunk-boundary states
-    read_mode:          "chunk_start": y_t reads the chunk-start weights; "in_chunk": y_t reads
-                        W_{t−1}, after the writes of the tokens before t (§4; not with the relative gate)
+    weights, momentum: tuples of [B, H, d_in, d_out], W (§2) and S; keys, values: [B, H, T, d], what
+    to store (k_t -> v_t); queries: [B, H, T, d], what to read, or None (write only); lr,
+    momentum_decay, forget: [B, H, T], θ_t, η_t, α_t; chunk_size: C. parallel: §5's chunk form, or
+    §4's loop (same numbers); threshold: γ (None: no gate), relative: its score (§3); checkpoint:
+    recompute each chunk in backward; read_mode: "chunk_start" or "in_chunk" (§4).
     Returns (outputs [B, H, T, d] or None, new weights, new momentum, surprise [B, H, T] detached).
-    Nothing is modified in place; a final partial chunk is updated with its own tokens only.
-    """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    if read_mode not in READ_MODES:
-        raise ValueError(f"unknown read_mode {read_mode!r} ({', '.join(READ_MODES)})")
+    Nothing is modified in place; a final partial chunk is updated with its own tokens only."""
+    if chunk_size < 1 or read_mode not in READ_MODES:
+        raise ValueError(f"chunk_size must be >= 1 and read_mode in {READ_MODES}: got {chunk_size}, {read_mode!r}")
     if read_mode == "in_chunk" and threshold is not None and relative:
-        raise ValueError("read_mode 'in_chunk' takes no relative surprise gate: its chunk mean "
-                         "would let y_t see the tokens after t")
+        raise ValueError("read_mode 'in_chunk' takes no relative surprise gate (its chunk mean sees later tokens)")
     with torch.autocast(keys.device.type, enabled=False):    # the memory always runs in fp32+
         dtype = torch.promote_types(keys.dtype, torch.float32)
         weights, momentum = (tuple(t.to(dtype) for t in ts) for ts in (weights, momentum))
         read_keys = queries is keys                           # fast path: keeps `queries is keys`
-        keys, values, lr, momentum_decay, forget = (
-            t.to(dtype) for t in (keys, values, lr, momentum_decay, forget))
+        keys, values, lr = (t.to(dtype) for t in (keys, values, lr))
         queries = keys if read_keys else queries.to(dtype) if queries is not None else None
-        momentum_decay = momentum_decay.clamp(GATE_EPS, 1 - GATE_EPS)
-        forget = forget.clamp(GATE_EPS, 1 - GATE_EPS)
-        args = (weights, momentum, keys, values, queries, lr, momentum_decay, forget, chunk_size,
-                threshold, relative)
+        momentum_decay, forget = (t.to(dtype).clamp(GATE_EPS, 1 - GATE_EPS) for t in (momentum_decay, forget))
+        args = (weights, momentum, keys, values, queries, lr, momentum_decay, forget, chunk_size, threshold, relative)
         if parallel:
             return _memory_update_parallel(*args, checkpoint, read_mode)
         return _memory_update_sequential(*args, read_mode)
@@ -381,11 +342,10 @@ def memory_update(weights, momentum, keys, values, queries, lr, momentum_decay, 
 
 # === 6. Plumbing: what every memory layer shares ================================================
 # Around memory_update a layer needs projections in and out, a short causal convolution over time
-# (Titans §4.4), per-head linear maps and the per-token rates θ, η, α. None of it is the memory.
+# (Titans §4.4), per-head linear maps and the per-token rates θ, η, α.
 
 def update_settings(config):
-    """memory_update's keyword arguments that the config sets: the gate (§3), the read mode (§4),
-    the path (§4's loop or §5's chunks) and recomputation in backward."""
+    """memory_update's keyword arguments that the config sets (gate, read mode, path, recompute)."""
     gated = config.surprise
     return dict(threshold=config.surprise_threshold if gated else None,
                 relative=gated and config.surprise_mode == "relative", read_mode=config.read_mode,
@@ -438,13 +398,10 @@ class HeadLinear(nn.Module):
 
 
 class RateHeads(nn.Module):
-    """Per-head, per-token θ = lr_max·σ(·)·(1 − η), η = σ(·), α = σ(·) from linear read-outs
-    (Titans §3.1 leaves θ_t free). Biases start at θ = lr_max/4, η = 0.5, α ≈ 0.0025 (~400 tokens).
-    Why (1 − η): a chunk of n tokens takes its gradients at one point and momentum weighs each by up
-    to 1/(1 − η), so correlated keys move W by ≈ 2θ·n/(1 − η) times the error, which diverges past
-    ~2; training drives η to 0.99 within 25 steps (`--no-self-mod`: memory 1e11, then NaN). With
-    (1 − η) a chunk moves W by at most 2·lr_max·n times the error (0.64 at C = 16, lr_max = 0.02).
-    """
+    """Per-head, per-token θ = lr_max·σ(·)·(1 − η), η = σ(·), α = σ(·) from linear read-outs; biases
+    start at θ = lr_max/4, η = 0.5, α ≈ 0.0025. Why (1 − η): momentum weighs a gradient by up to
+    1/(1 − η), so a chunk of n correlated keys moves W by ≈ 2θn/(1 − η) times the error, which
+    diverges past ~2 as training drives η to 0.99 (`--no-self-mod`: NaN). With it, at most 2·lr_max·n."""
 
     def __init__(self, heads, d, lr_max):
         super().__init__()
@@ -453,8 +410,7 @@ class RateHeads(nn.Module):
         self.bias = nn.Parameter(torch.tensor([0.0, 0.0, -6.0]).repeat(heads, 1, 1))  # [H, 1, 3]
 
     def forward(self, *feats):
-        """lr, momentum_decay, forget (θ, η, α), each [B, H, T], from feats [B, H, T, d]: one input
-        read by all three rates, or three inputs, one per rate (the self-modifying memory's)."""
+        """θ, η, α, each [B, H, T], from feats [B, H, T, d]: one input for all, or one per rate (§8)."""
         if len(feats) == 1:
             logits = torch.einsum("bhtd,hdr->bhtr", feats[0], self.weight)
         else:
@@ -487,6 +443,10 @@ class MemoryLayer(nn.Module):
     def output(self, memory_out, dtype):
         """[B, H, T, d] memory reads -> [B, T, dim] layer output."""
         return self.out_proj(merge_heads(memory_out.to(dtype)))
+
+    def write(self, feats, state):
+        """The state after writing feats [B, H, T, d] (no read)."""
+        return self.read_write(feats, state, read=False)[1]
 
     def forward(self, x, state):
         """Read before write over x: [B, T, dim]. Returns (y [B, T, dim], the new state)."""
@@ -531,22 +491,17 @@ class NeuralMemory(MemoryLayer):
         """M_W(q) at the given state for every token (no write). Returns [B, T, dim]."""
         return self.output(memory_forward(state.weights, self.queries(feats)), feats.dtype)
 
-    def write(self, feats, state):
-        return self.read_write(feats, state, read=False)[1]
-
 
 # === 8. Self-modification (NL §8.1-8.2, Eqs. 76-93) — flag `self_mod` ===========================
-# With self_mod off the keys, values, queries and rates come from fixed linear maps (§7). With it
-# on, each head holds six memories, M_k, M_v, M_q, M_lr, M_forget, M_mem, and the first five
-# *generate* what M_mem needs (NL Eqs. 80-88). All six are written in context, so the maps that
-# produce keys and values change as the sequence goes: the model modifies itself. Per chunk, from
-# the chunk-start states of all six:
+# With self_mod off, keys, values, queries and rates come from fixed linear maps (§7). With it on,
+# each head holds six memories M_k, M_v, M_q, M_lr, M_forget, M_mem; the first five *generate* what
+# M_mem needs (NL Eqs. 80-88), and all six are written in context: the maps that make the keys and
+# values change as the sequence goes. Per chunk, from the chunk-start states of all six:
 #   1. generate k = M_k(x), v = M_v(x), q = M_q(x), θ = lr_max·σ(w_lr·M_lr(x)), α = σ(w_α·M_forget(x))
 #   2. self-generated targets v̂_□ = M_□(v) for every memory (NL Eq. 84)
 #   3. write all six with keys k, values v̂_□ and the same θ, η, α, through one memory_update call
 #   4. the layer's output is M_mem(q), read before the write
-# Departures (README): NL writes with its DGD preconditioner and no momentum; we use the Titans rule
-# of §4 for every memory, with η from a linear map as in Titans.
+# Departure (README): every memory is written with §4's Titans rule (NL: DGD, no momentum).
 
 SELF_MOD_COMPONENTS = ("k", "v", "q", "lr", "forget", "mem")   # seed paper: m_k, m_v, m_q, m_η, m_α, m_memory
 
@@ -557,18 +512,16 @@ class SelfModifyingMemory(MemoryLayer):
     def __init__(self, config):
         super().__init__(config)
         H, d, n = config.heads, config.d_head, len(SELF_MOD_COMPONENTS)
-        # Full-scale residual branches: with M(x) ≈ x, k ≈ v ≈ q and there is nothing to memorize.
+        # full-scale residual branches: with M(x) ≈ x, k ≈ v ≈ q and there is nothing to memorize
         self.initial_weights = init_memory_weights(n * H, d, config.memory_depth, config.expansion,
                                                    branch_scale=1.0)
         self.rates = RateHeads(H, d, config.lr_max)  # w_lr, w_forget read-outs and η's linear map
-        # Step 4 reads M_mem at the chunk-start state in either read mode: the generators of step 1
-        # must read that state to make the chunk's keys and rates. Each chunk is recomputed whole.
+        # chunk-start reads in either read mode (step 1 needs that state); each chunk recomputed whole
         self.checkpoint = self.settings.pop("checkpoint")
         self.settings["read_mode"] = "chunk_start"
 
     def features(self, x, conv_tail):
-        """Unit-norm features: the generators feed on their own outputs chunk after chunk, and a fixed
-        input scale keeps that recurrence from exploding (gradient norms of 1e3 in 30 steps without)."""
+        """Unit-norm features: a fixed input scale keeps the generators' recurrence from exploding."""
         feats, conv_tail = super().features(x, conv_tail)
         return F.normalize(feats, dim=-1), conv_tail
 
@@ -581,9 +534,8 @@ class SelfModifyingMemory(MemoryLayer):
         generators = tuple(W[:, :5] for W in self.by_component(weights))         # M_k .. M_forget
         k, v, q, lr_feats, forget_feats = memory_forward(generators, feats[:, None]).unbind(1)
         lr, momentum_decay, forget = self.rates(lr_feats, feats, forget_feats)
-        # v is L2-normalized too (a departure): the targets M(v) are bootstrapped from the memory
-        # itself, and for M = I + A the write multiplies M by (I − 2θ(k − v)kᵀ), which grows
-        # without bound once k·v > 1. Unit k and v keep k·v ≤ 1 (measured: NaN within 512 tokens).
+        # v unit-norm too (a departure): for M = I + A the write multiplies M by (I − 2θ(k − v)kᵀ),
+        # which grows without bound once k·v > 1 (measured: NaN within 512 tokens)
         return F.normalize(k, dim=-1), F.normalize(v, dim=-1), F.normalize(q, dim=-1), lr, momentum_decay, forget
 
     def read(self, feats, state):
@@ -618,17 +570,12 @@ class SelfModifyingMemory(MemoryLayer):
         state = replace(state, weights=weights, momentum=momentum, surprise=torch.cat(surprises, 2))
         return (torch.cat(outs, 2) if read else None), state
 
-    def write(self, feats, state):
-        return self.read_write(feats, state, read=False)[1]
-
 
 # === 9. CMS, the Continuum Memory System (NL §7, Eqs. 70-74) — flag `cms` =======================
 # CMS replaces the block's feed-forward by memories that keep learning in context, each at its own
-# pace: a level with period p is a per-head memory whose chunk size is p, so its fast weights
-# change once every p tokens (fast level p = 8, slow level p = 32). Keys are the level's input,
-# values a learned projection of it (both unit-norm). A per-token softmax gate mixes the levels'
-# outputs (seed paper §2); NL chains the levels instead (a documented departure). Off: a plain
-# 2-layer MLP.
+# pace: a level of period p is a per-head memory with chunk size p, whose fast weights change once
+# every p tokens (p = 8 and 32). Keys are the level's input, values a learned projection of it (both
+# unit-norm). A per-token softmax gate mixes the levels (seed paper §2; NL chains them). Off: an MLP.
 
 class CMSLevel(nn.Module):
     """One level: a per-head memory of chunk size `period`, read with its own keys."""
@@ -649,8 +596,7 @@ class CMSLevel(nn.Module):
     def forward(self, x, state):
         feats = split_heads(self.in_proj(x), self.heads)                           # [B, H, T, d]
         keys = F.normalize(feats, dim=-1)                                          # also the queries
-        # values unit-norm like the keys: larger values make larger writes, and larger fast weights
-        # a steeper inner loss (raw values sent the slow level to NaN in training)
+        # unit-norm values like the keys: raw values sent the slow level to NaN in training
         values = F.normalize(self.to_value(feats), dim=-1)
         out, weights, momentum, surprise = memory_update(
             state.weights, state.momentum, keys, values, keys, *self.rates(feats), self.period,
@@ -716,10 +662,9 @@ def rope(x, rotation):
 
 
 class Attention(nn.Module):
-    """Causal multi-head attention with RoPE, optional sliding window and persistent tokens. forward()
-    takes and returns a (keys, values) cache of earlier tokens (with a window, the last `window`).
-    Speed: keys_values multiplies by the k, v rows of qkv only; forward takes the fused causal kernel
-    when it can, and otherwise attends in query blocks (linear in T with a window)."""
+    """Causal multi-head attention with RoPE, an optional sliding window and persistent tokens; the
+    GPT baseline's mixer. Its state is a (keys, values) cache of earlier tokens (the last `window` of
+    them with a window). Speed: keys_values multiplies by the k, v rows of qkv alone (MAC's h needs no q)."""
 
     def __init__(self, config, window=None, persistent_tokens=0):
         super().__init__()
@@ -728,6 +673,9 @@ class Attention(nn.Module):
         self.out = nn.Linear(config.dim, config.dim, bias=False)
         self.persistent = nn.Parameter(torch.randn(persistent_tokens, config.dim) * 0.02) \
             if persistent_tokens else None
+
+    def initial_state(self, batch):
+        return None                                                  # no cache yet
 
     def rotation(self, positions, dtype):
         return rotary(positions, self.dim // self.heads, dtype)
@@ -746,47 +694,37 @@ class Attention(nn.Module):
         return k.transpose(1, 2), v.transpose(1, 2)
 
     def persistent_keys_values(self, batch, dtype):
-        """Keys and values of the persistent tokens [B, h, N_p, dh] (no position: visible to all),
-        or None without persistent tokens."""
-        if self.persistent is None:
-            return None
-        k, v = self.keys_values(self.persistent.to(dtype)[None])
-        return k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)
+        """Keys and values [B, h, N_p, dh] of the persistent tokens (no position), or None."""
+        if self.persistent is not None:
+            return tuple(t.expand(batch, -1, -1, -1) for t in self.keys_values(self.persistent.to(dtype)[None]))
+
+    @staticmethod
+    def prepend(persistent, k, v, visible):
+        """[persistent ‖ k], [persistent ‖ v], and the mask visible [Tq, Tk] with every query seeing them."""
+        if persistent is None:
+            return k, v, visible
+        return (torch.cat([persistent[0], k], 2), torch.cat([persistent[1], v], 2),
+                F.pad(visible, (persistent[0].shape[2], 0), value=True))
 
     def attend(self, q, k, v, mask):
-        """softmax(q kᵀ/√d + mask) v, heads merged and projected. mask: bool [Tq, Tk] or None."""
+        """softmax(q kᵀ/√d + mask) v, heads merged and projected. mask: bool [Tq, Tk] or None (causal)."""
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         return self.out(merge_heads(y))
 
-    def forward(self, x, position, cache=None):
-        B, T, _ = x.shape
+    def forward(self, x, cache, position, keep_state=True):
+        T = x.shape[1]
         positions = torch.arange(position, position + T, device=x.device)
         q, k, v = self.project(x, self.rotation(positions, x.dtype))
         if cache is not None:
             k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
-        key_positions = torch.arange(position + T - k.shape[2], position + T, device=x.device)
         new_cache = (k, v) if self.window is None else (k[:, :, -self.window:], v[:, :, -self.window:])
         if self.persistent is None and cache is None and self.window is None:
-            return self.attend(q, k, v, None), new_cache             # plain causal: fused kernel
-        # Query blocks of `window` tokens each see at most 2·window keys: linear in T.
-        block = self.window or T
-        persistent = self.persistent_keys_values(B, x.dtype)
-        outs = []
-        for start in range(0, T, block):
-            q_pos = positions[start:start + block]
-            first = 0 if self.window is None else max(0, int(q_pos[0]) - self.window + 1 - int(key_positions[0]))
-            last = int(q_pos[-1]) - int(key_positions[0]) + 1
-            k_pos = key_positions[first:last]
-            visible = k_pos[None, :] <= q_pos[:, None]
-            if self.window is not None:
-                visible = visible & (q_pos[:, None] - k_pos[None, :] < self.window)
-            kb, vb = k[:, :, first:last], v[:, :, first:last]
-            if persistent is not None:
-                pk, pv = persistent
-                kb, vb = torch.cat([pk, kb], 2), torch.cat([pv, vb], 2)
-                visible = F.pad(visible, (pk.shape[2], 0), value=True)
-            outs.append(self.attend(q[:, :, start:start + block], kb, vb, visible))
-        return torch.cat(outs, 1), new_cache
+            return self.attend(q, k, v, None), new_cache                # plain causal: fused kernel
+        # One mask over all keys: the window limits what a query sees, not the cost (O(T²)).
+        back = positions[:, None] - torch.arange(position + T - k.shape[2], position + T, device=x.device)
+        visible = (back >= 0) & (back < (self.window or position + T))                 # [T, Tk]
+        persistent = self.persistent_keys_values(x.shape[0], x.dtype)
+        return self.attend(q, *self.prepend(persistent, k, v, visible)), new_cache
 
 
 def make_memory(config):
@@ -820,21 +758,17 @@ class MACMixer(nn.Module):
         k_h, v_h = self.attention.keys_values(retrieved, rotation)   # h_i sits at position i
         causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
         visible = torch.cat([causal, causal], dim=1)                  # [L, 2L]: h part, segment part
-        keys, values = [k_h, k], [v_h, v]
-        if persistent is not None:
-            keys.insert(0, persistent[0])
-            values.insert(0, persistent[1])
-            visible = F.pad(visible, (persistent[0].shape[2], 0), value=True)
-        return self.attention.attend(q, torch.cat(keys, 2), torch.cat(values, 2), visible)
+        k, v, visible = self.attention.prepend(persistent, torch.cat([k_h, k], 2), torch.cat([v_h, v], 2), visible)
+        return self.attention.attend(q, k, v, visible)
 
     def forward(self, x, state, position, keep_state=True):
-        B, T, _ = x.shape
+        T = x.shape[1]
         # What depends on x alone is computed for the whole sequence at once; the loop below
         # carries only what depends on the memory state.
         cos, sin = self.attention.rotation(torch.arange(position, position + T, device=x.device), x.dtype)
         query_feats, query_tail = self.memory.features(x, state.query_tail)      # [B, H, T, d]
         q, k, v = self.attention.project(x, (cos, sin))                           # [B, h, T, dh]
-        persistent = self.attention.persistent_keys_values(B, x.dtype)
+        persistent = self.attention.persistent_keys_values(x.shape[0], x.dtype)
         memory, outs, written = state.memory, [], []
         L, last = self.segment_len, (T - 1) // self.segment_len
         segments = zip(*(t.split(L, dim=2) for t in (query_feats, q, k, v)), cos.split(L), sin.split(L))
@@ -855,77 +789,50 @@ class MACMixer(nn.Module):
 
 class WindowState(NamedTuple):
     memory: MemoryState          # the memory, with its conv tail
-    cache: tuple                 # the sliding-window attention's (keys, values) of earlier tokens
+    cache: tuple = None          # the sliding-window attention's (keys, values) of earlier tokens
 
 
-class MAGMixer(nn.Module):
+class LMMMixer(nn.Module):
+    """The memory alone (NL's HOPE has no attention); MAG and MAL add sliding-window attention."""
+
+    def __init__(self, config, window_attention=False):
+        super().__init__()
+        self.memory = make_memory(config)
+        if window_attention:
+            self.attention = Attention(config, config.segment_len, config.persistent_tokens)
+
+    def initial_state(self, batch):
+        return WindowState(self.memory.initial_state(batch))
+
+    def forward(self, x, state, position, keep_state=True):
+        y, memory = self.memory(x, state.memory)
+        return y, WindowState(memory)
+
+
+class MAGMixer(LMMMixer):
     """Memory as gate: sliding-window attention and the memory read, each normalized, combined as
     y ⊗ σ(M(x)) (Titans Eqs. 26-28)."""
 
     def __init__(self, config):
-        super().__init__()
-        self.memory = make_memory(config)
-        self.attention = Attention(config, config.segment_len, config.persistent_tokens)
+        super().__init__(config, window_attention=True)
         self.norm_attention, self.norm_memory = nn.LayerNorm(config.dim), nn.LayerNorm(config.dim)
 
-    def initial_state(self, batch):
-        return WindowState(self.memory.initial_state(batch), None)
-
     def forward(self, x, state, position, keep_state=True):
-        y, cache = self.attention(x, position, state.cache)
+        y, cache = self.attention(x, state.cache, position)
         m, memory = self.memory(x, state.memory)
         return self.norm_attention(y) * torch.sigmoid(self.norm_memory(m)), WindowState(memory, cache)
 
 
-class MALMixer(nn.Module):
+class MALMixer(LMMMixer):
     """Memory as layer: the memory's output goes through sliding-window attention (Titans Eqs. 29-31)."""
 
     def __init__(self, config):
-        super().__init__()
-        self.memory = make_memory(config)
-        self.attention = Attention(config, config.segment_len, config.persistent_tokens)
-
-    def initial_state(self, batch):
-        return WindowState(self.memory.initial_state(batch), None)
+        super().__init__(config, window_attention=True)
 
     def forward(self, x, state, position, keep_state=True):
         m, memory = self.memory(x, state.memory)
-        y, cache = self.attention(m, position, state.cache)
+        y, cache = self.attention(m, state.cache, position)
         return y, WindowState(memory, cache)
-
-
-class LMMState(NamedTuple):
-    memory: MemoryState
-
-
-class LMMMixer(nn.Module):
-    """The memory alone, no attention."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.memory = make_memory(config)
-
-    def initial_state(self, batch):
-        return LMMState(self.memory.initial_state(batch))
-
-    def forward(self, x, state, position, keep_state=True):
-        y, memory = self.memory(x, state.memory)
-        return y, LMMState(memory)
-
-
-class AttentionMixer(nn.Module):
-    """The GPT baseline's mixer: full causal attention with RoPE; its state is the (keys, values)
-    cache of the earlier tokens."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.attention = Attention(config)
-
-    def initial_state(self, batch):
-        return None
-
-    def forward(self, x, state, position, keep_state=True):
-        return self.attention(x, position, state)
 
 
 MIXERS = {"mac": MACMixer, "mag": MAGMixer, "mal": MALMixer, "lmm": LMMMixer}
@@ -943,7 +850,7 @@ class Block(nn.Module):
         super().__init__()
         transformer = config.model == "transformer"
         self.norm1, self.norm2 = nn.LayerNorm(config.dim), nn.LayerNorm(config.dim)
-        self.mixer = AttentionMixer(config) if transformer else MIXERS[config.mixer](config)
+        self.mixer = Attention(config) if transformer else MIXERS[config.mixer](config)
         self.ffn = CMS(config) if config.cms and not transformer else MLP(config)
 
     def initial_state(self, batch):
@@ -1006,31 +913,25 @@ class HOPEConfig:
 
     def validate(self):
         """Raise ValueError with a one-line message if the configuration cannot be built."""
-        relative_in_chunk = self.read_mode == "in_chunk" and self.surprise and self.surprise_mode == "relative"
-        checks = [
-            (self.model in ("hope", "transformer"), f"unknown model '{self.model}' (hope, transformer)"),
-            (self.mixer in MIXERS, f"unknown mixer '{self.mixer}' ({', '.join(MIXERS)})"),
-            (self.surprise_mode in ("absolute", "relative"),
-             f"unknown surprise mode '{self.surprise_mode}' (absolute, relative)"),
-            (min(self.dim, self.layers, self.vocab_size, self.seq_len) > 0,
-             "dim, layers, vocab_size and seq_len must be positive"),
-            (self.heads > 0 and self.dim % self.heads == 0, f"dim {self.dim} is not divisible by heads {self.heads}"),
-            (self.d_head % 2 == 0, f"head width {self.d_head} must be even (RoPE)"),
-            (self.chunk_size > 0, f"chunk size must be positive, got {self.chunk_size}"),
-            (self.read_mode in READ_MODES, f"unknown read mode '{self.read_mode}' ({', '.join(READ_MODES)})"),
-            (not relative_in_chunk,
-             "read mode in_chunk takes no relative surprise gate (its chunk mean sees later tokens)"),
-            (self.chunk_size > 0 and self.segment_len > 0 and self.segment_len % self.chunk_size == 0,
-             f"segment_len {self.segment_len} must be a positive multiple of chunk size {self.chunk_size}"),
-            (len(self.cms_periods) > 0 and all(p > 0 for p in self.cms_periods),
-             f"CMS periods must be positive, got {self.cms_periods}"),
-            (self.memory_depth >= 1 and self.expansion >= 1, "memory depth and expansion must be >= 1"),
-            (self.persistent_tokens >= 0, "persistent_tokens must be >= 0"),
-            (self.lr_max >= 0, "lr_max must be >= 0 (0 freezes every memory: no writes)"),
-            (self.cms_lr_max is None or self.cms_lr_max >= 0, "cms_lr_max must be >= 0"),
-            (self.mlp_hidden is None or self.mlp_hidden > 0, "mlp_hidden must be positive"),
-            (self.embed_std > 0 and (self.init_std is None or self.init_std > 0), "init stds must be positive"),
-        ]
+        for name, allowed in dict(model=("hope", "transformer"), mixer=tuple(MIXERS), read_mode=READ_MODES,
+                                  surprise_mode=("absolute", "relative")).items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"unknown {name} '{getattr(self, name)}' ({', '.join(allowed)})")
+        positive = dict(dim=self.dim, layers=self.layers, vocab_size=self.vocab_size, seq_len=self.seq_len,
+                        chunk_size=self.chunk_size, memory_depth=self.memory_depth, expansion=self.expansion,
+                        mlp_hidden=self.mlp_hidden, embed_std=self.embed_std, init_std=self.init_std,
+                        cms_periods=min(self.cms_periods, default=0))                 # None: not set
+        not_positive = [name for name, value in positive.items() if value is not None and value <= 0]
+        checks = [(not not_positive, f"{', '.join(not_positive)} must be positive"),
+                  (self.heads > 0 and self.dim % self.heads == 0,
+                   f"dim {self.dim} is not divisible by heads {self.heads}"),
+                  (self.d_head % 2 == 0, f"head width {self.d_head} must be even (RoPE)"),
+                  (self.segment_len > 0 and self.segment_len % max(self.chunk_size, 1) == 0,
+                   f"segment_len {self.segment_len} must be a positive multiple of chunk size {self.chunk_size}"),
+                  (not (self.read_mode == "in_chunk" and self.surprise and self.surprise_mode == "relative"),
+                   "read mode in_chunk takes no relative surprise gate (its chunk mean sees later tokens)"),
+                  (min(self.persistent_tokens, self.lr_max, self.cms_lr_max or 0) >= 0,
+                   "persistent_tokens, lr_max and cms_lr_max must be >= 0 (lr_max 0: no memory writes)")]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
@@ -1105,30 +1006,3 @@ class LanguageModel(nn.Module):
             # targets of -100 are ignored (recall tasks score only the answer positions)
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         return logits, loss
-
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, return_logits=False):
-        """Sample continuations of idx [B, T], carrying state: the state at the last common
-        period boundary and the tokens pending since it, so each new token recomputes at most one
-        period (plus itself), never the prompt. Returns idx extended (and the logits if asked)."""
-        P = self.config.period
-        boundary = ((idx.shape[1] - 1) // P) * P
-        state = self.initial_state(idx.shape[0])
-        if boundary:
-            _, state = self.advance(idx[:, :boundary], state)
-        pending, all_logits = idx[:, boundary:], []
-        for _ in range(max_new_tokens):
-            logits, after = self.advance(pending, state)
-            all_logits.append(logits[:, -1])
-            next_logits = logits[:, -1] / max(temperature, 1e-8)
-            if top_k is not None:
-                kth = torch.topk(next_logits, min(top_k, next_logits.shape[-1])).values[:, -1:]
-                next_logits = next_logits.masked_fill(next_logits < kth, -math.inf)
-            token = torch.multinomial(torch.softmax(next_logits.float(), -1), 1) if temperature > 0 \
-                else next_logits.argmax(-1, keepdim=True)
-            idx = torch.cat([idx, token], 1)
-            if pending.shape[1] == P:
-                state, pending = after, token
-            else:
-                pending = torch.cat([pending, token], 1)
-        return (idx, torch.stack(all_logits, 1)) if return_logits else idx

@@ -482,7 +482,7 @@ def test_read_mode_is_checked():
     """An unknown read mode, and the relative gate with in_chunk reads, are rejected."""
     W, rates, x = torch.zeros(1, 1, 2, 2), torch.full((1, 1, 3), 0.5), torch.ones(1, 1, 3, 2)
     problem = MemoryProblem((W,), (W,), x, x, x, rates, rates, rates, chunk_size=2, seed=0)
-    with pytest.raises(ValueError, match="unknown read_mode"):
+    with pytest.raises(ValueError, match="read_mode in"):
         replace(problem, read_mode="latest").run(True)
     with pytest.raises(ValueError, match="relative"):
         replace(problem, read_mode="in_chunk").run(False, threshold=0.1, relative=True)
@@ -865,7 +865,7 @@ def assert_generation_matches_forward(model):
     """14 greedy tokens after an 11-token prompt: their logits equal one forward's to 1e-10."""
     model = model.eval()
     prompt = tokens(length=11)
-    out, logits = model.generate(prompt, 14, temperature=0, return_logits=True)
+    out, logits = train.generate(model, prompt, 14, temperature=0, return_logits=True)
     full = model(out[:, :-1])[0][:, prompt.shape[1] - 1:]
     torch.testing.assert_close(logits, full, rtol=1e-10, atol=1e-10)
 
