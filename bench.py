@@ -223,6 +223,15 @@ def is_out_of_memory(error):
 # memory: one NeuralMemory layer vs one Transformer layer (issue 2, deliverable 3)
 # -------------------------------------------------------------------------------------------------
 MEMORY_TARGETS = {16: 4.0, 64: 2.5}   # memory fwd+bwd / Transformer fwd+bwd at chunk 16 and 64
+LAYER_SHAPE = (4, 512, 256, 4, 64)    # batch, T, dim, heads, d_head of memory and roofline
+
+
+def layer_inputs(shape, seed, device):
+    """x [B, T, dim] (requires grad) and the fixed random gradient of a one-layer fwd+bwd."""
+    B, T, dim = shape[:3]
+    torch.manual_seed(seed)
+    return (torch.randn(B, T, dim, device=device, requires_grad=True),
+            torch.randn(B, T, dim, device=device))
 
 
 def transformer_layer(dim, heads, device):
@@ -240,7 +249,7 @@ def memory_fwd_bwd(layer, x, grad):
 
 
 def bench_memory(args, device):
-    B, T, dim, heads, d_head = 4, 512, 256, 4, 64
+    B, T, dim, heads, d_head = LAYER_SHAPE
     chunks = (16, 64)
     repeats, warmup = (3, 1) if args.quick else (7, 2)
     # The token loop costs the same per token at any C; it is slow, so it runs once, at a shorter
@@ -255,9 +264,7 @@ def bench_memory(args, device):
     print(f"timing: median of {repeats} runs after {warmup} warmup (sequential: {seq_repeats} after 1, "
           f"at T {T_seq}); loss = <output, fixed random grad>; input requires grad")
 
-    torch.manual_seed(args.seed)
-    x = torch.randn(B, T, dim, device=device, requires_grad=True)
-    grad = torch.randn(B, T, dim, device=device)
+    x, grad = layer_inputs(LAYER_SHAPE, args.seed, device)
     results = dict(batch=B, seq_len=T, dim=dim, heads=heads, d_head=d_head, repeats=repeats,
                    warmup=warmup, seq_len_sequential=T_seq, chunks={})
 
@@ -807,7 +814,7 @@ def matmul_share(fn):
 
 
 def bench_roofline(args, device):
-    B, T, dim, heads, d_head = 4, 512, 256, 4, 64
+    B, T, dim, heads, d_head = LAYER_SHAPE
     repeats, warmup = (3, 1) if args.quick else (7, 2)
     n = args.matmul_size
     print_header("roofline: fp32 GFLOP/s", args)
@@ -819,9 +826,7 @@ def bench_roofline(args, device):
           f"reaches {small:.1f} GFLOP/s")
     print(f"work: batch {B}, T {T}, {heads} heads of {d_head}, depth 2, expansion 4; FLOPs of fwd+bwd "
           "counted by FlopCounterMode (matmuls only; elementwise work is not counted)")
-    torch.manual_seed(args.seed)
-    x = torch.randn(B, T, dim, device=device, requires_grad=True)
-    grad = torch.randn(B, T, dim, device=device)
+    x, grad = layer_inputs(LAYER_SHAPE, args.seed, device)
     cases = []
     for C in (16, 64):
         layer = memory_layer(dim, heads, d_head, C).to(device)
