@@ -11,6 +11,9 @@ bench.py — how fast is hope.py, and how does its cost grow with the sequence?
     python bench.py stability            every ablation row and every mixer trains 30 steps at three
                                          sizes, and at the `tiny` preset with one head of 64 and with
                                          12 layers, with the default lr rule (not part of `all`)
+    python bench.py peers    [--quick]   one hope.NeuralMemory layer vs lucidrains' titans-pytorch
+                                         NeuralMemory and a Transformer layer, at C 16 and 64 (needs
+                                         `pip install titans-pytorch`; not part of `all`)
     python bench.py all      [--quick]   memory, models, scaling and roofline
 
 Global flags: --device cpu|cuda, --threads N (default 2), --quick, --json PATH, --seed N; `models`
@@ -32,6 +35,7 @@ How it measures (the same for every subcommand):
 import argparse
 import contextlib
 import dataclasses
+import importlib.metadata
 import json
 import math
 import multiprocessing
@@ -223,7 +227,7 @@ def is_out_of_memory(error):
 # memory: one NeuralMemory layer vs one Transformer layer (issue 2, deliverable 3)
 # -------------------------------------------------------------------------------------------------
 MEMORY_TARGETS = {16: 4.0, 64: 2.5}   # memory fwd+bwd / Transformer fwd+bwd at chunk 16 and 64
-LAYER_SHAPE = (4, 512, 256, 4, 64)    # batch, T, dim, heads, d_head of memory and roofline
+LAYER_SHAPE = (4, 512, 256, 4, 64)    # batch, T, dim, heads, d_head of memory, roofline and peers
 
 
 def layer_inputs(shape, seed, device):
@@ -857,6 +861,85 @@ def bench_roofline(args, device):
 
 
 # -------------------------------------------------------------------------------------------------
+# peers: hope's memory layer vs lucidrains' titans-pytorch NeuralMemory (issue 14, item 4)
+# -------------------------------------------------------------------------------------------------
+PEER = "titans-pytorch"
+PEER_DIFFERENCES = f"""matched: dim, heads, head width, memory MLP depth 2 and expansion 4, chunk size C, batch, T, float32;
+both learn per-head initial memory weights, write with momentum and forgetting, and have no surprise gate.
+{PEER} differs (its defaults, except what bench.peer_layer sets):
+- rates: its lr is per token, but momentum and forgetting change once per chunk, from the chunk's mean input
+  (hope: θ, η, α per token); lr = sigmoid, at most 1 (hope: θ <= lr_max·(1 - η))
+- batch_size C (--peer-batch chunk): each chunk takes its gradient at the chunk-start weights, as in hope; its
+  default, None (--peer-batch none), takes every chunk's gradient at the sequence-start weights
+- around the memory: RMSNorm, then linear q, k, v maps with SiLU, q and k RMS-normalized with a learned gain, and
+  the read gated per head by a sigmoid (hope: a causal conv, per-head maps, SiLU, q and k L2-normalized, no gate)
+- memory MLP: x + LayerNorm(MLP(x)) with GELU (hope: x + MLP(x) with SiLU); inner loss: mean of squares over d
+  (hope: sum); gradients by torch.func vmap(grad) (hope: written out, hope.py §3)
+- reads: a token reads the weights after every chunk that ends at or before it, so a chunk's last token sees
+  its own chunk's write (hope: every token of a chunk reads the chunk-start weights)"""
+
+
+def import_peer():
+    """None if titans-pytorch imports, else why not (one line)."""
+    try:
+        import titans_pytorch  # noqa: F401   optional: only `peers` needs it
+    except Exception as error:  # a broken install fails with more than ImportError
+        return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    return None
+
+
+def peer_layer(dim, heads, d_head, chunk_size, batch_size):
+    """lucidrains' titans_pytorch.NeuralMemory, as close to memory_layer() as its constructor allows:
+    the same shapes, SiLU on q, k, v and normalized q, k as in hope, and batch_size (its TTT
+    mini-batch) C by default, so that each chunk takes its gradient at the chunk-start weights."""
+    import titans_pytorch
+    return titans_pytorch.NeuralMemory(dim, chunk_size=chunk_size, batch_size=batch_size, heads=heads,
+                                       dim_head=d_head, activation=nn.SiLU(), qk_rmsnorm=True,
+                                       default_model_kwargs=dict(depth=2, expansion_factor=4.0))
+
+
+def num_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def bench_peers(args, device):
+    B, T, dim, heads, d_head = LAYER_SHAPE
+    repeats, warmup = (3, 1) if args.quick else (7, 2)
+    n = args.matmul_size
+    print_header(f"peers: hope.NeuralMemory vs {PEER} NeuralMemory, one layer, fwd+bwd, float32", args)
+    peak = matmul_gflops((n, n), (n, n), repeats, device)
+    version = importlib.metadata.version(PEER)
+    print(f"{PEER} {version}; measured peak: torch.mm {n}x{n} @ {n}x{n}: {peak:.1f} GFLOP/s")
+    print(f"shape: batch {B}, T {T}, dim {dim}, {heads} heads of {d_head}; memory MLP depth 2, expansion 4; "
+          f"{PEER} batch_size {'C' if args.peer_batch == 'chunk' else 'None'}; Transformer layer as in "
+          f"`bench.py memory`\ntiming: median of {repeats} runs after {warmup} warmup, in the order of the "
+          "table; loss = <output, fixed random grad>; input requires grad")
+    x, grad = layer_inputs(LAYER_SHAPE, args.seed, device)
+    tf = transformer_layer(dim, heads, device)
+    t_tf = timeit(transformer_fwd_bwd(tf, x, grad), repeats, warmup, device)
+    results = dict(batch=B, seq_len=T, dim=dim, heads=heads, d_head=d_head, repeats=repeats, warmup=warmup,
+                   peer=PEER, peer_version=version, peer_batch=args.peer_batch, matmul_peak_gflops=peak,
+                   transformer_s=t_tf, transformer_params=num_params(tf), chunks={})
+    rows = [["Transformer layer", "-", f"{num_params(tf) / 1e3:.0f}", fmt_ms(t_tf), "1.00x", ""]]
+    for C in (16, 64):
+        torch.manual_seed(args.seed)
+        peer = peer_layer(dim, heads, d_head, C, C if args.peer_batch == "chunk" else None).to(device)
+        t_peer = timeit(fwd_bwd(lambda: peer(x)[0], grad), repeats, warmup, device)
+        torch.manual_seed(args.seed)
+        ours = memory_layer(dim, heads, d_head, C).to(device)
+        t_hope = timeit(memory_fwd_bwd(ours, x, grad), repeats, warmup, device)
+        results["chunks"][C] = dict(peer_s=t_peer, hope_s=t_hope, hope_speedup=t_peer / t_hope,
+                                    peer_params=num_params(peer), hope_params=num_params(ours))
+        rows.append([PEER, C, f"{num_params(peer) / 1e3:.0f}", fmt_ms(t_peer), fmt_ratio(t_peer / t_tf), ""])
+        rows.append(["hope", C, f"{num_params(ours) / 1e3:.0f}", fmt_ms(t_hope), fmt_ratio(t_hope / t_tf),
+                     fmt_ratio(t_peer / t_hope)])
+    print()
+    print_table(["layer", "C", "params (K)", "ms/step", "vs Transformer", f"hope speedup vs {PEER}"], rows)
+    print(f"\nhope speedup = {PEER} ms / hope ms at the same C (above 1: hope is faster)\n{PEER_DIFFERENCES}")
+    return results
+
+
+# -------------------------------------------------------------------------------------------------
 # Command line
 # -------------------------------------------------------------------------------------------------
 # -------------------------------------------------------------------------------------------------
@@ -956,7 +1039,8 @@ def bench_stability(args, device):
 
 
 COMMANDS = {"memory": bench_memory, "models": bench_models, "scaling": bench_scaling,
-            "roofline": bench_roofline, "stability": bench_stability}
+            "roofline": bench_roofline, "stability": bench_stability, "peers": bench_peers}
+NOT_IN_ALL = ("stability", "peers")
 
 
 def choices(parser, flag, value, known):
@@ -1006,8 +1090,13 @@ def parse_args(argv=None):
     group.add_argument("--stability-steps", type=int, default=30)
     group.add_argument("--stability-rows", default=None, help=f"';' list of: {'; '.join(STABILITY_ROWS)} "
                        "(default all; e.g. half the rows per process)")
-    group = parser.add_argument_group("roofline")
-    group.add_argument("--matmul-size", type=int, default=2048)
+    group = parser.add_argument_group("roofline, peers")
+    group.add_argument("--matmul-size", type=int, default=2048,
+                       help="n of the n x n matmul that measures the machine's peak (default 2048)")
+    group = parser.add_argument_group("peers")
+    group.add_argument("--peer-batch", choices=["chunk", "none"], default="chunk",
+                       help=f"{PEER}'s batch_size: chunk (default) = C, each chunk's gradient at the "
+                       "chunk-start weights as in hope; none = its default, all at the sequence start")
     args = parser.parse_args(argv)
     args.scales = (["tiny"] if args.quick else ["tiny", "small"]) if args.scales is None \
         else [s.strip() for s in args.scales.split(",") if s.strip()]
@@ -1027,6 +1116,9 @@ def parse_args(argv=None):
         parser.error(f"--mixers: choose from {', '.join(hope.MIXERS)} (got {','.join(args.mixers)})")
     if args.threads < 1 or args.batch < 1 or args.dim < 1 or args.max_len < 1 or args.matmul_size < 1:
         parser.error("--threads, --batch, --dim, --max-len and --matmul-size must be >= 1")
+    if args.command == "peers" and (why := import_peer()):
+        parser.error(f"peers times lucidrains' {PEER}, which does not import here ({why}): "
+                     f"pip install {PEER}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but torch sees no CUDA device (use --device cpu)")
     return args
@@ -1037,7 +1129,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     train.fast_cpu_math()
     device = torch.device(args.device)
-    commands = [c for c in COMMANDS if c != "stability"] if args.command == "all" else [args.command]
+    commands = [c for c in COMMANDS if c not in NOT_IN_ALL] if args.command == "all" else [args.command]
     report = dict(command=args.command, argv=sys.argv[1:] if argv is None else list(argv),
                   machine=machine_info(args), results={})
     for name in commands:
