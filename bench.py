@@ -346,7 +346,7 @@ def row_config(row, base):
 # - around the methods and functions that the model calls directly rather than through a module
 #   (MAC calls its memory's features/read/write and its attention's project/attend; memory_update
 #   is a function): a sys.setprofile function opens the region when their code starts and closes
-#   it when it returns.
+#   it when it returns. A method's region is that of the module it is called on.
 REGION = "bench/"
 
 
@@ -360,14 +360,15 @@ def module_region(module):
 
 
 def function_regions():
-    """{code object: region} of the functions and methods the model calls outside a module's
-    forward. MemoryLayer.features runs inside SelfModifyingMemory.features too, where the outer
-    'selfmod' region decides (component_of looks for 'selfmod' before 'memory')."""
-    S, N, A = hope.SelfModifyingMemory, hope.NeuralMemory, hope.Attention
-    regions = {hope.memory_update: "memory_update", S.generate: "selfmod.generate"}
-    regions.update(dict.fromkeys((S.features, S.read, S.read_write, S.write), "selfmod"))
-    regions.update(dict.fromkeys((hope.MemoryLayer.features, N.read, N.read_write, N.write), "memory"))
-    regions.update(dict.fromkeys((A.project, A.keys_values, A.attend, A.persistent_keys_values), "attention"))
+    """{code object: region} of the methods and functions that the model calls outside a module's
+    forward. A method's region None stands for the region of the module it is called on
+    (module_region(self)): MemoryLayer's methods serve both kinds of memory."""
+    A = hope.Attention
+    methods = [getattr(kind, name) for kind in (hope.NeuralMemory, hope.SelfModifyingMemory)
+               for name in ("features", "read", "write", "read_write")]     # inherited ones repeat
+    methods += [A.project, A.keys_values, A.attend, A.persistent_keys_values]
+    regions = {**dict.fromkeys(methods), hope.memory_update: "memory_update",
+               hope.SelfModifyingMemory.generate: "selfmod.generate"}
     return {function.__code__: region for function, region in regions.items()}
 
 
@@ -422,7 +423,7 @@ def component_regions(model):
 
     def profiler(frame, event, arg):               # 'return' comes on an exception too
         if event == "call" and frame.f_code in codes:
-            enter(codes[frame.f_code])
+            enter(codes[frame.f_code] or module_region(frame.f_locals["self"]))
         elif event == "return" and frame.f_code in codes:
             leave()
 
