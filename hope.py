@@ -1,7 +1,7 @@
 """
 hope.py — HOPE (Nested Learning) on the Titans neural long-term memory, in one file.
 
-Read it top to bottom; each section builds on the ones before it:
+Read it top to bottom; each section builds on the ones before:
   1. Notation                 — what θ, η, α, C mean here
   2. Memory MLP               — a small network whose *weights* are the memory (Titans §3.1)
   3. Inner loss and surprise  — what the memory learns in the forward pass, and the gate (Titans Eq. 12)
@@ -13,12 +13,11 @@ Read it top to bottom; each section builds on the ones before it:
   9. CMS                      — memories that update at different periods (NL §7)
  10. Mixers and blocks        — attention, and MAC / MAG / MAL / LMM (Titans §3.3, §4)
  11. Models                   — HOPEConfig, the language model (HOPE and the GPT baseline)
-
-Papers: Titans (Behrouz, Zhong, Mirrokni 2024), Nested Learning (Behrouz et al. 2025, NL below) and
-the seed paper that combines them into HOPE. The README lists every departure from them.
+Papers: Titans (Behrouz et al. 2024), Nested Learning (2025, "NL") and the seed paper that dissects
+HOPE. The README lists every departure from them ("deviation N" below).
 """
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import NamedTuple
 
 import torch
@@ -31,10 +30,8 @@ from torch.utils.checkpoint import checkpoint as recompute_in_backward
 #   θ_t  learning rate   `lr`              in (0, lr_max)  how far one token moves the memory
 #   η_t  momentum decay  `momentum_decay`  in (0, 1)       how long a past surprise keeps pushing
 #   α_t  forget gate     `forget`          in (0, 1)       how much of the old memory is erased
-# C is the chunk size: tokens inside one chunk take their gradients at the memory as it was at the
-# chunk start, and by default also read it there (§4 has the in-chunk read mode).
-# Every memory state carries a leading batch dimension: each sequence has its own memory.
-# Shapes: B batch, H heads, T tokens, d head width, h hidden width of the memory MLP.
+# C is the chunk size: a chunk's tokens take their gradients at (and by default read) the chunk-start
+# memory. Shapes: B batch (every sequence has its own memory), H heads, T tokens, d head width.
 
 GATE_EPS = 1e-6  # η and α are clamped to [GATE_EPS, 1 - GATE_EPS] so their logs stay finite
 
@@ -152,10 +149,9 @@ READ_MODES = ("chunk_start", "in_chunk")
 
 
 def _token_gradient(weights, key, value, create_graph):
-    """∇_W ℓ(W) for one token (all samples and heads at once) via autograd on the weights."""
+    """∇_W ℓ(W) for one token (all samples and heads at once), by autograd: independent of §3's."""
     with torch.enable_grad():
-        leaves = tuple(W if (create_graph and W.requires_grad) else W.detach().requires_grad_()
-                       for W in weights)
+        leaves = tuple(W if (create_graph and W.requires_grad) else W.detach().requires_grad_() for W in weights)
         loss = (memory_forward(leaves, key) - value).pow(2).sum()
         return torch.autograd.grad(loss, leaves, create_graph=create_graph)
 
@@ -186,23 +182,19 @@ def _memory_update_sequential(weights, momentum, keys, values, queries, lr, mome
 
 
 # === 5. The update rule, one chunk at a time (Titans §3.2, Eqs. 16-18, with momentum) ===========
-# Unroll §4 over a chunk of n tokens from the anchor (W_a, S_a), with u_i = θ_i ∇ℓ_i(W_a) and the
-# decay products E(t,i) = Π_{i<j≤t} η_j and A(t,i) = Π_{i<j≤t} (1 − α_j):
-#     S_n = E(n,0) S_a − Σ_i E(n,i) u_i
-#     W_n = A(n,0) W_a + [Σ_{r=1..n} A(n,r) E(r,0)] S_a − Σ_i [Σ_{r=i..n} A(n,r) E(r,i)] u_i
-# So the chunk's end state is a weighted sum of its tokens' gradients. Every gradient is an outer
-# product x_iᵀ δ_i (§3), hence Σ_i c_i u_i = Xᵀ diag(c θ) Δ: one matmul, no per-token gradients.
-# Products of decays are sums of logs, taken as masked segment sums (never differences of
-# cumulative sums, which turn into −inf − (−inf) = NaN, and never divisions of cumulative products).
-#
-# In-chunk reads (§4; Titans Eq. 16). Every state inside the chunk has the same form, with
-# K(t,i) = Σ_{r=max(i,1)..t} A(t,r) E(r,i):
+# Unroll §4 over a chunk from the anchor (W_a, S_a), with u_i = θ_i ∇ℓ_i(W_a) and the decay products
+# E(t,i) = Π_{i<j≤t} η_j, A(t,i) = Π_{i<j≤t} (1 − α_j) and K(t,i) = Σ_{r=max(i,1)..t} A(t,r) E(r,i):
+#     S_t = E(t,0) S_a − Σ_{i≤t} E(t,i) u_i
 #     W_t = A(t,0) W_a + K(t,0) S_a − Σ_{i≤t} K(t,i) u_i
-# Token t reads W_{t−1}. A layer's product with it, for the layer's input h_t, needs no W_{t−1}:
+# Every gradient is an outer product x_iᵀ δ_i (§3), so Σ_i c_i u_i = Xᵀ diag(c θ) Δ: at the chunk's
+# end t = n, one matmul. Products of decays are masked sums of logs (never differences of
+# cumulative sums, which give −inf − (−inf) = NaN).
+# In-chunk reads (§4; Titans Eq. 16): token t reads W_{t−1}, and a layer's product with it, for the
+# layer's input h_t, needs no W_{t−1}:
 #     h_t W_{t−1} = A(t−1,0) h_t W_a + K(t−1,0) h_t S_a − Σ_{i<t} K(t−1,i) θ_i (h_t · x_i) δ_i
-# For the whole chunk the last sum is one masked matmul, ((H Xᵀ) ⊙ [θ_i K(t−1,i)]) Δ, and the
-# layer's inputs H come from the earlier layers read the same way (TTT's dual form).
-# Lines marked "fast path" only save work; the tests hold them to §4's loop.
+# For the chunk the last sum is one masked matmul, ((H Xᵀ) ⊙ [θ_i K(t−1,i)]) Δ, with the layer's
+# inputs H from the earlier layers read the same way (TTT's dual form). Lines marked "fast path"
+# only save work; the tests hold them to §4's loop.
 
 def segment_sum(x):
     """out[..., t, i] = Σ_{i<j≤t} x[..., j] for i ≤ t, −inf above the diagonal. x: [..., m]."""
@@ -215,11 +207,9 @@ def segment_sum(x):
 
 
 def chunk_coefficients(lr, momentum_decay, forget, in_chunk_reads=False):
-    """The chunk form's coefficients, for chunks of rates lr, momentum_decay, forget: [..., n].
-    state_coeffs [..., 3, 1, 1]: E(n,0), A(n,0), Σ_{r≥1} A(n,r)E(r,0) (weights of S_a and W_a);
-    token_coeffs [..., n, 2]: θ_i·E(n,i), θ_i·Σ_{r≥i} A(n,r)E(r,i) (weights of ∇ℓ_i in S_n, W_n).
-    With in_chunk_reads, also those of W_{t−1}: read_state_coeffs [..., n, 2], A(t−1,0) and K(t−1,0);
-    read_token_coeffs [..., n, n], θ_i·K(t−1,i) for token t (row), ∇ℓ_i (column), 0 for i ≥ t."""
+    """The coefficients of the formulas above for chunks of rates [..., n]: state_coeffs [..., 3, 1, 1]
+    E(n,0), A(n,0), K(n,0); token_coeffs [..., n, 2] θ_i·E(n,i), θ_i·K(n,i). With in_chunk_reads also
+    read_state_coeffs [..., n, 2] A(t−1,0), K(t−1,0) and read_token_coeffs [..., n, n] θ_i·K(t−1,i)."""
     # Both decays in one batch; position 0 is the anchor, whose own factor is never used.
     logs = F.pad(torch.stack([torch.log(momentum_decay), torch.log1p(-forget)]), (1, 0))  # [2, ..., n+1]
     E, A = segment_sum(logs).exp().unbind(0)                  # each [..., n+1, n+1]
@@ -239,8 +229,7 @@ def chunk_coefficients(lr, momentum_decay, forget, in_chunk_reads=False):
 
 
 def _read_in_chunk(weights, momentum, queries, inputs, deltas, read_state_coeffs, read_token_coeffs):
-    """y_t = M_{W_{t−1}}(q_t) for every token t of a chunk, no W_{t−1} built (Titans Eq. 16), from
-    the anchor (W_a, S_a), the x_i and δ_i at W_a and the read coefficients, gate applied."""
+    """y_t = M_{W_{t−1}}(q_t) for every token t of a chunk, no W_{t−1} built (Titans Eq. 16)."""
     weight_keep, momentum_into_weight = read_state_coeffs[..., None].unbind(-2)   # each [B, H, n, 1]
 
     def product_with_read_weights(h, layer):
@@ -253,8 +242,7 @@ def _read_in_chunk(weights, momentum, queries, inputs, deltas, read_state_coeffs
 
 
 def _chunk_step(weights, momentum, keys, values, queries, coefficients, threshold, relative):
-    """Advance (W, S) over one chunk, read before write; token t reads W_{t−1} if coefficients
-    (chunk_coefficients of the chunk) has the in-chunk read terms, else W_a. Shapes as in memory_update."""
+    """Advance (W, S) over one chunk, read before write (W_{t−1} if `coefficients` has read terms)."""
     state_coeffs, token_coeffs, *read_coeffs = coefficients  # [B, H, 3, 1, 1], [B, H, n, 2]
     momentum_keep, weight_keep, momentum_into_weight = state_coeffs.unbind(2)
     prediction, surprise, inputs, deltas = inner_loss_terms(weights, keys, values)
@@ -281,8 +269,7 @@ def _chunk_step(weights, momentum, keys, values, queries, coefficients, threshol
 
 
 def maybe_recompute(step, enabled):
-    """`step` itself, or `step` recomputed in backward (activation checkpointing) when enabled and
-    a graph is being built: only its inputs, the chunk-boundary states, are kept."""
+    """`step`, or `step` recomputed in backward when enabled (only its inputs, the chunk states, kept)."""
     if not (enabled and torch.is_grad_enabled()):
         return step
     return lambda *args: recompute_in_backward(step, *args, use_reentrant=False)
@@ -346,16 +333,14 @@ def memory_update(weights, momentum, keys, values, queries, lr, momentum_decay, 
 
 def update_settings(config):
     """memory_update's keyword arguments that the config sets (gate, read mode, path, recompute)."""
-    gated = config.surprise
-    return dict(threshold=config.surprise_threshold if gated else None,
-                relative=gated and config.surprise_mode == "relative", read_mode=config.read_mode,
-                parallel=config.parallel, checkpoint=config.checkpoint)
+    return dict(threshold=config.surprise_threshold if config.surprise else None, read_mode=config.read_mode,
+                relative=config.surprise and config.surprise_mode == "relative", parallel=config.parallel,
+                checkpoint=config.checkpoint)
 
 
 class CausalConv(nn.Module):
     """Depthwise causal 1-D convolution over time: y_t = b + Σ_j w_j ⊙ x_{t−window+1+j}; the last
     window − 1 inputs are its state. Speed: shifted multiply-adds beat nn.Conv1d on a CPU here."""
-
     def __init__(self, channels, window=4):
         super().__init__()
         self.window = window
@@ -365,30 +350,23 @@ class CausalConv(nn.Module):
 
     def forward(self, x, tail=None):
         """x: [B, T, channels]; tail: [B, window-1, channels] or None (zeros). Returns (y, tail)."""
-        if tail is None:
-            tail = x.new_zeros(x.shape[0], self.window - 1, x.shape[2])
-        padded = torch.cat([tail, x], dim=1)                       # [B, window-1+T, channels]
-        T, y = x.shape[1], self.bias
+        tail = x.new_zeros(x.shape[0], self.window - 1, x.shape[2]) if tail is None else tail
+        padded, T, y = torch.cat([tail, x], dim=1), x.shape[1], self.bias     # [B, window-1+T, channels]
         for j in range(self.window):
             y = torch.addcmul(y, padded[:, j:j + T], self.weight[j])    # y + x_{t−window+1+j} · w_j
         return y, padded[:, -(self.window - 1):]
 
 
 def split_heads(x, heads):
-    """[B, T, H*d] -> [B, H, T, d]"""
-    B, T, _ = x.shape
-    return x.view(B, T, heads, -1).transpose(1, 2)
+    return x.unflatten(-1, (heads, -1)).transpose(1, 2)          # [B, T, H·d] -> [B, H, T, d]
 
 
 def merge_heads(x):
-    """[B, H, T, d] -> [B, T, H*d]"""
-    B, H, T, d = x.shape
-    return x.transpose(1, 2).reshape(B, T, H * d)
+    return x.transpose(1, 2).flatten(2)                          # [B, H, T, d] -> [B, T, H·d]
 
 
 class HeadLinear(nn.Module):
     """Independent linear maps per head: [B, H, T, d_in] -> [B, H, T, d_out]."""
-
     def __init__(self, heads, d_in, d_out):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(heads, d_in, d_out) / math.sqrt(d_in))
@@ -398,11 +376,9 @@ class HeadLinear(nn.Module):
 
 
 class RateHeads(nn.Module):
-    """Per-head, per-token θ = lr_max·σ(·)·(1 − η), η = σ(·), α = σ(·) from linear read-outs; biases
-    start at θ = lr_max/4, η = 0.5, α ≈ 0.0025. Why (1 − η): momentum weighs a gradient by up to
-    1/(1 − η), so a chunk of n correlated keys moves W by ≈ 2θn/(1 − η) times the error, which
-    diverges past ~2 as training drives η to 0.99 (`--no-self-mod`: NaN). With it, at most 2·lr_max·n."""
-
+    """Per-head, per-token θ = lr_max·σ(·)·(1 − η), η = σ(·), α = σ(·) from linear read-outs (biases:
+    θ = lr_max/4, η = 0.5, α ≈ 0.0025). The (1 − η) bounds a chunk's move to 2·lr_max·C times the
+    error, which momentum's 1/(1 − η) would otherwise blow up as training drives η to 1 (deviation 7)."""
     def __init__(self, heads, d, lr_max):
         super().__init__()
         self.lr_max = lr_max
@@ -421,9 +397,8 @@ class RateHeads(nn.Module):
 
 
 class MemoryLayer(nn.Module):
-    """x [B, T, dim] -> input projection -> causal conv -> features [B, H, T, d]; memory reads ->
-    output projection -> [B, T, dim]. Subclasses define read, write and read_write (feats, state)."""
-
+    """x [B, T, dim] -> projection, causal conv -> features [B, H, T, d]; memory reads -> projection
+    -> [B, T, dim]. Subclasses define read and read_write (feats, state)."""
     def __init__(self, config):
         super().__init__()
         H, d = config.heads, config.d_head
@@ -436,7 +411,7 @@ class MemoryLayer(nn.Module):
         return initial_state(self.initial_weights, batch)
 
     def features(self, x, conv_tail):
-        """x: [B, T, dim] -> per-head features [B, H, T, d] and the new conv tail."""
+        """x: [B, T, dim] -> features [B, H, T, d] and the new conv tail."""
         feats, conv_tail = self.conv(self.in_proj(x), conv_tail)
         return split_heads(feats, self.heads), conv_tail
 
@@ -456,14 +431,12 @@ class MemoryLayer(nn.Module):
 
 
 # === 7. The Titans memory layer (Titans §3.1, §4.4) =============================================
-# From the conv's per-head features: q, k, v = SiLU of per-head linear maps (k, q then
-# L2-normalized), and the rates θ, η, α from RateHeads. The layer reads the memory with q and
-# writes k -> v into it with §5, read before write (Titans Eqs. 9-15). Its state can be carried
-# across calls, so a caller can feed a long sequence in pieces.
+# q, k, v = SiLU of per-head linear maps of the conv's features (q, k unit-norm), θ, η, α from
+# RateHeads; read M(q), then write k -> v with §5. The state carries over calls, so a long
+# sequence can be fed in pieces.
 
 class NeuralMemory(MemoryLayer):
     """Titans neural long-term memory: read before write, chunk-parallel, state carried."""
-
     def __init__(self, config):
         super().__init__(config)
         H, d = config.heads, config.d_head
@@ -508,7 +481,6 @@ SELF_MOD_COMPONENTS = ("k", "v", "q", "lr", "forget", "mem")   # seed paper: m_k
 
 class SelfModifyingMemory(MemoryLayer):
     """Six stacked per-head memories; the state is [B, 6·H, d_in, d_out] per layer, component-major."""
-
     def __init__(self, config):
         super().__init__(config)
         H, d, n = config.heads, config.d_head, len(SELF_MOD_COMPONENTS)
@@ -550,10 +522,9 @@ class SelfModifyingMemory(MemoryLayer):
         W = self.by_component(weights)
         out = memory_forward(tuple(w[:, 5] for w in W), q) if read else None       # step 4
         targets = memory_forward(W, v[:, None]).flatten(1, 2)                     # step 2 [B, 6H, n, d]
-        n = len(SELF_MOD_COMPONENTS)
-        keys = k[:, None].expand(-1, n, -1, -1, -1).flatten(1, 2)                 # [B, 6H, n, d]
-        lr, momentum_decay, forget = (r[:, None].expand(-1, n, -1, -1).flatten(1, 2)
-                                      for r in (lr, momentum_decay, forget))      # [B, 6H, n]
+        n = len(SELF_MOD_COMPONENTS)                                              # all 6 share k, θ, η, α
+        keys, lr, momentum_decay, forget = (t[:, None].expand(-1, n, *t.shape[1:]).flatten(1, 2)
+                                            for t in (k, lr, momentum_decay, forget))  # [B, 6H, n, ...]
         _, weights, momentum, surprise = memory_update(                           # step 3
             weights, momentum, keys, targets, None, lr, momentum_decay, forget, self.chunk_size,
             **self.settings)
@@ -579,7 +550,6 @@ class SelfModifyingMemory(MemoryLayer):
 
 class CMSLevel(nn.Module):
     """One level: a per-head memory of chunk size `period`, read with its own keys."""
-
     def __init__(self, config, period):
         super().__init__()
         H, d = config.heads, config.d_head
@@ -606,7 +576,6 @@ class CMSLevel(nn.Module):
 
 class CMS(nn.Module):
     """The levels, mixed per token by a softmax gate; the state is one MemoryState per level."""
-
     def __init__(self, config):
         super().__init__()
         self.levels = nn.ModuleList(CMSLevel(config, p) for p in config.cms_periods)
@@ -623,7 +592,6 @@ class CMS(nn.Module):
 
 class MLP(nn.Module):
     """The plain feed-forward (CMS off, and the GPT baseline); it has no state."""
-
     def __init__(self, config):
         super().__init__()
         hidden = config.mlp_hidden or 4 * config.dim
@@ -665,7 +633,6 @@ class Attention(nn.Module):
     """Causal multi-head attention with RoPE, an optional sliding window and persistent tokens; the
     GPT baseline's mixer. Its state is a (keys, values) cache of earlier tokens (the last `window` of
     them with a window). Speed: keys_values multiplies by the k, v rows of qkv alone (MAC's h needs no q)."""
-
     def __init__(self, config, window=None, persistent_tokens=0):
         super().__init__()
         self.dim, self.heads, self.window = config.dim, config.heads, window
@@ -727,11 +694,6 @@ class Attention(nn.Module):
         return self.attend(q, *self.prepend(persistent, k, v, visible)), new_cache
 
 
-def make_memory(config):
-    """The mixer's memory: self-modifying (§8) when `self_mod`, else Titans (§7)."""
-    return SelfModifyingMemory(config) if config.self_mod else NeuralMemory(config)
-
-
 class MACState(NamedTuple):
     memory: MemoryState          # the memory, with the conv tail of the stream it writes (y)
     query_tail: torch.Tensor     # the conv tail of the stream it reads with (x)
@@ -742,11 +704,10 @@ class MACMixer(nn.Module):
     start state: h = M(q) read with the segment's inputs; y = attention over [persistent ‖ h ‖
     segment] (h_i visible to position j iff i ≤ j); write y into M; output y ⊗ σ(M(y)), M read at
     the segment start. Speed: keep_state=False (training) skips the last segment's unread write."""
-
     def __init__(self, config):
         super().__init__()
         self.segment_len = config.segment_len
-        self.memory = make_memory(config)
+        self.memory = SelfModifyingMemory(config) if config.self_mod else NeuralMemory(config)
         self.attention = Attention(config, None, config.persistent_tokens)
 
     def initial_state(self, batch):
@@ -794,10 +755,9 @@ class WindowState(NamedTuple):
 
 class LMMMixer(nn.Module):
     """The memory alone (NL's HOPE has no attention); MAG and MAL add sliding-window attention."""
-
     def __init__(self, config, window_attention=False):
         super().__init__()
-        self.memory = make_memory(config)
+        self.memory = SelfModifyingMemory(config) if config.self_mod else NeuralMemory(config)
         if window_attention:
             self.attention = Attention(config, config.segment_len, config.persistent_tokens)
 
@@ -812,7 +772,6 @@ class LMMMixer(nn.Module):
 class MAGMixer(LMMMixer):
     """Memory as gate: sliding-window attention and the memory read, each normalized, combined as
     y ⊗ σ(M(x)) (Titans Eqs. 26-28)."""
-
     def __init__(self, config):
         super().__init__(config, window_attention=True)
         self.norm_attention, self.norm_memory = nn.LayerNorm(config.dim), nn.LayerNorm(config.dim)
@@ -825,7 +784,6 @@ class MAGMixer(LMMMixer):
 
 class MALMixer(LMMMixer):
     """Memory as layer: the memory's output goes through sliding-window attention (Titans Eqs. 29-31)."""
-
     def __init__(self, config):
         super().__init__(config, window_attention=True)
 
@@ -845,7 +803,6 @@ class BlockState(NamedTuple):
 
 class Block(nn.Module):
     """Pre-norm residual block: x + Mixer(norm x), then x + FFN(norm x); FFN = CMS or MLP."""
-
     def __init__(self, config):
         super().__init__()
         transformer = config.model == "transformer"
@@ -865,27 +822,30 @@ class Block(nn.Module):
 
 # === 11. Models: the configuration, and the language model (HOPE, its ablations and GPT) ========
 
-def option(default, help):
-    """A config field and the help of its command-line flag (train.py makes one flag per field)."""
-    return field(default=default, metadata={"help": help})
+def option(default, help, choices=None):
+    """A config field with the help and choices of its command-line flag (train.py makes the flags)."""
+    return field(default=default, metadata={"help": help, **({"choices": choices} if choices else {})})
+
+
+MAY_BE_ZERO = ("surprise_threshold", "persistent_tokens", "lr_max", "cms_lr_max")   # other numbers: > 0
 
 
 @dataclass
 class HOPEConfig:
-    model: str = option("hope", "hope, or transformer for the GPT baseline")
+    model: str = option("hope", "hope, or transformer for the GPT baseline", ("hope", "transformer"))
     vocab_size: int = option(256, "token vocabulary (set by the tokenizer or the recall task)")
     dim: int = option(256, "model width")
     layers: int = option(6, "blocks")
     heads: int = option(None, "memory and attention heads (default: dim / d_head)")
     d_head: int = option(None, "memory head width (default: dim / heads if heads is given, else 64)")
-    mixer: str = option("mac", "mac | mag | mal | lmm: how memory and attention combine (§10)")
+    mixer: str = option("mac", "how memory and attention combine (§10)", tuple(MIXERS))
     cms: bool = option(True, "continuum memory levels instead of the MLP (§9, NL Eqs. 70-74)")
     self_mod: bool = option(True, "self-modifying memories instead of linear maps (§8, NL Eqs. 76-93)")
     surprise: bool = option(True, "surprise-gated memory writes (§3)")
     surprise_threshold: float = option(0.02, "γ, the surprise gate's threshold")
-    surprise_mode: str = option("absolute", "absolute | relative: gate on s_t or on s_t / chunk mean")
+    surprise_mode: str = option("absolute", "gate on s_t, or on s_t / chunk mean", ("absolute", "relative"))
     chunk_size: int = option(16, "C, tokens per memory chunk")
-    read_mode: str = option("chunk_start", "chunk_start | in_chunk: the weights a token reads (§4)")
+    read_mode: str = option("chunk_start", "the weights a token reads (§4)", READ_MODES)
     parallel: bool = option(True, "the memory update's chunk form (§5); off: the token loop (§4)")
     segment_len: int = option(64, "MAC segment, MAG/MAL attention window")
     persistent_tokens: int = option(4, "N_p, learned tokens prepended to every attention context")
@@ -913,26 +873,20 @@ class HOPEConfig:
 
     def validate(self):
         """Raise ValueError with a one-line message if the configuration cannot be built."""
-        for name, allowed in dict(model=("hope", "transformer"), mixer=tuple(MIXERS), read_mode=READ_MODES,
-                                  surprise_mode=("absolute", "relative")).items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"unknown {name} '{getattr(self, name)}' ({', '.join(allowed)})")
-        positive = dict(dim=self.dim, layers=self.layers, vocab_size=self.vocab_size, seq_len=self.seq_len,
-                        chunk_size=self.chunk_size, memory_depth=self.memory_depth, expansion=self.expansion,
-                        mlp_hidden=self.mlp_hidden, embed_std=self.embed_std, init_std=self.init_std,
-                        cms_periods=min(self.cms_periods, default=0))                 # None: not set
-        not_positive = [name for name, value in positive.items() if value is not None and value <= 0]
-        checks = [(not not_positive, f"{', '.join(not_positive)} must be positive"),
-                  (self.heads > 0 and self.dim % self.heads == 0,
-                   f"dim {self.dim} is not divisible by heads {self.heads}"),
-                  (self.d_head % 2 == 0, f"head width {self.d_head} must be even (RoPE)"),
-                  (self.segment_len > 0 and self.segment_len % max(self.chunk_size, 1) == 0,
-                   f"segment_len {self.segment_len} must be a positive multiple of chunk size {self.chunk_size}"),
-                  (not (self.read_mode == "in_chunk" and self.surprise and self.surprise_mode == "relative"),
-                   "read mode in_chunk takes no relative surprise gate (its chunk mean sees later tokens)"),
-                  (min(self.persistent_tokens, self.lr_max, self.cms_lr_max or 0) >= 0,
-                   "persistent_tokens, lr_max and cms_lr_max must be >= 0 (lr_max 0: no memory writes)")]
-        for ok, message in checks:
+        for f in fields(self):
+            value, zero_ok = getattr(self, f.name), f.name in MAY_BE_ZERO
+            if "choices" in f.metadata and value not in f.metadata["choices"]:
+                raise ValueError(f"unknown {f.name} '{value}' ({', '.join(f.metadata['choices'])})")
+            if f.type in (int, float) and value is not None and not (value >= 0 if zero_ok else value > 0):
+                raise ValueError(f"{f.name} must be {'>= 0' if zero_ok else 'positive'}, got {value}")
+        for ok, message in [  # every number is valid by now, so heads and chunk_size are not 0
+                (self.dim % self.heads == 0, f"dim {self.dim} is not divisible by heads {self.heads}"),
+                (self.d_head % 2 == 0, f"head width {self.d_head} must be even (RoPE)"),
+                (self.segment_len % self.chunk_size == 0,
+                 f"segment_len {self.segment_len} must be a multiple of chunk size {self.chunk_size}"),
+                (min(self.cms_periods, default=0) > 0, f"CMS periods must be positive, got {self.cms_periods}"),
+                (not (self.read_mode == "in_chunk" and self.surprise and self.surprise_mode == "relative"),
+                 "read mode in_chunk takes no relative surprise gate (its chunk mean sees later tokens)")]:
             if not ok:
                 raise ValueError(message)
         return self
@@ -942,9 +896,8 @@ class HOPEConfig:
         """Tokens between states that every chunk, segment and CMS level agree on (1 for GPT)."""
         if self.model == "transformer":
             return 1
-        sizes = [self.chunk_size, self.segment_len if self.mixer == "mac" else 1]
-        sizes += list(self.cms_periods) if self.cms else []
-        return math.lcm(*sizes)
+        return math.lcm(self.chunk_size, self.segment_len if self.mixer == "mac" else 1,
+                        *(self.cms_periods if self.cms else ()))
 
 
 @dataclass
@@ -958,7 +911,6 @@ class LanguageModel(nn.Module):
     """Token embedding -> blocks -> norm -> output head. HOPE, its ablations and GPT.
     Init (README, "Training recipe"): embedding ~ N(0, 1), PyTorch's own init for the linear maps,
     an untied head. GPT-2's N(0, 0.02) and tied head leave every model here on a plateau at MQAR."""
-
     def __init__(self, config):
         super().__init__()
         self.config = config.validate()
@@ -1001,8 +953,7 @@ class LanguageModel(nn.Module):
     def forward(self, idx, targets=None):
         """Fresh memory per sequence. Returns (logits [B, T, V], mean cross-entropy or None)."""
         logits, _ = self.advance(idx, self.initial_state(idx.shape[0]), keep_state=False)
-        loss = None
-        if targets is not None:
-            # targets of -100 are ignored (recall tasks score only the answer positions)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
-        return logits, loss
+        if targets is None:
+            return logits, None
+        # targets of -100 are ignored (recall tasks score only the answer positions)
+        return logits, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)

@@ -56,13 +56,17 @@ PRESETS = {
 }
 
 
+VOCAB_SIZES = {"byte": 256, "gpt2": 50257}
+
+
 @dataclass
 class TrainConfig:
     """The training half of a run's config; train.py makes one flag per field, its help from the field."""
-    preset: str = hope.option("tiny", "the other flags' defaults: tiny (CPU) | small | scaled (seed paper §3)")
+    preset: str = hope.option("tiny", "the other flags' defaults: tiny (CPU), or small and scaled (seed paper §3)",
+                              tuple(PRESETS))
     data: str = hope.option("shakespeare", "shakespeare (offline) | openwebtext | PATH (.txt/.md, folder) | "
                             "mqar | passkey (recall tasks, generated on the fly)")
-    tokenizer: str = hope.option("byte", "default: gpt2 for openwebtext, else byte")
+    tokenizer: str = hope.option("byte", "default: gpt2 for openwebtext, else byte", tuple(VOCAB_SIZES))
     max_tokens: int = hope.option(None, "cap on the prepared corpus (default: 20M for openwebtext, else none)")
     data_dir: str = hope.option(None, "cache of prepared corpora (default: data_cache/ beside train.py)")
     out_dir: str = hope.option("out", "checkpoints (ckpt.pt) and the log (log.jsonl)")
@@ -77,8 +81,8 @@ class TrainConfig:
     eval_batches: int = hope.option(8, "validation batches per evaluation")
     save_every: int = hope.option(0, "also keep out_dir/ckpt_{step:06d}.pt every N steps (0: never)")
     seed: int = hope.option(1337, "seed of the init and of the batches")
-    device: str = hope.option("auto", "auto: cuda, else mps, else cpu")
-    dtype: str = hope.option("auto", "auto: bfloat16 autocast on CUDA, else float32")
+    device: str = hope.option("auto", "auto: cuda, else mps, else cpu", ("auto", "cpu", "cuda", "mps"))
+    dtype: str = hope.option("auto", "auto: bfloat16 autocast on CUDA, else float32", ("auto", "float32", "bfloat16"))
     compile: bool = hope.option(None, "torch.compile (default: on for CUDA, off elsewhere)")
     mqar_pairs: int = hope.option(8, "--data mqar: key-value pairs per sequence, each queried once")
     mqar_keys: int = hope.option(32, "--data mqar: size of the key vocabulary")
@@ -104,7 +108,6 @@ class TrainConfig:
 MODEL_FIELDS = {f.name for f in fields(hope.HOPEConfig)}
 TRAIN_FIELDS = {f.name for f in fields(TrainConfig)}
 FIXED_ON_RESUME = MODEL_FIELDS | {"preset", "data", "tokenizer", "max_tokens"}
-VOCAB_SIZES = {"byte": 256, "gpt2": 50257}
 
 
 class UserError(Exception):
@@ -123,12 +126,6 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message):                    # argparse would add the usage: keep it to one line
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
-
-
-# Flags with a fixed set of values; the other config flags take any value of their field's type.
-CHOICES = {"model": ("hope", "transformer"), "mixer": tuple(hope.MIXERS), "surprise_mode": ("absolute", "relative"),
-           "read_mode": hope.READ_MODES, "preset": tuple(PRESETS), "tokenizer": tuple(VOCAB_SIZES),
-           "device": ("auto", "cpu", "cuda", "mps"), "dtype": ("auto", "float32", "bfloat16")}
 
 
 def comma_ints(text):
@@ -170,7 +167,8 @@ def add_config_flags(group, config_class):
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, help=flag_help(f))
         else:
             convert = {"int": int, "float": float, "str": str, "tuple": comma_ints}[kind]
-            group.add_argument(flag, dest=f.name, type=convert, choices=CHOICES.get(f.name), help=flag_help(f))
+            group.add_argument(flag, dest=f.name, type=convert, choices=f.metadata.get("choices"),
+                               help=flag_help(f))
 
 
 def build_arg_parser():
