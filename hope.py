@@ -13,6 +13,7 @@ Read it top to bottom; each section builds on the ones before:
   9. CMS                      — memories that update at different periods (NL §7)
  10. Mixers and blocks        — attention, and MAC / MAG / MAL / LMM (Titans §3.3, §4)
  11. Models                   — HOPEConfig, the language model (HOPE and the GPT baseline)
+
 Papers: Titans (Behrouz et al. 2024), Nested Learning (2025, "NL") and the seed paper that dissects
 HOPE. The README lists every departure from them ("deviation N" below).
 """
@@ -32,32 +33,26 @@ from torch.utils.checkpoint import checkpoint as recompute_in_backward
 #   α_t  forget gate     `forget`          in (0, 1)       how much of the old memory is erased
 # C is the chunk size: a chunk's tokens take their gradients at (and by default read) the chunk-start
 # memory. Shapes: B batch (every sequence has its own memory), H heads, T tokens, d head width.
-
 GATE_EPS = 1e-6  # η and α are clamped to [GATE_EPS, 1 - GATE_EPS] so their logs stay finite
 
 
 # === 2. Memory MLP (Titans §3.1; NL Eq. 89) =====================================================
-# The memory is a function M_W whose parameters W are the state. Depth 1 is a linear map
-# M_W(x) = x W (the classic fast-weight memory); depth L >= 2 is a residual MLP
-# M_W(x) = x + MLP_W(x) with SiLU between layers. Each head has its own memory.
-
+# The memory is a function M_W whose parameters W are the state, one per head: depth 1 is a linear
+# map M_W(x) = x W (a classic fast-weight memory), depth >= 2 a residual MLP x + MLP_W(x) with SiLU.
 def memory_forward(weights, x, layer_product=torch.matmul):
     """M_W(x). weights: tuple of [B, H, d_in, d_out]; x: [B, H, T, d]. layer_product(h, W) is h W
     (§5's in-chunk read passes its own terms as W, and the product that reads each token's W)."""
     h = x
     for layer, W in enumerate(weights):
         h = layer_product(h, W)                      # [B, H, T, d_out]
-        if layer < len(weights) - 1:
-            h = F.silu(h)
+        h = F.silu(h) if layer < len(weights) - 1 else h
     return h if len(weights) == 1 else x + h
 
 
 def memory_shapes(d, depth, expansion):
-    """(d_in, d_out) of each layer: d -> h -> ... -> h -> d with h = expansion * d."""
-    if depth == 1:
-        return [(d, d)]
+    """(d_in, d_out) of each layer: d -> h -> ... -> h -> d with h = expansion * d (depth 1: d -> d)."""
     h = expansion * d
-    return [(d, h)] + [(h, h)] * (depth - 2) + [(h, d)]
+    return [(d, d)] if depth == 1 else [(d, h)] + [(h, h)] * (depth - 2) + [(h, d)]
 
 
 def init_memory_weights(heads, d, depth, expansion, branch_scale=0.1):
@@ -65,10 +60,8 @@ def init_memory_weights(heads, d, depth, expansion, branch_scale=0.1):
     memory's last layer is scaled by branch_scale: 0.1 starts M(x) ≈ x (§8's generators use 1)."""
     weights = []
     for layer, (d_in, d_out) in enumerate(memory_shapes(d, depth, expansion)):
-        W = torch.randn(heads, d_in, d_out) / math.sqrt(d_in)
-        if depth > 1 and layer == depth - 1:                 # the branch's last layer only
-            W = W * branch_scale
-        weights.append(nn.Parameter(W))
+        scale = branch_scale if depth > 1 and layer == depth - 1 else 1     # the branch's last layer
+        weights.append(nn.Parameter(torch.randn(heads, d_in, d_out) / math.sqrt(d_in) * scale))
     return nn.ParameterList(weights)
 
 
@@ -81,31 +74,22 @@ class MemoryState:
     conv_tail: torch.Tensor = None
     surprise: torch.Tensor = None
 
-
-def initial_state(initial_weights, batch):
-    """The state a sequence starts from: the meta weights W⁰ per sample (a view), and S_0 = 0."""
-    weights = tuple(W.unsqueeze(0).expand(batch, *W.shape) for W in initial_weights)
-    return MemoryState(weights, tuple(torch.zeros_like(w) for w in weights))
+    @classmethod
+    def start(cls, initial_weights, batch):
+        """The state a sequence starts from: the meta weights W⁰ per sample (a view), and S_0 = 0."""
+        weights = tuple(W.unsqueeze(0).expand(batch, *W.shape) for W in initial_weights)
+        return cls(weights, tuple(torch.zeros_like(w) for w in weights))
 
 
 # === 3. Inner loss and surprise, and the surprise gate (Titans Eq. 12; seed paper §2, §4.4) =====
-# The memory is trained, inside the forward pass, to map keys to values: ℓ_t(W) = ‖M_W(k_t) − v_t‖².
-# The surprise s_t is ℓ_t at the weights the token's gradient is taken at. Each layer's gradient is
-# an outer product x_tᵀ δ_t of its input and its backpropagated error; we compute x and δ for all
-# tokens at once, by hand (the textbook MLP backward), so §5's sums of gradients become matmuls.
-# The surprise gate (flag `surprise`): a token whose score is below γ writes nothing (θ_t = 0; decay
-# and momentum still run). The score is s_t (absolute) or s_t / its chunk's mean (relative).
-
-def silu_derivative(z):
-    s = torch.sigmoid(z)
-    return s * (1 + z * (1 - s))
-
-
+# The memory learns, inside the forward pass, to map keys to values: ℓ_t(W) = ‖M_W(k_t) − v_t‖², and
+# the surprise s_t is ℓ_t where the token's gradient is taken. Each layer's gradient is an outer
+# product x_tᵀ δ_t of its input and backpropagated error; we compute x and δ for all tokens at once,
+# by hand, so §5's sums of gradients become matmuls. The surprise gate (flag `surprise`): a token
+# whose score, s_t or s_t / its chunk's mean ("relative"), is below γ writes nothing (θ_t = 0).
 def inner_loss_terms(weights, keys, values):
-    """Per-token loss ℓ_t and, per layer, the inputs x and errors δ with ∇_W ℓ_t = x_tᵀ δ_t.
-    weights: tuple of [B, H, d_in, d_out]; keys, values: [B, H, n, d]. Returns the prediction M_W(k)
-    [B, H, n, d], the loss [B, H, n] (detached: only ever the surprise), and per layer the inputs
-    and deltas (lists of [B, H, n, ·])."""
+    """For keys, values [B, H, n, d]: the prediction M_W(k) [B, H, n, d], the loss ℓ_t [B, H, n] (detached:
+    only ever the surprise), and per layer the inputs x and errors δ [B, H, n, ·] with ∇_W ℓ_t = x_tᵀ δ_t."""
     inputs, preacts, h = [], [], keys
     for layer, W in enumerate(weights):
         inputs.append(h)
@@ -116,7 +100,8 @@ def inner_loss_terms(weights, keys, values):
     loss = error.detach().pow(2).sum(-1)             # [B, H, n]   Titans Eq. 12 (a statistic: detached)
     deltas = [2 * error]                             # dℓ/d(last layer's output); the skip adds I
     for layer in range(len(weights) - 1, 0, -1):     # back through each SiLU
-        deltas.insert(0, (deltas[0] @ weights[layer].transpose(-1, -2)) * silu_derivative(preacts[layer - 1]))
+        z, s = preacts[layer - 1], torch.sigmoid(preacts[layer - 1])           # SiLU'(z) = s (1 + z (1 − s))
+        deltas.insert(0, (deltas[0] @ weights[layer].transpose(-1, -2)) * (s * (1 + z * (1 - s))))
     return prediction, loss, inputs, deltas
 
 
@@ -138,13 +123,10 @@ def surprise_gate(surprise, threshold, relative):
 #     S_t = η_t S_{t−1} − θ_t ∇ℓ_t(W_a(t))          momentum of surprise        (Eqs. 10, 12)
 #     W_t = (1 − α_t) W_{t−1} + S_t                  forgetting + write          (Eq. 13)
 #     y_t = M_{W_a(t)}(q_t)                          read before write           (Eq. 15)
-# a(t), the anchor, is the last token of the previous chunk: every token of a chunk takes its
-# gradient at, and reads, the chunk-start weights W_a (C = 1 is the plain online rule). This loop
-# is the readable reference; §5 computes exactly the same numbers much faster.
-# Read mode "in_chunk" reads the weights after the writes of every token before t instead (TTT's
-# mini-batch form of Titans Eq. 16): y_t = M_{W_{t−1}}(q_t), gradients still at W_a(t). Not with
-# the relative gate, whose chunk mean would let y_t see the tokens after t.
-
+# The anchor a(t) is the last token of the previous chunk: a chunk's tokens take their gradients at,
+# and read, W_a (C = 1: the plain online rule). This loop is the reference; §5 gives the same numbers
+# fast. Read mode "in_chunk" (TTT's mini-batch form of Eq. 16) reads y_t = M_{W_{t−1}}(q_t), after
+# the writes of the tokens before t; not with the relative gate (its chunk mean sees later tokens).
 READ_MODES = ("chunk_start", "in_chunk")
 
 
@@ -186,16 +168,12 @@ def _memory_update_sequential(weights, momentum, keys, values, queries, lr, mome
 # E(t,i) = Π_{i<j≤t} η_j, A(t,i) = Π_{i<j≤t} (1 − α_j) and K(t,i) = Σ_{r=max(i,1)..t} A(t,r) E(r,i):
 #     S_t = E(t,0) S_a − Σ_{i≤t} E(t,i) u_i
 #     W_t = A(t,0) W_a + K(t,0) S_a − Σ_{i≤t} K(t,i) u_i
-# Every gradient is an outer product x_iᵀ δ_i (§3), so Σ_i c_i u_i = Xᵀ diag(c θ) Δ: at the chunk's
-# end t = n, one matmul. Products of decays are masked sums of logs (never differences of
-# cumulative sums, which give −inf − (−inf) = NaN).
-# In-chunk reads (§4; Titans Eq. 16): token t reads W_{t−1}, and a layer's product with it, for the
-# layer's input h_t, needs no W_{t−1}:
-#     h_t W_{t−1} = A(t−1,0) h_t W_a + K(t−1,0) h_t S_a − Σ_{i<t} K(t−1,i) θ_i (h_t · x_i) δ_i
-# For the chunk the last sum is one masked matmul, ((H Xᵀ) ⊙ [θ_i K(t−1,i)]) Δ, with the layer's
-# inputs H from the earlier layers read the same way (TTT's dual form). Lines marked "fast path"
-# only save work; the tests hold them to §4's loop.
-
+# Every gradient is an outer product x_iᵀ δ_i (§3), so at the chunk's end (t = n) Σ_i c_i u_i =
+# Xᵀ diag(c θ) Δ is one matmul. Decay products are masked sums of logs (never differences of
+# cumulative sums: −inf − (−inf) = NaN). In-chunk reads (§4) need no W_{t−1} either: for a layer's
+# input h_t,  h_t W_{t−1} = A(t−1,0) h_t W_a + K(t−1,0) h_t S_a − Σ_{i<t} K(t−1,i) θ_i (h_t · x_i) δ_i,
+# and over the chunk the last sum is one masked matmul ((H Xᵀ) ⊙ [θ_i K(t−1,i)]) Δ (TTT's dual
+# form). Lines marked "fast path" only save work; the tests hold them to §4's loop.
 def segment_sum(x):
     """out[..., t, i] = Σ_{i<j≤t} x[..., j] for i ≤ t, −inf above the diagonal. x: [..., m]."""
     m = x.shape[-1]
@@ -228,17 +206,18 @@ def chunk_coefficients(lr, momentum_decay, forget, in_chunk_reads=False):
     return state_coeffs, token_coeffs, read_state_coeffs, read_token_coeffs
 
 
-def _read_in_chunk(weights, momentum, queries, inputs, deltas, read_state_coeffs, read_token_coeffs):
+def _read_in_chunk(weights, momentum, queries, inputs, deltas, read_state_coeffs, read_token_coeffs, gate):
     """y_t = M_{W_{t−1}}(q_t) for every token t of a chunk, no W_{t−1} built (Titans Eq. 16)."""
     weight_keep, momentum_into_weight = read_state_coeffs[..., None].unbind(-2)   # each [B, H, n, 1]
+    if gate is not None:
+        read_token_coeffs = read_token_coeffs * gate[..., None, :]               # [B, H, n, n]
 
     def product_with_read_weights(h, layer):
         W, S, x, delta = layer                                # h: [B, H, n, d_in]
         earlier_writes = (h @ x.transpose(-1, -2)) * read_token_coeffs    # [B, H, n, n]
         return weight_keep * (h @ W) + momentum_into_weight * (h @ S) - earlier_writes @ delta
 
-    layers = tuple(zip(weights, momentum, inputs, deltas))
-    return memory_forward(layers, queries, product_with_read_weights)
+    return memory_forward(tuple(zip(weights, momentum, inputs, deltas)), queries, product_with_read_weights)
 
 
 def _chunk_step(weights, momentum, keys, values, queries, coefficients, threshold, relative):
@@ -251,11 +230,7 @@ def _chunk_step(weights, momentum, keys, values, queries, coefficients, threshol
         token_coeffs = token_coeffs * gate[..., None]
     outputs = None
     if read_coeffs:                                           # read W_{t−1}
-        read_state_coeffs, read_token_coeffs = read_coeffs    # [B, H, n, 2], [B, H, n, n]
-        if gate is not None:
-            read_token_coeffs = read_token_coeffs * gate[..., None, :]
-        outputs = _read_in_chunk(weights, momentum, queries, inputs, deltas, read_state_coeffs,
-                                 read_token_coeffs)
+        outputs = _read_in_chunk(weights, momentum, queries, inputs, deltas, *read_coeffs, gate)
     elif queries is not None:                                 # read at the chunk-start weights
         outputs = prediction if queries is keys else memory_forward(weights, queries)  # fast path
     new_weights, new_momentum = [], []
@@ -280,8 +255,7 @@ def _memory_update_parallel(weights, momentum, keys, values, queries, lr, moment
     T, rates = keys.shape[2], (lr, momentum_decay, forget)
     in_chunk_reads = read_mode == "in_chunk" and queries is not None
     # fast path: the coefficients do not depend on the memory, so all full chunks get theirs at once
-    n_full = T // chunk_size
-    split = n_full * chunk_size
+    n_full, split = T // chunk_size, T // chunk_size * chunk_size
     full_chunks = (r[:, :, :split].unflatten(2, (n_full, chunk_size)) for r in rates)
     blocks = list(zip(*(c.unbind(2) for c in chunk_coefficients(*full_chunks, in_chunk_reads))))  # per chunk
     if split < T:                                                        # a final partial chunk
@@ -300,16 +274,12 @@ def _memory_update_parallel(weights, momentum, keys, values, queries, lr, moment
 
 
 def memory_update(weights, momentum, keys, values, queries, lr, momentum_decay, forget, chunk_size,
-                  parallel=True, threshold=None, relative=False, checkpoint=False,
-                  read_mode="chunk_start"):
-    """Read and write a neural memory over a sequence: the functional core of the project.
-    weights, momentum: tuples of [B, H, d_in, d_out], W (§2) and S; keys, values: [B, H, T, d], what
-    to store (k_t -> v_t); queries: [B, H, T, d], what to read, or None (write only); lr,
-    momentum_decay, forget: [B, H, T], θ_t, η_t, α_t; chunk_size: C. parallel: §5's chunk form, or
-    §4's loop (same numbers); threshold: γ (None: no gate), relative: its score (§3); checkpoint:
-    recompute each chunk in backward; read_mode: "chunk_start" or "in_chunk" (§4).
-    Returns (outputs [B, H, T, d] or None, new weights, new momentum, surprise [B, H, T] detached).
-    Nothing is modified in place; a final partial chunk is updated with its own tokens only."""
+                  parallel=True, threshold=None, relative=False, checkpoint=False, read_mode="chunk_start"):
+    """Read and write a neural memory over a sequence: the functional core. weights, momentum: W, S as
+    tuples of [B, H, d_in, d_out]; keys, values (k_t -> v_t), queries (None: write only): [B, H, T, d];
+    lr, momentum_decay, forget: θ, η, α [B, H, T]; parallel: §5 (else §4); threshold γ, relative: §3;
+    checkpoint: recompute chunks in backward; read_mode: §4. Returns (outputs or None, new W, new S,
+    surprise [B, H, T] detached), nothing changed in place; a final partial chunk uses its own tokens."""
     if chunk_size < 1 or read_mode not in READ_MODES:
         raise ValueError(f"chunk_size must be >= 1 and read_mode in {READ_MODES}: got {chunk_size}, {read_mode!r}")
     if read_mode == "in_chunk" and threshold is not None and relative:
@@ -330,7 +300,6 @@ def memory_update(weights, momentum, keys, values, queries, lr, momentum_decay, 
 # === 6. Plumbing: what every memory layer shares ================================================
 # Around memory_update a layer needs projections in and out, a short causal convolution over time
 # (Titans §4.4), per-head linear maps and the per-token rates θ, η, α.
-
 def update_settings(config):
     """memory_update's keyword arguments that the config sets (gate, read mode, path, recompute)."""
     return dict(threshold=config.surprise_threshold if config.surprise else None, read_mode=config.read_mode,
@@ -339,8 +308,8 @@ def update_settings(config):
 
 
 class CausalConv(nn.Module):
-    """Depthwise causal 1-D convolution over time: y_t = b + Σ_j w_j ⊙ x_{t−window+1+j}; the last
-    window − 1 inputs are its state. Speed: shifted multiply-adds beat nn.Conv1d on a CPU here."""
+    """Depthwise causal conv, y_t = b + Σ_j w_j ⊙ x_{t−window+1+j}; its state: the last window − 1 inputs.
+    Speed: shifted multiply-adds beat nn.Conv1d on a CPU."""
     def __init__(self, channels, window=4):
         super().__init__()
         self.window = window
@@ -376,9 +345,8 @@ class HeadLinear(nn.Module):
 
 
 class RateHeads(nn.Module):
-    """Per-head, per-token θ = lr_max·σ(·)·(1 − η), η = σ(·), α = σ(·) from linear read-outs (biases:
-    θ = lr_max/4, η = 0.5, α ≈ 0.0025). The (1 − η) bounds a chunk's move to 2·lr_max·C times the
-    error, which momentum's 1/(1 − η) would otherwise blow up as training drives η to 1 (deviation 7)."""
+    """Per-head, per-token θ = lr_max·σ(·)·(1 − η), η = σ(·), α = σ(·) from linear read-outs. (1 − η)
+    offsets momentum's 1/(1 − η): a chunk moves W by at most 2·lr_max·C times the error (deviation 7)."""
     def __init__(self, heads, d, lr_max):
         super().__init__()
         self.lr_max = lr_max
@@ -397,8 +365,7 @@ class RateHeads(nn.Module):
 
 
 class MemoryLayer(nn.Module):
-    """x [B, T, dim] -> projection, causal conv -> features [B, H, T, d]; memory reads -> projection
-    -> [B, T, dim]. Subclasses define read and read_write (feats, state)."""
+    """x [B, T, dim] -> projection, causal conv -> features [B, H, T, d] -> memory -> [B, T, dim]."""
     def __init__(self, config):
         super().__init__()
         H, d = config.heads, config.d_head
@@ -408,7 +375,7 @@ class MemoryLayer(nn.Module):
         self.out_proj = nn.Linear(H * d, config.dim, bias=False)
 
     def initial_state(self, batch):
-        return initial_state(self.initial_weights, batch)
+        return MemoryState.start(self.initial_weights, batch)
 
     def features(self, x, conv_tail):
         """x: [B, T, dim] -> features [B, H, T, d] and the new conv tail."""
@@ -434,7 +401,6 @@ class MemoryLayer(nn.Module):
 # q, k, v = SiLU of per-head linear maps of the conv's features (q, k unit-norm), θ, η, α from
 # RateHeads; read M(q), then write k -> v with §5. The state carries over calls, so a long
 # sequence can be fed in pieces.
-
 class NeuralMemory(MemoryLayer):
     """Titans neural long-term memory: read before write, chunk-parallel, state carried."""
     def __init__(self, config):
@@ -475,7 +441,6 @@ class NeuralMemory(MemoryLayer):
 #   3. write all six with keys k, values v̂_□ and the same θ, η, α, through one memory_update call
 #   4. the layer's output is M_mem(q), read before the write
 # Departure (README): every memory is written with §4's Titans rule (NL: DGD, no momentum).
-
 SELF_MOD_COMPONENTS = ("k", "v", "q", "lr", "forget", "mem")   # seed paper: m_k, m_v, m_q, m_η, m_α, m_memory
 
 
@@ -485,8 +450,7 @@ class SelfModifyingMemory(MemoryLayer):
         super().__init__(config)
         H, d, n = config.heads, config.d_head, len(SELF_MOD_COMPONENTS)
         # full-scale residual branches: with M(x) ≈ x, k ≈ v ≈ q and there is nothing to memorize
-        self.initial_weights = init_memory_weights(n * H, d, config.memory_depth, config.expansion,
-                                                   branch_scale=1.0)
+        self.initial_weights = init_memory_weights(n * H, d, config.memory_depth, config.expansion, branch_scale=1.0)
         self.rates = RateHeads(H, d, config.lr_max)  # w_lr, w_forget read-outs and η's linear map
         # chunk-start reads in either read mode (step 1 needs that state); each chunk recomputed whole
         self.checkpoint = self.settings.pop("checkpoint")
@@ -506,8 +470,7 @@ class SelfModifyingMemory(MemoryLayer):
         generators = tuple(W[:, :5] for W in self.by_component(weights))         # M_k .. M_forget
         k, v, q, lr_feats, forget_feats = memory_forward(generators, feats[:, None]).unbind(1)
         lr, momentum_decay, forget = self.rates(lr_feats, feats, forget_feats)
-        # v unit-norm too (a departure): for M = I + A the write multiplies M by (I − 2θ(k − v)kᵀ),
-        # which grows without bound once k·v > 1 (measured: NaN within 512 tokens)
+        # v unit-norm too (deviation 6): a write multiplies M = I + A by (I − 2θ(k − v)kᵀ), unbounded if k·v > 1
         return F.normalize(k, dim=-1), F.normalize(v, dim=-1), F.normalize(q, dim=-1), lr, momentum_decay, forget
 
     def read(self, feats, state):
@@ -526,8 +489,7 @@ class SelfModifyingMemory(MemoryLayer):
         keys, lr, momentum_decay, forget = (t[:, None].expand(-1, n, *t.shape[1:]).flatten(1, 2)
                                             for t in (k, lr, momentum_decay, forget))  # [B, 6H, n, ...]
         _, weights, momentum, surprise = memory_update(                           # step 3
-            weights, momentum, keys, targets, None, lr, momentum_decay, forget, self.chunk_size,
-            **self.settings)
+            weights, momentum, keys, targets, None, lr, momentum_decay, forget, self.chunk_size, **self.settings)
         return out, weights, momentum, surprise
 
     def read_write(self, feats, state, read=True):
@@ -543,11 +505,9 @@ class SelfModifyingMemory(MemoryLayer):
 
 
 # === 9. CMS, the Continuum Memory System (NL §7, Eqs. 70-74) — flag `cms` =======================
-# CMS replaces the block's feed-forward by memories that keep learning in context, each at its own
-# pace: a level of period p is a per-head memory with chunk size p, whose fast weights change once
-# every p tokens (p = 8 and 32). Keys are the level's input, values a learned projection of it (both
-# unit-norm). A per-token softmax gate mixes the levels (seed paper §2; NL chains them). Off: an MLP.
-
+# CMS replaces the feed-forward by memories that keep learning in context at their own pace: a level
+# of period p is a per-head memory of chunk size p (p = 8, 32), keyed by its input, valued by a learned
+# projection of it. A per-token softmax gate mixes the levels (seed paper §2; NL chains them).
 class CMSLevel(nn.Module):
     """One level: a per-head memory of chunk size `period`, read with its own keys."""
     def __init__(self, config, period):
@@ -561,16 +521,14 @@ class CMSLevel(nn.Module):
         self.out_proj = nn.Linear(H * d, config.dim, bias=False)
 
     def initial_state(self, batch):
-        return initial_state(self.initial_weights, batch)
+        return MemoryState.start(self.initial_weights, batch)
 
     def forward(self, x, state):
         feats = split_heads(self.in_proj(x), self.heads)                           # [B, H, T, d]
         keys = F.normalize(feats, dim=-1)                                          # also the queries
-        # unit-norm values like the keys: raw values sent the slow level to NaN in training
-        values = F.normalize(self.to_value(feats), dim=-1)
+        values = F.normalize(self.to_value(feats), dim=-1)                         # raw ones: NaN in training
         out, weights, momentum, surprise = memory_update(
-            state.weights, state.momentum, keys, values, keys, *self.rates(feats), self.period,
-            **self.settings)
+            state.weights, state.momentum, keys, values, keys, *self.rates(feats), self.period, **self.settings)
         return self.out_proj(merge_heads(out.to(x.dtype))), MemoryState(weights, momentum, surprise=surprise)
 
 
@@ -605,34 +563,23 @@ class MLP(nn.Module):
 
 
 # === 10. Mixers and blocks (Titans §3.3, §4) ====================================================
-# Attention uses rotary position embeddings (RoPE), so models run past their training length, and
-# N_p persistent tokens: learned, data-independent inputs prepended to every attention context
-# (Titans §3.3). Four ways to combine the memory with attention:
+# Attention has rotary position embeddings (RoPE: models run past their training length) and N_p
+# persistent tokens, learned inputs prepended to every context (Titans §3.3). Mixers (each with
+# initial_state(batch) and a small state type of its own) combine the memory with attention:
 #   mac  memory as context: attention over [persistent ‖ memory read ‖ segment]      (Titans §4.1)
 #   mag  memory as gate: sliding-window attention ⊗ σ(memory)                         (Titans §4.2)
 #   mal  memory as layer: memory, then sliding-window attention                       (Titans §4.3)
 #   lmm  memory only (NL's HOPE has no attention)
-# Each mixer has initial_state(batch) and its own small state type.
-
-def rotary(positions, d, dtype):
-    """RoPE's cos and sin, each [T, 1, d/2], of angles proportional to positions [T]."""
-    inv_freq = 10000.0 ** (-torch.arange(0, d, 2, device=positions.device, dtype=dtype) / d)
-    angles = positions.to(dtype)[:, None, None] * inv_freq                         # [T, 1, d/2]
-    return angles.cos(), angles.sin()
-
-
 def rope(x, rotation):
-    """Rotate feature pairs of x [B, T, heads, d] by the (cos, sin) of rotary(). Rotating before
-    the heads move in front of T keeps the rows contiguous, which is faster on a CPU."""
-    cos, sin = rotation
-    x1, x2 = x.chunk(2, dim=-1)
+    """Rotate feature pairs of x [B, T, heads, d] by Attention.rotation's (cos, sin) (token-major:
+    contiguous rows, faster on a CPU)."""
+    (cos, sin), (x1, x2) = rotation, x.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
 class Attention(nn.Module):
-    """Causal multi-head attention with RoPE, an optional sliding window and persistent tokens; the
-    GPT baseline's mixer. Its state is a (keys, values) cache of earlier tokens (the last `window` of
-    them with a window). Speed: keys_values multiplies by the k, v rows of qkv alone (MAC's h needs no q)."""
+    """Causal attention with RoPE, an optional sliding window and persistent tokens (the GPT mixer); its
+    state: a cache of earlier (keys, values). Speed: keys_values uses qkv's k, v rows alone (MAC's h)."""
     def __init__(self, config, window=None, persistent_tokens=0):
         super().__init__()
         self.dim, self.heads, self.window = config.dim, config.heads, window
@@ -645,7 +592,11 @@ class Attention(nn.Module):
         return None                                                  # no cache yet
 
     def rotation(self, positions, dtype):
-        return rotary(positions, self.dim // self.heads, dtype)
+        """RoPE's cos and sin, each [T, 1, dh/2], of angles proportional to positions [T]."""
+        d = self.dim // self.heads
+        inv_freq = 10000.0 ** (-torch.arange(0, d, 2, device=positions.device, dtype=dtype) / d)
+        angles = positions.to(dtype)[:, None, None] * inv_freq                         # [T, 1, d/2]
+        return angles.cos(), angles.sin()
 
     def project(self, x, rotation):
         """q, k, v [B, h, T, dh] of x [B, T, dim]; q and k rotated (rotation: rotary()'s (cos, sin))."""
@@ -700,10 +651,9 @@ class MACState(NamedTuple):
 
 
 class MACMixer(nn.Module):
-    """Memory as context (Titans Eqs. 21-25), per segment of `segment_len` tokens, from the segment-
-    start state: h = M(q) read with the segment's inputs; y = attention over [persistent ‖ h ‖
-    segment] (h_i visible to position j iff i ≤ j); write y into M; output y ⊗ σ(M(y)), M read at
-    the segment start. Speed: keep_state=False (training) skips the last segment's unread write."""
+    """Memory as context (Titans Eqs. 21-25), per segment, from its start state: h = M(q) of the inputs;
+    y = attention over [persistent ‖ h ‖ segment] (h_i seen from j ≥ i); write y into M; output
+    y ⊗ σ(M(y)). Speed: keep_state=False (training) skips the last segment's unread write."""
     def __init__(self, config):
         super().__init__()
         self.segment_len = config.segment_len
@@ -715,17 +665,15 @@ class MACMixer(nn.Module):
 
     def attend_segment(self, q, k, v, retrieved, rotation, persistent):
         """Attention of the segment's q [B, h, L, dh] over [persistent ‖ h ‖ segment keys]."""
-        L = q.shape[2]
         k_h, v_h = self.attention.keys_values(retrieved, rotation)   # h_i sits at position i
-        causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
-        visible = torch.cat([causal, causal], dim=1)                  # [L, 2L]: h part, segment part
-        k, v, visible = self.attention.prepend(persistent, torch.cat([k_h, k], 2), torch.cat([v_h, v], 2), visible)
+        causal = torch.ones(q.shape[2], q.shape[2], dtype=torch.bool, device=q.device).tril()
+        k, v, visible = self.attention.prepend(persistent, torch.cat([k_h, k], 2), torch.cat([v_h, v], 2),
+                                               torch.cat([causal, causal], dim=1))   # [L, 2L]: h, segment
         return self.attention.attend(q, k, v, visible)
 
     def forward(self, x, state, position, keep_state=True):
         T = x.shape[1]
-        # What depends on x alone is computed for the whole sequence at once; the loop below
-        # carries only what depends on the memory state.
+        # what depends on x alone is computed for the whole sequence; the loop carries the memory state
         cos, sin = self.attention.rotation(torch.arange(position, position + T, device=x.device), x.dtype)
         query_feats, query_tail = self.memory.features(x, state.query_tail)      # [B, H, T, d]
         q, k, v = self.attention.project(x, (cos, sin))                           # [B, h, T, dh]
@@ -770,8 +718,7 @@ class LMMMixer(nn.Module):
 
 
 class MAGMixer(LMMMixer):
-    """Memory as gate: sliding-window attention and the memory read, each normalized, combined as
-    y ⊗ σ(M(x)) (Titans Eqs. 26-28)."""
+    """Memory as gate: LayerNormed sliding-window attention y and memory read, y ⊗ σ(M(x)) (Eqs. 26-28)."""
     def __init__(self, config):
         super().__init__(config, window_attention=True)
         self.norm_attention, self.norm_memory = nn.LayerNorm(config.dim), nn.LayerNorm(config.dim)
@@ -821,7 +768,6 @@ class Block(nn.Module):
 
 
 # === 11. Models: the configuration, and the language model (HOPE, its ablations and GPT) ========
-
 def option(default, help, choices=None):
     """A config field with the help and choices of its command-line flag (train.py makes the flags)."""
     return field(default=default, metadata={"help": help, **({"choices": choices} if choices else {})})
@@ -894,10 +840,8 @@ class HOPEConfig:
     @property
     def period(self):
         """Tokens between states that every chunk, segment and CMS level agree on (1 for GPT)."""
-        if self.model == "transformer":
-            return 1
-        return math.lcm(self.chunk_size, self.segment_len if self.mixer == "mac" else 1,
-                        *(self.cms_periods if self.cms else ()))
+        segment, cms = self.segment_len if self.mixer == "mac" else 1, self.cms_periods if self.cms else ()
+        return 1 if self.model == "transformer" else math.lcm(self.chunk_size, segment, *cms)
 
 
 @dataclass
@@ -908,9 +852,8 @@ class ModelState:
 
 
 class LanguageModel(nn.Module):
-    """Token embedding -> blocks -> norm -> output head. HOPE, its ablations and GPT.
-    Init (README, "Training recipe"): embedding ~ N(0, 1), PyTorch's own init for the linear maps,
-    an untied head. GPT-2's N(0, 0.02) and tied head leave every model here on a plateau at MQAR."""
+    """Token embedding -> blocks -> norm -> output head: HOPE, its ablations and GPT. Init: README,
+    "Training recipe" (GPT-2's N(0, 0.02) and tied head leave every model here on a plateau at MQAR)."""
     def __init__(self, config):
         super().__init__()
         self.config = config.validate()
@@ -936,13 +879,11 @@ class LanguageModel(nn.Module):
         return ModelState(0, [block.initial_state(batch) for block in self.blocks])
 
     def advance(self, idx, state, keep_state=True):
-        """Process idx [B, T] as the continuation of `state` (on a multiple of config.period: chunks,
-        segments and CMS periods align to absolute positions). Returns (logits [B, T, V], new state);
-        keep_state=False returns no state, which lets MAC skip its last segment's write (training)."""
+        """Process idx [B, T] as the continuation of `state`, which sits on a multiple of config.period.
+        Returns (logits [B, T, V], new state); keep_state=False (training) lets MAC skip a write."""
         if state.position % self.config.period:
             raise ValueError(f"state at position {state.position} is not on a period boundary")
-        x = self.embed(idx)
-        layers = []
+        x, layers = self.embed(idx), []
         for block, layer_state in zip(self.blocks, state.layers):
             x, layer_state = block(x, layer_state, state.position, keep_state)
             layers.append(layer_state)
