@@ -21,8 +21,7 @@ From the run's snapshot checkpoints, on held-out (validation) sequences:
      a context several segments long (--seq-len), past the training context too.
 Sections that do not apply to the run's model (e.g. CMS for a No CMS run) are skipped and said so.
 """
-import argparse
-import contextlib
+import dataclasses
 import json
 import re
 import sys
@@ -67,26 +66,16 @@ def heldout(checkpoint, sequences, seq_len):
     return train.eval_batches(val, sequences, seq_len, 1)[0]                # (x, y) [N, T]
 
 
-@contextlib.contextmanager
-def frozen_memory():
-    """Inside: every memory reads its initial weights W⁰ and never writes (no memory_update)."""
-    real = hope.memory_update
-
-    def frozen(weights, momentum, keys, values, queries, lr, momentum_decay, forget, chunk_size, **_):
-        outputs = hope.memory_forward(weights, queries) if queries is not None else None
-        surprise = hope.inner_loss_terms(weights, keys, values)[1]
-        return outputs, tuple(weights), tuple(momentum), surprise
-
-    hope.memory_update = frozen
-    try:
-        yield
-    finally:
-        hope.memory_update = real
+def frozen_twin(model):
+    """The same weights with writes off (HOPEConfig.writes): every memory reads its W⁰ and never writes."""
+    twin = hope.LanguageModel(dataclasses.replace(model.config, writes=False))
+    twin.load_state_dict(model.state_dict())
+    return twin.eval()
 
 
 def layer_memories(model):
     """(layer, module) of every mixer memory (Titans or self-modifying)."""
-    return [(i, b.mixer.memory) for i, b in enumerate(model.blocks) if hasattr(b.mixer, "memory")]
+    return [(i, b.mixer.memory) for i, b in enumerate(model.blocks) if not isinstance(b.mixer, hope.Attention)]
 
 
 def components(memory):
@@ -175,7 +164,7 @@ def gated_writes(model, x):
         logits.append(piece_logits)
         for i, (block, layer) in enumerate(zip(model.blocks, state.layers)):
             found = []
-            if hasattr(block.mixer, "memory"):
+            if not isinstance(block.mixer, hope.Attention):          # GPT: no memory
                 memory = block.mixer.memory
                 s = layer.mixer.memory.surprise.unflatten(1, (-1, memory.heads))    # [B, 1 or 6, H, P]
                 found += [(f"L{i}.{c}", s[:, n], memory.chunk_size) for n, c in enumerate(components(memory))]
@@ -224,7 +213,8 @@ def surprise_and_loss(model, x, y):
 
 def describe(t):
     t = t.double().flatten()
-    q = torch.quantile(t[torch.randperm(len(t))[:100_000]], torch.tensor([0.1, 0.5, 0.9], dtype=t.dtype))
+    sample = torch.randperm(len(t), generator=torch.Generator().manual_seed(0))[:100_000]   # same every run
+    q = torch.quantile(t[sample], torch.tensor([0.1, 0.5, 0.9], dtype=t.dtype))
     return {"mean": t.mean().item(), "std": t.std().item(), "min": t.min().item(), "max": t.max().item(),
             "p10": q[0].item(), "median": q[1].item(), "p90": q[2].item()}
 
@@ -232,13 +222,11 @@ def describe(t):
 @torch.no_grad()
 def loss_by_position(model, x, y):
     """Per-sequence, per-position cross-entropy [N, T] with memory writes on, and frozen."""
-    def per_position():
+    def per_position(model):
         logits, _ = model(x)
         return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none").view_as(y)
-    on = per_position()
-    with frozen_memory():
-        frozen = per_position()
-    return on, frozen
+    on = per_position(model)
+    return on, per_position(frozen_twin(model))
 
 
 def online_adaptation(on, frozen, segment_len):
@@ -359,9 +347,9 @@ def summary(results):
     if results["cms"]:
         last = results["cms"][-1]
         lines += ["## CMS (Figure 1)",
-                  f"- cos(fast, slow) of level outputs at the last snapshot: "
+                  "- cos(fast, slow) of level outputs at the last snapshot: "
                   + ", ".join(f"{k} {v:.3f}" for k, v in last["cosine"].items()),
-                  f"- level parameter norms: " + ", ".join(f"{k} {v:.2f}" for k, v in last["norm"].items()), ""]
+                  "- level parameter norms: " + ", ".join(f"{k} {v:.2f}" for k, v in last["norm"].items()), ""]
     else:
         lines += ["## CMS", "- not in this model (cms off or Transformer).", ""]
     if results["meta_drift"] and results["meta_drift"][0]:

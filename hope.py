@@ -140,10 +140,9 @@ def _token_gradient(weights, key, value, create_graph):
 
 def _memory_update_sequential(weights, momentum, keys, values, queries, lr, momentum_decay, forget,
                               chunk_size, threshold, relative, read_mode):
-    T = keys.shape[2]
+    T, outputs, surprises = keys.shape[2], [], []
     create_graph = torch.is_grad_enabled() and any(
         t.requires_grad for t in (*weights, *momentum, keys, values, lr, momentum_decay, forget))
-    outputs, surprises = [], []
     for start in range(0, T, chunk_size):
         anchor = weights                             # W_a: the weights at the chunk start
         chunk = slice(start, min(start + chunk_size, T))
@@ -260,8 +259,7 @@ def _memory_update_parallel(weights, momentum, keys, values, queries, lr, moment
     blocks = list(zip(*(c.unbind(2) for c in chunk_coefficients(*full_chunks, in_chunk_reads))))  # per chunk
     if split < T:                                                        # a final partial chunk
         blocks.append(chunk_coefficients(*(r[:, :, split:] for r in rates), in_chunk_reads))
-    outputs, surprises = [], []
-    step = maybe_recompute(_chunk_step, checkpoint)
+    outputs, surprises, step = [], [], maybe_recompute(_chunk_step, checkpoint)
     chunk_keys, chunk_values = keys.split(chunk_size, dim=2), values.split(chunk_size, dim=2)
     chunk_queries = chunk_keys if queries is keys else \
         queries.split(chunk_size, dim=2) if queries is not None else [None] * len(blocks)
@@ -273,13 +271,14 @@ def _memory_update_parallel(weights, momentum, keys, values, queries, lr, moment
     return outputs, weights, momentum, torch.cat(surprises, dim=2)
 
 
-def memory_update(weights, momentum, keys, values, queries, lr, momentum_decay, forget, chunk_size,
-                  parallel=True, threshold=None, relative=False, checkpoint=False, read_mode="chunk_start"):
+def memory_update(weights, momentum, keys, values, queries, lr, momentum_decay, forget, chunk_size, parallel=True,
+                  threshold=None, relative=False, checkpoint=False, read_mode="chunk_start", writes=True):
     """Read and write a neural memory over a sequence: the functional core. weights, momentum: W, S as
     tuples of [B, H, d_in, d_out]; keys, values (k_t -> v_t), queries (None: write only): [B, H, T, d];
     lr, momentum_decay, forget: θ, η, α [B, H, T]; parallel: §5 (else §4); threshold γ, relative: §3;
-    checkpoint: recompute chunks in backward; read_mode: §4. Returns (outputs or None, new W, new S,
-    surprise [B, H, T] detached), nothing changed in place; a final partial chunk uses its own tokens."""
+    checkpoint: recompute chunks in backward; read_mode: §4; writes=False: read W, write nothing.
+    Returns (outputs or None, new W, new S, surprise [B, H, T] detached), nothing changed in place; a
+    final partial chunk is updated with its own tokens only."""
     if chunk_size < 1 or read_mode not in READ_MODES:
         raise ValueError(f"chunk_size must be >= 1 and read_mode in {READ_MODES}: got {chunk_size}, {read_mode!r}")
     if read_mode == "in_chunk" and threshold is not None and relative:
@@ -291,6 +290,9 @@ def memory_update(weights, momentum, keys, values, queries, lr, momentum_decay, 
         keys, values, lr = (t.to(dtype) for t in (keys, values, lr))
         queries = keys if read_keys else queries.to(dtype) if queries is not None else None
         momentum_decay, forget = (t.to(dtype).clamp(GATE_EPS, 1 - GATE_EPS) for t in (momentum_decay, forget))
+        if not writes:                                        # a control: the memory stays as it is
+            reads = memory_forward(weights, queries) if queries is not None else None
+            return reads, weights, momentum, inner_loss_terms(weights, keys, values)[1]
         args = (weights, momentum, keys, values, queries, lr, momentum_decay, forget, chunk_size, threshold, relative)
         if parallel:
             return _memory_update_parallel(*args, checkpoint, read_mode)
@@ -304,7 +306,7 @@ def update_settings(config):
     """memory_update's keyword arguments that the config sets (gate, read mode, path, recompute)."""
     return dict(threshold=config.surprise_threshold if config.surprise else None, read_mode=config.read_mode,
                 relative=config.surprise and config.surprise_mode == "relative", parallel=config.parallel,
-                checkpoint=config.checkpoint)
+                checkpoint=config.checkpoint, writes=config.writes)
 
 
 class CausalConv(nn.Module):
@@ -398,9 +400,8 @@ class MemoryLayer(nn.Module):
 
 
 # === 7. The Titans memory layer (Titans §3.1, §4.4) =============================================
-# q, k, v = SiLU of per-head linear maps of the conv's features (q, k unit-norm), θ, η, α from
-# RateHeads; read M(q), then write k -> v with §5. The state carries over calls, so a long
-# sequence can be fed in pieces.
+# q, k, v = SiLU of per-head linear maps of the conv's features (q, k unit-norm), θ, η, α from RateHeads;
+# read M(q), then write k -> v with §5. The state carries over calls: a long sequence can come in pieces.
 class NeuralMemory(MemoryLayer):
     """Titans neural long-term memory: read before write, chunk-parallel, state carried."""
     def __init__(self, config):
@@ -439,8 +440,7 @@ class NeuralMemory(MemoryLayer):
 #   1. generate k = M_k(x), v = M_v(x), q = M_q(x), θ = lr_max·σ(w_lr·M_lr(x)), α = σ(w_α·M_forget(x))
 #   2. self-generated targets v̂_□ = M_□(v) for every memory (NL Eq. 84)
 #   3. write all six with keys k, values v̂_□ and the same θ, η, α, through one memory_update call
-#   4. the layer's output is M_mem(q), read before the write
-# Departure (README): every memory is written with §4's Titans rule (NL: DGD, no momentum).
+#   4. the layer's output is M_mem(q), read before the write (every write: §4's rule; NL's: DGD)
 SELF_MOD_COMPONENTS = ("k", "v", "q", "lr", "forget", "mem")   # seed paper: m_k, m_v, m_q, m_η, m_α, m_memory
 
 
@@ -449,7 +449,7 @@ class SelfModifyingMemory(MemoryLayer):
     def __init__(self, config):
         super().__init__(config)
         H, d, n = config.heads, config.d_head, len(SELF_MOD_COMPONENTS)
-        # full-scale residual branches: with M(x) ≈ x, k ≈ v ≈ q and there is nothing to memorize
+        # full-scale residual branches (with M(x) ≈ x, k ≈ v ≈ q: nothing to memorize)
         self.initial_weights = init_memory_weights(n * H, d, config.memory_depth, config.expansion, branch_scale=1.0)
         self.rates = RateHeads(H, d, config.lr_max)  # w_lr, w_forget read-outs and η's linear map
         # chunk-start reads in either read mode (step 1 needs that state); each chunk recomputed whole
@@ -773,8 +773,6 @@ def option(default, help, choices=None):
     return field(default=default, metadata={"help": help, **({"choices": choices} if choices else {})})
 
 
-MAY_BE_ZERO = ("surprise_threshold", "persistent_tokens", "lr_max", "cms_lr_max")   # other numbers: > 0
-
 
 @dataclass
 class HOPEConfig:
@@ -788,6 +786,7 @@ class HOPEConfig:
     cms: bool = option(True, "continuum memory levels instead of the MLP (§9, NL Eqs. 70-74)")
     self_mod: bool = option(True, "self-modifying memories instead of linear maps (§8, NL Eqs. 76-93)")
     surprise: bool = option(True, "surprise-gated memory writes (§3)")
+    writes: bool = option(True, "memories write in context (§4); off: every memory reads W⁰ forever, a control")
     surprise_threshold: float = option(0.02, "γ, the surprise gate's threshold")
     surprise_mode: str = option("absolute", "gate on s_t, or on s_t / chunk mean", ("absolute", "relative"))
     chunk_size: int = option(16, "C, tokens per memory chunk")
@@ -807,6 +806,8 @@ class HOPEConfig:
     init_std: float = option(None, "linear maps init ~ N(0, x²) (default: PyTorch's own init)")
     tied_head: bool = option(False, "output head = the token embedding (transposed)")
 
+    MAY_BE_ZERO = ("surprise_threshold", "persistent_tokens", "lr_max", "cms_lr_max")  # not a field; others > 0
+
     def __post_init__(self):
         """Fill in what None leaves open; a given heads or d_head is kept as it is."""
         self.cms_periods = tuple(self.cms_periods)
@@ -820,7 +821,7 @@ class HOPEConfig:
     def validate(self):
         """Raise ValueError with a one-line message if the configuration cannot be built."""
         for f in fields(self):
-            value, zero_ok = getattr(self, f.name), f.name in MAY_BE_ZERO
+            value, zero_ok = getattr(self, f.name), f.name in self.MAY_BE_ZERO
             if "choices" in f.metadata and value not in f.metadata["choices"]:
                 raise ValueError(f"unknown {f.name} '{value}' ({', '.join(f.metadata['choices'])})")
             if f.type in (int, float) and value is not None and not (value >= 0 if zero_ok else value > 0):
@@ -844,8 +845,7 @@ class HOPEConfig:
         return 1 if self.model == "transformer" else math.lcm(self.chunk_size, segment, *cms)
 
 
-@dataclass
-class ModelState:
+class ModelState(NamedTuple):
     """Where a sequence stands: its next position and every block's BlockState."""
     position: int
     layers: list
@@ -892,9 +892,9 @@ class LanguageModel(nn.Module):
         return logits, ModelState(state.position + idx.shape[1], layers) if keep_state else None
 
     def forward(self, idx, targets=None):
-        """Fresh memory per sequence. Returns (logits [B, T, V], mean cross-entropy or None)."""
+        """Fresh memory per sequence. Returns (logits [B, T, V], the mean cross-entropy over the targets
+        that are not -100 (recall tasks score only the answers), or None)."""
         logits, _ = self.advance(idx, self.initial_state(idx.shape[0]), keep_state=False)
         if targets is None:
             return logits, None
-        # targets of -100 are ignored (recall tasks score only the answer positions)
         return logits, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)

@@ -996,6 +996,23 @@ def test_states_carry_the_surprise_for_analysis():
     assert [s.surprise.shape for s in state.layers[0].ffn] == [(2, H, idx.shape[1])] * 2
 
 
+@pytest.mark.parametrize("mixer", list(hope.MIXERS))
+def test_writes_off_keeps_every_memory_at_its_initial_weights(mixer):
+    """writes=False (analyze.py's frozen control): after a sequence every memory still holds W⁰ and
+    S = 0, while the same model with writes on has moved its memories and gives other logits."""
+    frozen, live = tiny_model(mixer=mixer, writes=False), tiny_model(mixer=mixer)
+    idx = tokens()
+    memories = lambda state: [m for layer in state.layers for m in (layer.mixer.memory, *layer.ffn)]
+    start = frozen.initial_state(idx.shape[0])
+    logits, state = frozen.advance(idx, start)
+    for after, before in zip(memories(state), memories(start)):
+        assert all(torch.equal(W, W0) for W, W0 in zip(after.weights, before.weights))
+        assert not any(S.any() for S in after.momentum)
+    live_logits, live_state = live.advance(idx, live.initial_state(idx.shape[0]))
+    assert not torch.allclose(logits, live_logits)
+    assert not torch.equal(memories(live_state)[0].weights[0], memories(start)[0].weights[0])
+
+
 def test_config_rejects_bad_values():
     for bad in [dict(dim=30, heads=4), dict(chunk_size=0), dict(mixer="xyz"), dict(segment_len=6),
                 dict(surprise_mode="nope"), dict(model="rnn"), dict(read_mode="latest"),
@@ -1101,7 +1118,7 @@ def test_recall_training_prints_accuracy_and_chance(tmp_path, capsys):
     for data, chance in (("mqar", 1 / 32), ("passkey", 0.1)):
         result = run(["--data", data, "--out-dir", str(tmp_path / data), *tiny, "--passkey-distance", "8"])
         out = capsys.readouterr().out
-        assert f"recall accuracy" in out and f"chance {chance:.3f}" in out and "nats/answer" in out
+        assert "recall accuracy" in out and f"chance {chance:.3f}" in out and "nats/answer" in out
         assert 0 <= result["accuracy"] <= 1 and result["baselines"] == {"chance": chance}
     model_cfg, _ = train.resolve_config(train.build_arg_parser().parse_args(["--data", "mqar", "--mqar-pairs", "16"]))
     assert model_cfg.seq_len == 64 and model_cfg.vocab_size == 32 + 32 + 1
