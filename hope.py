@@ -599,7 +599,7 @@ class Attention(nn.Module):
         return angles.cos(), angles.sin()
 
     def project(self, x, rotation):
-        """q, k, v [B, h, T, dh] of x [B, T, dim]; q and k rotated (rotation: rotary()'s (cos, sin))."""
+        """q, k, v [B, h, T, dh] of x [B, T, dim]; q and k rotated (rotation: rotation()'s (cos, sin))."""
         q_k, v = self.qkv(x).unflatten(-1, (3 * self.heads, -1)).split(2 * self.heads, dim=2)
         q, k = rope(q_k, rotation).transpose(1, 2).chunk(2, dim=1)              # [B, h, T, dh] each
         return q, k, v.transpose(1, 2)
