@@ -637,7 +637,8 @@ def bench_models(args, device):
             if "error" in result:
                 print(f"  {row}: out of memory (try --checkpoint)", flush=True)
             else:
-                print(f"  {row}: {result['step_s'] * 1e3:.0f} ms/step", flush=True)
+                compiled = f" (compiled in {result['compile_s']:.0f} s)" if "compile_s" in result else ""
+                print(f"  {row}: {result['step_s'] * 1e3:.0f} ms/step{compiled}", flush=True)
             result["config"] = dict(vars(config))
             per_row[row] = result
         ref = per_row.get("Transformer", {}).get("step_s")
