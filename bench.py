@@ -184,6 +184,7 @@ def print_header(title, args):
               "use: other processes compete for the cores, so timings are noisy, and with more than "
               "one thread\nOpenMP threads wait for each other at every op (we saw 5-40x slowdowns); "
               "for a sanity pass on a busy machine use --threads 1.")
+    return peak
 
 
 def memory_layer(dim, heads, d_head, chunk_size, parallel=True):

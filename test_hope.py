@@ -1459,6 +1459,14 @@ def test_bench_least_squares_recovers_a_power_law():
     assert abs(slope - 1.5) < 1e-12 and abs(intercept + 2) < 1e-9 and abs(r2 - 1) < 1e-12
 
 
+def test_bench_header_prints_and_returns_the_matmul_peak(capsys):
+    """Every subcommand's ratios come with the machine's fp32 matmul peak: printed and returned."""
+    import argparse
+    args = argparse.Namespace(matmul_size=64, device="cpu", quick=True)
+    peak = bench.print_header("title", args)
+    assert peak > 0 and f"fp32 matmul peak {peak:.0f} GFLOP/s" in capsys.readouterr().out
+
+
 def test_bench_cpu_peak_memory_is_the_most_live_at_once():
     """Two 4 MiB tensors alive together, then a third after both are freed: the peak is 8 MiB
     (neither the 4 MiB of one tensor nor the 12 MiB allocated in all)."""
