@@ -1523,6 +1523,15 @@ def test_bench_bad_input_exits_2_with_one_line(capsys):
         assert err.startswith("error:") and len(err.splitlines()) == 1, err
 
 
+def test_bench_peers_without_titans_pytorch_says_how_to_install_it(capsys, monkeypatch):
+    """`bench.py peers` where titans-pytorch does not import: one line naming the pip install, exit 2."""
+    monkeypatch.setattr(bench, "import_peer", lambda: "ModuleNotFoundError: No module named 'titans_pytorch'")
+    with pytest.raises(SystemExit) as exit_info:
+        bench.parse_args(["peers"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and "pip install titans-pytorch" in err
+
+
 def test_ablation_delta_is_paired_by_seed():
     """Seed s of every row trains on the same batches, so a row that is worse by the same margin
     on every seed beats the noise even when the seeds themselves spread far more than the margin;
