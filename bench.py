@@ -553,23 +553,15 @@ def bench_model_row(config, batch, steps, warmup, device, seed, breakdown, compi
         transient = peak_memory(step, device)
         result["peak_bytes"] = static + transient if transient is not None else None
     else:
-        try:
-            with component_regions(model):
-                start = time.perf_counter()
-                with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-                    step()
-                profiled_s = time.perf_counter() - start
-        except (RuntimeError, MemoryError) as error:
-            if not is_out_of_memory(error):
-                raise
-            # The profiler's own event buffers (millions of events at Small) can exhaust the memory
-            # cap when the model alone fits: keep the timing, lose the peak and the breakdown.
-            prof, result["profiler"] = None, "out of memory"
-        transient = cpu_peak_from_profile(prof) if prof is not None else None
+        with component_regions(model):
+            start = time.perf_counter()
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                step()
+            profiled_s = time.perf_counter() - start
+        transient = cpu_peak_from_profile(prof)
         result["peak_bytes"] = static + transient if transient is not None else None
-        if prof is not None:
-            result["forward_ops"], result["backward_nodes"] = op_counts(prof)
-        if breakdown and prof is not None:
+        result["forward_ops"], result["backward_nodes"] = op_counts(prof)
+        if breakdown:
             result["profiled_step_s"] = profiled_s
             result["breakdown_ms"] = breakdown_from_profile(prof, profiled_s)
             result["top_ops"] = top_ops(prof, 15)
@@ -851,7 +843,7 @@ def bench_roofline(args, device):
     peak = print_header("roofline: fp32 GFLOP/s", args)
     # what a matmul of the memory's own shapes reaches: per chunk, keys [B·H, C, d] @ W1 [B·H, d, h]
     small = matmul_gflops((B * heads, 16, d_head), (B * heads, d_head, 4 * d_head), repeats * 20, device)
-    print(f"measured peak: torch.mm {n}x{n} @ {n}x{n}: {peak:.1f} GFLOP/s; for scale, a bmm of the "
+    print(f"for scale: the peak above is torch.mm {n}x{n} @ {n}x{n}, and a bmm of the "
           f"memory's chunk shape [{B * heads},16,{d_head}] @ [{B * heads},{d_head},{4 * d_head}] "
           f"reaches {small:.1f} GFLOP/s")
     print(f"work: batch {B}, T {T}, {heads} heads of {d_head}, depth 2, expansion 4; FLOPs of fwd+bwd "
@@ -1114,7 +1106,7 @@ def parse_args(argv=None):
     group.add_argument("--stability-steps", type=int, default=30)
     group.add_argument("--stability-rows", default=None, help=f"';' list of: {'; '.join(STABILITY_ROWS)} "
                        "(default all; e.g. half the rows per process)")
-    group = parser.add_argument_group("roofline, peers")
+    group = parser.add_argument_group("matmul peak (every subcommand's header)")
     group.add_argument("--matmul-size", type=int, default=2048,
                        help="n of the n x n matmul that measures the machine's peak (default 2048)")
     group = parser.add_argument_group("peers")
