@@ -55,7 +55,8 @@ def load_snapshots(run_dir):
 
 
 def build(checkpoint):
-    model = hope.LanguageModel(hope.HOPEConfig(**checkpoint["config"]["model"]))
+    config = hope.HOPEConfig(**{**checkpoint["config"]["model"], "compile_chunks": False})   # few calls: eager
+    model = hope.LanguageModel(config)
     train.load_model_state(model, checkpoint)
     return model.eval()
 

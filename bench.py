@@ -191,7 +191,8 @@ def memory_layer(dim, heads, d_head, chunk_size, parallel=True):
     """hope.NeuralMemory of depth 2, expansion 4, no gate; parallel=False runs memory_update's
     token loop (hope.py §4) instead of the chunk form (§5)."""
     return hope.NeuralMemory(hope.HOPEConfig(dim=dim, heads=heads, d_head=d_head, memory_depth=2, expansion=4,
-                                             chunk_size=chunk_size, surprise=False, parallel=parallel))
+                                             chunk_size=chunk_size, surprise=False, parallel=parallel,
+                                             compile_chunks=False))
 
 
 def meminfo_bytes(field, path="/proc/meminfo"):
@@ -350,7 +351,7 @@ def row_config(row, base):
 #   forward is called, as in MAG, MAL and LMM): a forward pre-hook opens the region, a forward hook
 #   closes it;
 # - around the methods and functions that the model calls directly rather than through a module
-#   (MAC calls its memory's features/read/write and its attention's project/attend; memory_update
+#   (MAC calls its memory's features/read/read_write and its attention's project/attend; memory_update
 #   is a function): a sys.setprofile function opens the region when their code starts and closes
 #   it when it returns. A method's region is that of the module it is called on.
 REGION = "bench/"
@@ -371,7 +372,7 @@ def function_regions():
     (module_region(self)): MemoryLayer's methods serve both kinds of memory."""
     A = hope.Attention
     methods = [getattr(kind, name) for kind in (hope.NeuralMemory, hope.SelfModifyingMemory)
-               for name in ("features", "read", "write", "read_write")]     # inherited ones repeat
+               for name in ("features", "read", "read_write")]     # inherited ones repeat
     methods += [A.project, A.keys_values, A.attend, A.persistent_keys_values]
     regions = {**dict.fromkeys(methods), hope.memory_update: "memory_update",
                hope.SelfModifyingMemory.generate: "selfmod.generate"}
@@ -520,12 +521,13 @@ def top_ops(prof, limit):
                  share=a.self_cpu_time_total / total) for a in ops[:limit]]
 
 
-def bench_model_row(config, batch, steps, warmup, device, seed, breakdown, compiled=False):
+def bench_model_row(config, batch, steps, warmup, device, seed, breakdown, compiled=None):
     """Train-step time, peak memory and (optionally) the component breakdown of one config.
-    compiled=True runs the model through torch.compile (the first warmup step compiles it)."""
+    compiled: None (eager), "chunks" (config.compile_chunks: each memory chunk's step under torch.compile)
+    or "whole" (the whole model through torch.compile); the first warmup step compiles."""
     torch.manual_seed(seed)
-    model = hope.LanguageModel(config).to(device).train()
-    forward = torch.compile(model) if compiled else model
+    model = hope.LanguageModel(dataclasses.replace(config, compile_chunks=compiled == "chunks")).to(device).train()
+    forward = torch.compile(model) if compiled == "whole" else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)   # as train.py
     idx = torch.randint(0, config.vocab_size, (batch, config.seq_len + 1), device=device)
     inputs, targets = idx[:, :-1], idx[:, 1:]
@@ -546,7 +548,7 @@ def bench_model_row(config, batch, steps, warmup, device, seed, breakdown, compi
     static = sum(p.numel() * p.element_size() for p in model.parameters())
     static += sum(t.numel() * t.element_size() for s in optimizer.state.values()
                   for t in s.values() if torch.is_tensor(t))
-    result = dict(params=model.num_params())
+    result = dict(params=model.num_params(), compiled=compiled)
     if device.type == "cuda":
         result["peak_bytes"] = peak_memory(step, device) + torch.cuda.memory_allocated(device)
     elif compiled:                                     # compiled code has no module regions to profile
@@ -626,8 +628,10 @@ def bench_models(args, device):
     if args.checkpoint:
         print("memory checkpointing on (config.checkpoint=True: each chunk recomputed in backward)")
     if args.compile:
-        print("torch.compile on every row (the first warmup step compiles: its time beyond a step is "
-              "the 'compile s' column, not in step ms)")
+        what = ("each memory chunk's step in the HOPE rows (compile_chunks, as train.py on CUDA), the whole "
+                "model in the Transformer rows" if args.compile == "chunks" else "the whole model in every row")
+        print(f"torch.compile: {what} (the first warmup step compiles: its time beyond a step is the "
+              "'compile s' column, not in step ms)")
     results = {}
     for scale, base, batch, note in scales:
         base = {**base, "checkpoint": args.checkpoint}
@@ -637,21 +641,21 @@ def bench_models(args, device):
         per_row = {}
         for row in args.rows:
             config = row_config(row, base)
+            compiled = args.compile and ("whole" if config.model == "transformer" else args.compile)
             result = run_isolated(device, bench_guarded_row, args.threads, config, batch, steps, warmup,
-                                  device, args.seed, row == "Full HOPE" or args.breakdown_all,
-                                  args.compile)
+                                  device, args.seed, row == "Full HOPE" or args.breakdown_all, compiled or None)
             if "error" in result:
                 print(f"  {row}: out of memory (try --checkpoint)", flush=True)
             else:
-                compiled = f" (compiled in {result['compile_s']:.0f} s)" if "compile_s" in result else ""
-                print(f"  {row}: {result['step_s'] * 1e3:.0f} ms/step{compiled}", flush=True)
+                note = f" (compiled in {result['compile_s']:.0f} s)" if "compile_s" in result else ""
+                print(f"  {row}: {result['step_s'] * 1e3:.0f} ms/step{note}", flush=True)
             result["config"] = dict(vars(config))
             per_row[row] = result
         ref = per_row.get("Transformer", {}).get("step_s")
         table = []
         for row, r in per_row.items():
             if "error" in r:
-                table.append([row, "", "OOM"] + [""] * (5 + args.compile))
+                table.append([row, "", "OOM"] + [""] * (5 + bool(args.compile)))
                 continue
             r["vs_transformer"] = r["step_s"] / ref if ref else None
             table.append([row, f"{r['params'] / 1e6:.2f}", fmt_ms(r["step_s"]),
@@ -667,7 +671,7 @@ def bench_models(args, device):
                 if scale == "tiny" and not args.compile else ""
             print(f"{PURE_MAC} / Transformer: {mac:.2f}x{target}")
         if full is not None:
-            bound = FULL_HOPE_TARGETS.get((scale, args.compile))
+            bound = FULL_HOPE_TARGETS.get((scale, bool(args.compile)))
             target = f" (target <= {bound:g}x: {verdict(full, bound)})" if bound else ""
             print(f"Full HOPE / Transformer: {full:.2f}x{target} at a matmul peak of {peak:.0f} GFLOP/s")
         print("peak MB = parameters + AdamW moments + the step's peak of activations and gradients "
@@ -712,7 +716,7 @@ def scaling_blocks(args):
     """(name, config) of the blocks to measure; every block has the MLP feed-forward."""
     flags = (dict(cms=False, self_mod=False, surprise=False) if args.flags == "titans"
              else dict(cms=True, self_mod=True, surprise=True))
-    common = dict(dim=args.dim, layers=1, checkpoint=args.checkpoint)
+    common = dict(dim=args.dim, layers=1, checkpoint=args.checkpoint, compile_chunks=False)
     blocks = [("attention (GPT block)", hope.HOPEConfig(model="transformer", **common))]
     for mixer in args.mixers:
         blocks.append((mixer, hope.HOPEConfig(model="hope", mixer=mixer, **flags, **common)))
@@ -1089,8 +1093,10 @@ def parse_args(argv=None):
                        "Small on CPU takes minutes per row and several GB")
     group.add_argument("--rows", default=None,
                        help=f"comma list of rows (default all: {', '.join(MODEL_ROWS)})")
-    group.add_argument("--compile", action="store_true",
-                       help="run every row through torch.compile (CPU: needs a C++ compiler; minutes)")
+    group.add_argument("--compile", nargs="?", const="chunks", choices=("chunks", "whole"),
+                       help="torch.compile: chunks (the flag alone) compiles each memory chunk's step of the HOPE "
+                       "rows and the whole Transformer, whole compiles every whole model (CPU: needs a C++ "
+                       "compiler; minutes)")
     group.add_argument("--breakdown-all", action="store_true",
                        help="component breakdown for every row, not only Full HOPE")
     group = parser.add_argument_group("scaling")

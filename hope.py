@@ -17,6 +17,7 @@ Read it top to bottom; each section builds on the ones before:
 Papers: Titans (Behrouz et al. 2024), Nested Learning (2025, "NL") and the seed paper that dissects
 HOPE. The README lists every departure from them ("deviation N" below).
 """
+import functools
 import math
 from dataclasses import dataclass, field, fields, replace
 from typing import NamedTuple
@@ -32,8 +33,10 @@ from torch.utils.checkpoint import checkpoint as recompute_in_backward
 #   η_t  momentum decay  `momentum_decay`  in (0, 1)       how long a past surprise keeps pushing
 #   α_t  forget gate     `forget`          in (0, 1)       how much of the old memory is erased
 # C is the chunk size: a chunk's tokens take their gradients at (and by default read) the chunk-start
-# memory. Shapes: B batch (every sequence has its own memory), H heads, T tokens, d head width.
+# memory. Shapes: B batch (every sequence has its own memory), H heads, T tokens, d head width; inside
+# memory_update (§3-§5) B and H are one batch dim, BH: each product there is then one torch.bmm.
 GATE_EPS = 1e-6  # η and α are clamped to [GATE_EPS, 1 - GATE_EPS] so their logs stay finite
+compiled = functools.cache(torch.compile)  # torch.compile(step), once per step function (§5's chunk_runner)
 
 
 # === 2. Memory MLP (Titans §3.1; NL Eq. 89) =====================================================
@@ -88,20 +91,20 @@ class MemoryState:
 # by hand, so §5's sums of gradients become matmuls. The surprise gate (flag `surprise`): a token
 # whose score, s_t or s_t / its chunk's mean ("relative"), is below γ writes nothing (θ_t = 0).
 def inner_loss_terms(weights, keys, values):
-    """For keys, values [B, H, n, d]: the prediction M_W(k) [B, H, n, d], the loss ℓ_t [B, H, n] (detached:
-    only ever the surprise), and per layer the inputs x and errors δ [B, H, n, ·] with ∇_W ℓ_t = x_tᵀ δ_t."""
+    """For keys, values [BH, n, d]: the prediction M_W(k) [BH, n, d], the loss ℓ_t [BH, n] (detached: only
+    ever the surprise), and per layer the inputs x and errors δ [BH, n, ·] with ∇_W ℓ_t = x_tᵀ δ_t."""
     inputs, preacts, h = [], [], keys
     for layer, W in enumerate(weights):
         inputs.append(h)
-        preacts.append(h @ W)                        # [B, H, n, d_out]
+        preacts.append(torch.bmm(h, W))              # [BH, n, d_out]
         h = preacts[-1] if layer == len(weights) - 1 else F.silu(preacts[-1])
     prediction = h if len(weights) == 1 else keys + h
-    error = prediction - values                      # [B, H, n, d]
-    loss = error.detach().pow(2).sum(-1)             # [B, H, n]   Titans Eq. 12 (a statistic: detached)
+    error = prediction - values                      # [BH, n, d]
+    loss = error.detach().pow(2).sum(-1)             # [BH, n]   Titans Eq. 12 (a statistic: detached)
     deltas = [2 * error]                             # dℓ/d(last layer's output); the skip adds I
     for layer in range(len(weights) - 1, 0, -1):     # back through each SiLU
         z, s = preacts[layer - 1], torch.sigmoid(preacts[layer - 1])           # SiLU'(z) = s (1 + z (1 − s))
-        deltas.insert(0, (deltas[0] @ weights[layer].transpose(-1, -2)) * (s * (1 + z * (1 - s))))
+        deltas.insert(0, torch.bmm(deltas[0], weights[layer].transpose(-1, -2)) * (s * (1 + z * (1 - s))))
     return prediction, loss, inputs, deltas
 
 
@@ -112,7 +115,7 @@ def relative_surprise(surprise):
 
 
 def surprise_gate(surprise, threshold, relative):
-    """Float mask [B, H, n] for one chunk: 1 where the score reaches γ (may write), else 0; None: no gate."""
+    """Float mask [BH, n] for one chunk: 1 where the score reaches γ (may write), else 0; None: no gate."""
     if threshold is None:
         return None
     score = relative_surprise(surprise) if relative else surprise
@@ -140,26 +143,25 @@ def _token_gradient(weights, key, value, create_graph):
 
 def _memory_update_sequential(weights, momentum, keys, values, queries, lr, momentum_decay, forget,
                               chunk_size, threshold, relative, read_mode):
-    T, outputs, surprises = keys.shape[2], [], []
+    T, outputs, surprises = keys.shape[1], [], []
     create_graph = torch.is_grad_enabled() and any(
         t.requires_grad for t in (*weights, *momentum, keys, values, lr, momentum_decay, forget))
     for start in range(0, T, chunk_size):
         anchor = weights                             # W_a: the weights at the chunk start
         chunk = slice(start, min(start + chunk_size, T))
-        surprise = inner_loss_terms(anchor, keys[:, :, chunk], values[:, :, chunk])[1]
-        surprises.append(surprise)                   # [B, H, n]
-        gate = surprise_gate(surprise, threshold, relative)
+        surprises.append(inner_loss_terms(anchor, keys[:, chunk], values[:, chunk])[1])      # [BH, n]
+        gate = surprise_gate(surprises[-1], threshold, relative)
         for i, t in enumerate(range(chunk.start, chunk.stop)):
             if queries is not None:                  # W_a(t), or W_{t−1} in the in-chunk mode
                 read_weights = weights if read_mode == "in_chunk" else anchor
-                outputs.append(memory_forward(read_weights, queries[:, :, t:t + 1]))
-            grads = _token_gradient(anchor, keys[:, :, t:t + 1], values[:, :, t:t + 1], create_graph)
-            lr_t = lr[:, :, t] if gate is None else lr[:, :, t] * gate[:, :, i]
-            lr_t, decay_t, forget_t = (r[:, :, None, None] for r in (lr_t, momentum_decay[:, :, t], forget[:, :, t]))
+                outputs.append(memory_forward(read_weights, queries[:, t:t + 1]))
+            grads = _token_gradient(anchor, keys[:, t:t + 1], values[:, t:t + 1], create_graph)
+            lr_t = lr[:, t] if gate is None else lr[:, t] * gate[:, i]
+            lr_t, decay_t, forget_t = (r[:, None, None] for r in (lr_t, momentum_decay[:, t], forget[:, t]))
             momentum = tuple(decay_t * S - lr_t * g for S, g in zip(momentum, grads))
             weights = tuple((1 - forget_t) * W + S for W, S in zip(weights, momentum))
-    outputs = torch.cat(outputs, dim=2) if queries is not None else None
-    return outputs, weights, momentum, torch.cat(surprises, dim=2)
+    outputs = torch.cat(outputs, dim=1) if queries is not None else None
+    return outputs, weights, momentum, torch.cat(surprises, dim=1)
 
 
 # === 5. The update rule, one chunk at a time (Titans §3.2, Eqs. 16-18, with momentum) ===========
@@ -175,12 +177,10 @@ def _memory_update_sequential(weights, momentum, keys, values, queries, lr, mome
 # form). Lines marked "fast path" only save work; the tests hold them to §4's loop.
 def segment_sum(x):
     """out[..., t, i] = Σ_{i<j≤t} x[..., j] for i ≤ t, −inf above the diagonal. x: [..., m]."""
-    m = x.shape[-1]
-    x = x.unsqueeze(-1).expand(*x.shape, m)          # [..., j, i] = x_j
-    below = torch.tril(torch.ones(m, m, dtype=torch.bool, device=x.device), diagonal=-1)
+    x = x.unsqueeze(-1).expand(*x.shape, x.shape[-1])                             # [..., j, i] = x_j
+    below = torch.ones(x.shape[-2:], dtype=torch.bool, device=x.device).tril(-1)   # j > i
     sums = torch.cumsum(x.masked_fill(~below, 0), dim=-2)
-    on_or_below = torch.tril(torch.ones(m, m, dtype=torch.bool, device=x.device))
-    return sums.masked_fill(~on_or_below, -math.inf)
+    return sums.masked_fill(below.T, -math.inf)                                          # i > t
 
 
 def chunk_coefficients(lr, momentum_decay, forget, in_chunk_reads=False):
@@ -207,22 +207,20 @@ def chunk_coefficients(lr, momentum_decay, forget, in_chunk_reads=False):
 
 def _read_in_chunk(weights, momentum, queries, inputs, deltas, read_state_coeffs, read_token_coeffs, gate):
     """y_t = M_{W_{t−1}}(q_t) for every token t of a chunk, no W_{t−1} built (Titans Eq. 16)."""
-    weight_keep, momentum_into_weight = read_state_coeffs[..., None].unbind(-2)   # each [B, H, n, 1]
+    weight_keep, momentum_into_weight = read_state_coeffs[..., None].unbind(-2)   # each [BH, n, 1]
     if gate is not None:
-        read_token_coeffs = read_token_coeffs * gate[..., None, :]               # [B, H, n, n]
-
+        read_token_coeffs = read_token_coeffs * gate[..., None, :]               # [BH, n, n]
     def product_with_read_weights(h, layer):
-        W, S, x, delta = layer                                # h: [B, H, n, d_in]
-        earlier_writes = (h @ x.transpose(-1, -2)) * read_token_coeffs    # [B, H, n, n]
+        W, S, x, delta = layer                                # h: [BH, n, d_in]
+        earlier_writes = (h @ x.transpose(-1, -2)) * read_token_coeffs    # [BH, n, n]
         return weight_keep * (h @ W) + momentum_into_weight * (h @ S) - earlier_writes @ delta
-
     return memory_forward(tuple(zip(weights, momentum, inputs, deltas)), queries, product_with_read_weights)
 
 
 def _chunk_step(weights, momentum, keys, values, queries, coefficients, threshold, relative):
     """Advance (W, S) over one chunk, read before write (W_{t−1} if `coefficients` has read terms)."""
-    state_coeffs, token_coeffs, *read_coeffs = coefficients  # [B, H, 3, 1, 1], [B, H, n, 2]
-    momentum_keep, weight_keep, momentum_into_weight = state_coeffs.unbind(2)
+    state_coeffs, token_coeffs, *read_coeffs = coefficients  # [BH, 3, 1, 1], [BH, n, 2]
+    momentum_keep, weight_keep, momentum_into_weight = state_coeffs.unbind(1)
     prediction, surprise, inputs, deltas = inner_loss_terms(weights, keys, values)
     gate = surprise_gate(surprise, threshold, relative)
     if gate is not None:                                      # gated tokens write nothing (§3)
@@ -231,72 +229,82 @@ def _chunk_step(weights, momentum, keys, values, queries, coefficients, threshol
     if read_coeffs:                                           # read W_{t−1}
         outputs = _read_in_chunk(weights, momentum, queries, inputs, deltas, *read_coeffs, gate)
     elif queries is not None:                                 # read at the chunk-start weights
-        outputs = prediction if queries is keys else memory_forward(weights, queries)  # fast path
+        outputs = prediction if queries is keys else memory_forward(weights, queries, torch.bmm)  # fast path
     new_weights, new_momentum = [], []
     for W, S, x, delta in zip(weights, momentum, inputs, deltas):
         # Σ_i c_i x_iᵀ δ_i for both coefficient sets in one matmul: Xᵀ [c_S·Δ ‖ c_W·Δ]
-        weighted = (token_coeffs[..., None] * delta[..., None, :]).flatten(-2)  # [B, H, n, 2·d_out]
-        sum_S, sum_W = (x.transpose(-1, -2) @ weighted).chunk(2, dim=-1)      # [B, H, d_in, d_out]
+        weighted = (token_coeffs[..., None] * delta[..., None, :]).flatten(-2)  # [BH, n, 2·d_out]
+        sum_S, sum_W = torch.bmm(x.transpose(-1, -2), weighted).chunk(2, dim=-1)  # [BH, d_in, d_out]
         new_momentum.append(momentum_keep * S - sum_S)
         new_weights.append(weight_keep * W + momentum_into_weight * S - sum_W)
     return outputs, tuple(new_weights), tuple(new_momentum), surprise
 
 
-def maybe_recompute(step, enabled):
-    """`step`, or `step` recomputed in backward when enabled (only its inputs, the chunk states, kept)."""
-    if not (enabled and torch.is_grad_enabled()):
+def chunk_runner(step, checkpoint, compile, device):
+    """The per-chunk `step` as it runs: recomputed in backward if checkpoint (only its inputs, the chunk states,
+    kept), under torch.compile if compile (None: on CUDA only; a CPU spends a minute compiling to save a fifth).
+    Speed: one small graph, reused for every chunk; a failed compile (no C++ compiler, no Triton) runs eagerly."""
+    if compile or (compile is None and device.type == "cuda"):
+        torch._dynamo.config.suppress_errors = True           # dynamo warns and runs the step eagerly
+        step = compiled(step)
+    if not (checkpoint and torch.is_grad_enabled()):
         return step
     return lambda *args: recompute_in_backward(step, *args, use_reentrant=False)
 
 
 def _memory_update_parallel(weights, momentum, keys, values, queries, lr, momentum_decay, forget,
-                            chunk_size, threshold, relative, checkpoint, read_mode):
-    T, rates = keys.shape[2], (lr, momentum_decay, forget)
+                            chunk_size, threshold, relative, checkpoint, read_mode, compile):
+    T, rates = keys.shape[1], (lr, momentum_decay, forget)
     in_chunk_reads = read_mode == "in_chunk" and queries is not None
     # fast path: the coefficients do not depend on the memory, so all full chunks get theirs at once
     n_full, split = T // chunk_size, T // chunk_size * chunk_size
-    full_chunks = (r[:, :, :split].unflatten(2, (n_full, chunk_size)) for r in rates)
-    blocks = list(zip(*(c.unbind(2) for c in chunk_coefficients(*full_chunks, in_chunk_reads))))  # per chunk
+    full_chunks = (r[:, :split].unflatten(1, (n_full, chunk_size)) for r in rates)
+    blocks = list(zip(*(c.unbind(1) for c in chunk_coefficients(*full_chunks, in_chunk_reads))))  # per chunk
     if split < T:                                                        # a final partial chunk
-        blocks.append(chunk_coefficients(*(r[:, :, split:] for r in rates), in_chunk_reads))
-    outputs, surprises, step = [], [], maybe_recompute(_chunk_step, checkpoint)
-    chunk_keys, chunk_values = keys.split(chunk_size, dim=2), values.split(chunk_size, dim=2)
+        blocks.append(chunk_coefficients(*(r[:, split:] for r in rates), in_chunk_reads))
+    outputs, surprises, step = [], [], chunk_runner(_chunk_step, checkpoint, compile, keys.device)
+    chunk_keys, chunk_values = keys.split(chunk_size, dim=1), values.split(chunk_size, dim=1)
     chunk_queries = chunk_keys if queries is keys else \
-        queries.split(chunk_size, dim=2) if queries is not None else [None] * len(blocks)
+        queries.split(chunk_size, dim=1) if queries is not None else [None] * len(blocks)
     for k, v, q, coefficients in zip(chunk_keys, chunk_values, chunk_queries, blocks):
         out, weights, momentum, surprise = step(weights, momentum, k, v, q, coefficients, threshold, relative)
         outputs.append(out)
         surprises.append(surprise)
-    outputs = torch.cat(outputs, dim=2) if queries is not None else None
-    return outputs, weights, momentum, torch.cat(surprises, dim=2)
+    outputs = torch.cat(outputs, dim=1) if queries is not None else None
+    return outputs, weights, momentum, torch.cat(surprises, dim=1)
 
 
 def memory_update(weights, momentum, keys, values, queries, lr, momentum_decay, forget, chunk_size, parallel=True,
-                  threshold=None, relative=False, checkpoint=False, read_mode="chunk_start", writes=True):
+                  threshold=None, relative=False, checkpoint=False, read_mode="chunk_start", writes=True,
+                  compile=False):
     """Read and write a neural memory over a sequence: the functional core. weights, momentum: W, S as
     tuples of [B, H, d_in, d_out]; keys, values (k_t -> v_t), queries (None: write only): [B, H, T, d];
     lr, momentum_decay, forget: θ, η, α [B, H, T]; parallel: §5 (else §4); threshold γ, relative: §3;
-    checkpoint: recompute chunks in backward; read_mode: §4; writes=False: read W, write nothing.
-    Returns (outputs or None, new W, new S, surprise [B, H, T] detached), nothing changed in place; a
-    final partial chunk is updated with its own tokens only."""
+    read_mode: §4; writes=False: read W, write nothing; checkpoint, compile: §5's chunk_runner. Returns
+    (outputs or None, new W, new S, surprise [B, H, T] detached), nothing changed in place; a final
+    partial chunk is updated with its own tokens only."""
     if chunk_size < 1 or read_mode not in READ_MODES:
         raise ValueError(f"chunk_size must be >= 1 and read_mode in {READ_MODES}: got {chunk_size}, {read_mode!r}")
     if read_mode == "in_chunk" and threshold is not None and relative:
         raise ValueError("read_mode 'in_chunk' takes no relative surprise gate (its chunk mean sees later tokens)")
     with torch.autocast(keys.device.type, enabled=False):    # the memory always runs in fp32+
-        dtype = torch.promote_types(keys.dtype, torch.float32)
-        weights, momentum = (tuple(t.to(dtype) for t in ts) for ts in (weights, momentum))
-        read_keys = queries is keys                           # fast path: keeps `queries is keys`
-        keys, values, lr = (t.to(dtype) for t in (keys, values, lr))
-        queries = keys if read_keys else queries.to(dtype) if queries is not None else None
-        momentum_decay, forget = (t.to(dtype).clamp(GATE_EPS, 1 - GATE_EPS) for t in (momentum_decay, forget))
-        if not writes:                                        # a control: the memory stays as it is
-            reads = memory_forward(weights, queries) if queries is not None else None
-            return reads, weights, momentum, inner_loss_terms(weights, keys, values)[1]
+        (B, H), dtype, read_keys = keys.shape[:2], torch.promote_types(keys.dtype, torch.float32), queries is keys
+        memories = lambda t: t if t is None else t.flatten(0, 1).to(dtype)   # [B, H, ...] -> [BH, ...]
+        weights, momentum = (tuple(map(memories, ts)) for ts in (weights, momentum))
+        keys, values, queries, lr = map(memories, (keys, values, queries, lr))
+        queries = keys if read_keys else queries              # fast path: keeps `queries is keys`
+        momentum_decay, forget = (memories(t).clamp(GATE_EPS, 1 - GATE_EPS) for t in (momentum_decay, forget))
         args = (weights, momentum, keys, values, queries, lr, momentum_decay, forget, chunk_size, threshold, relative)
-        if parallel:
-            return _memory_update_parallel(*args, checkpoint, read_mode)
-        return _memory_update_sequential(*args, read_mode)
+        if not writes:                                        # a control: the memory stays as it is
+            result = (memory_forward(weights, queries, torch.bmm) if queries is not None else None, weights,
+                      momentum, inner_loss_terms(weights, keys, values)[1])
+        elif parallel:
+            result = _memory_update_parallel(*args, checkpoint, read_mode, compile)
+        else:
+            result = _memory_update_sequential(*args, read_mode)
+    per_sample = lambda t: t if t is None else t.unflatten(0, (B, H))   # [BH, ...] -> [B, H, ...]
+    outputs, weights, momentum, surprise = result
+    return per_sample(outputs), tuple(map(per_sample, weights)), tuple(map(per_sample, momentum)), per_sample(surprise)
 
 
 # === 6. Plumbing: what every memory layer shares ================================================
@@ -306,7 +314,7 @@ def update_settings(config):
     """memory_update's keyword arguments that the config sets (gate, read mode, path, recompute)."""
     return dict(threshold=config.surprise_threshold if config.surprise else None, read_mode=config.read_mode,
                 relative=config.surprise and config.surprise_mode == "relative", parallel=config.parallel,
-                checkpoint=config.checkpoint, writes=config.writes)
+                checkpoint=config.checkpoint, writes=config.writes, compile=config.compile_chunks)
 
 
 class CausalConv(nn.Module):
@@ -357,11 +365,8 @@ class RateHeads(nn.Module):
 
     def forward(self, *feats):
         """θ, η, α, each [B, H, T], from feats [B, H, T, d]: one input for all, or one per rate (§8)."""
-        if len(feats) == 1:
-            logits = torch.einsum("bhtd,hdr->bhtr", feats[0], self.weight)
-        else:
-            logits = torch.cat([torch.einsum("bhtd,hdr->bhtr", f, w)
-                                for f, w in zip(feats, self.weight.split(1, dim=-1))], dim=-1)
+        weights = [self.weight] if len(feats) == 1 else self.weight.split(1, dim=-1)    # all three, or one each
+        logits = torch.cat([torch.einsum("bhtd,hdr->bhtr", f, w) for f, w in zip(feats, weights)], dim=-1)
         lr, momentum_decay, forget = torch.sigmoid(logits + self.bias).unbind(-1)
         return self.lr_max * lr * (1 - momentum_decay), momentum_decay, forget
 
@@ -387,10 +392,6 @@ class MemoryLayer(nn.Module):
     def output(self, memory_out, dtype):
         """[B, H, T, d] memory reads -> [B, T, dim] layer output."""
         return self.out_proj(merge_heads(memory_out.to(dtype)))
-
-    def write(self, feats, state):
-        """The state after writing feats [B, H, T, d] (no read)."""
-        return self.read_write(feats, state, read=False)[1]
 
     def forward(self, x, state):
         """Read before write over x: [B, T, dim]. Returns (y [B, T, dim], the new state)."""
@@ -453,7 +454,7 @@ class SelfModifyingMemory(MemoryLayer):
         self.initial_weights = init_memory_weights(n * H, d, config.memory_depth, config.expansion, branch_scale=1.0)
         self.rates = RateHeads(H, d, config.lr_max)  # w_lr, w_forget read-outs and η's linear map
         # chunk-start reads in either read mode (step 1 needs that state); each chunk recomputed whole
-        self.checkpoint = self.settings.pop("checkpoint")
+        self.checkpoint, self.compile = self.settings.pop("checkpoint"), self.settings.pop("compile")
         self.settings["read_mode"] = "chunk_start"
 
     def features(self, x, conv_tail):
@@ -485,16 +486,15 @@ class SelfModifyingMemory(MemoryLayer):
         W = self.by_component(weights)
         out = memory_forward(tuple(w[:, 5] for w in W), q) if read else None       # step 4
         targets = memory_forward(W, v[:, None]).flatten(1, 2)                     # step 2 [B, 6H, n, d]
-        n = len(SELF_MOD_COMPONENTS)                                              # all 6 share k, θ, η, α
-        keys, lr, momentum_decay, forget = (t[:, None].expand(-1, n, *t.shape[1:]).flatten(1, 2)
-                                            for t in (k, lr, momentum_decay, forget))  # [B, 6H, n, ...]
+        keys, lr, momentum_decay, forget = (t[:, None].expand(-1, len(SELF_MOD_COMPONENTS), *t.shape[1:]).flatten(1, 2)
+                                            for t in (k, lr, momentum_decay, forget))  # all 6 share k, θ, η, α
         _, weights, momentum, surprise = memory_update(                           # step 3
             weights, momentum, keys, targets, None, lr, momentum_decay, forget, self.chunk_size, **self.settings)
         return out, weights, momentum, surprise
 
     def read_write(self, feats, state, read=True):
         """Steps 1-4 chunk by chunk: (M_mem(q) if read, else None; the state after the writes)."""
-        step = maybe_recompute(self._chunk, self.checkpoint)
+        step = chunk_runner(self._chunk, self.checkpoint, self.compile, feats.device)
         weights, momentum, outs, surprises = state.weights, state.momentum, [], []
         for chunk in feats.split(self.chunk_size, dim=2):
             out, weights, momentum, surprise = step(chunk, weights, momentum, read)
@@ -571,8 +571,7 @@ class MLP(nn.Module):
 #   mal  memory as layer: memory, then sliding-window attention                       (Titans §4.3)
 #   lmm  memory only (NL's HOPE has no attention)
 def rope(x, rotation):
-    """Rotate feature pairs of x [B, T, heads, d] by Attention.rotation's (cos, sin) (token-major:
-    contiguous rows, faster on a CPU)."""
+    """Rotate feature pairs of x [B, T, heads, d] (token-major: faster on a CPU) by rotation()'s (cos, sin)."""
     (cos, sin), (x1, x2) = rotation, x.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
@@ -606,8 +605,7 @@ class Attention(nn.Module):
 
     def keys_values(self, x, rotation=None):
         """k, v [B, h, T, dh] of x [B, T, dim] without the queries; k rotated unless rotation is None."""
-        kv = F.linear(x, self.qkv.weight[self.dim:]).unflatten(-1, (2 * self.heads, -1))  # [B, T, 2h, dh]
-        k, v = kv.chunk(2, dim=2)
+        k, v = F.linear(x, self.qkv.weight[self.dim:]).unflatten(-1, (2 * self.heads, -1)).chunk(2, dim=2)
         k = k if rotation is None else rope(k, rotation)
         return k.transpose(1, 2), v.transpose(1, 2)
 
@@ -687,13 +685,12 @@ class MACMixer(nn.Module):
             y_feats, conv_tail = self.memory.features(y, memory.conv_tail)
             gate = self.memory.read(y_feats, memory)
             if keep_state or index < last:
-                memory = self.memory.write(y_feats, memory)
+                memory = self.memory.read_write(y_feats, memory, read=False)[1]
                 written.append(memory.surprise)
             memory = replace(memory, conv_tail=conv_tail)
             outs.append(y * torch.sigmoid(gate))
-        if not keep_state:
-            return torch.cat(outs, 1), None
-        return torch.cat(outs, 1), MACState(replace(memory, surprise=torch.cat(written, -1)), query_tail)
+        state = MACState(replace(memory, surprise=torch.cat(written, -1)), query_tail) if keep_state else None
+        return torch.cat(outs, 1), state
 
 
 class WindowState(NamedTuple):
@@ -703,10 +700,12 @@ class WindowState(NamedTuple):
 
 class LMMMixer(nn.Module):
     """The memory alone (NL's HOPE has no attention); MAG and MAL add sliding-window attention."""
-    def __init__(self, config, window_attention=False):
+    window_attention = False
+
+    def __init__(self, config):
         super().__init__()
         self.memory = SelfModifyingMemory(config) if config.self_mod else NeuralMemory(config)
-        if window_attention:
+        if self.window_attention:
             self.attention = Attention(config, config.segment_len, config.persistent_tokens)
 
     def initial_state(self, batch):
@@ -719,8 +718,10 @@ class LMMMixer(nn.Module):
 
 class MAGMixer(LMMMixer):
     """Memory as gate: LayerNormed sliding-window attention y and memory read, y ⊗ σ(M(x)) (Eqs. 26-28)."""
+    window_attention = True
+
     def __init__(self, config):
-        super().__init__(config, window_attention=True)
+        super().__init__(config)
         self.norm_attention, self.norm_memory = nn.LayerNorm(config.dim), nn.LayerNorm(config.dim)
 
     def forward(self, x, state, position, keep_state=True):
@@ -731,8 +732,7 @@ class MAGMixer(LMMMixer):
 
 class MALMixer(LMMMixer):
     """Memory as layer: the memory's output goes through sliding-window attention (Titans Eqs. 29-31)."""
-    def __init__(self, config):
-        super().__init__(config, window_attention=True)
+    window_attention = True
 
     def forward(self, x, state, position, keep_state=True):
         m, memory = self.memory(x, state.memory)
@@ -773,7 +773,6 @@ def option(default, help, choices=None):
     return field(default=default, metadata={"help": help, **({"choices": choices} if choices else {})})
 
 
-
 @dataclass
 class HOPEConfig:
     model: str = option("hope", "hope, or transformer for the GPT baseline", ("hope", "transformer"))
@@ -802,6 +801,7 @@ class HOPEConfig:
     cms_periods: tuple = option((8, 32), "CMS level periods, e.g. 8,32")
     seq_len: int = option(512, "training context (RoPE lets models run past it)")
     checkpoint: bool = option(False, "recompute each memory chunk in backward (memory ∝ T/C)")
+    compile_chunks: bool = option(None, "torch.compile each memory chunk's step, one graph for all (default: CUDA)")
     embed_std: float = option(1.0, "token embedding init ~ N(0, x²)")
     init_std: float = option(None, "linear maps init ~ N(0, x²) (default: PyTorch's own init)")
     tied_head: bool = option(False, "output head = the token embedding (transposed)")

@@ -28,9 +28,10 @@ The HOPE model (§8-11), on tiny float64 configs, for every ablation row and eve
 parameter gets a gradient, flags that are off create no parameters, causality, generation with
 carried state equals one forward (both also with in_chunk reads), batch independence,
 self-modification (fast ≠ meta, chunk 1 changes the keys generated in chunk 2), CMS periods, the
-closed gate. Then train.py (end to end, the recall tasks, bit-exact resume, the non-finite guard and
-the divergence stop, the width-scaled lr and warmup, torchrun with 2 ranks = 1 rank with grad-accum
-2, one-line exit-2 errors), ablate.py/analyze.py (smoke, and the gate pass rate of every gated
+closed gate, and chunk steps under torch.compile (float32: the eager gradients; a failed compile
+runs eagerly). Then train.py (end to end, the recall tasks, bit-exact resume, the non-finite guard
+and the divergence stop, the width-scaled lr and warmup, torchrun with 2 ranks = 1 rank with
+grad-accum 2, one-line exit-2 errors), ablate.py/analyze.py (smoke, and the gate pass rate of every gated
 memory), and what bench.py's numbers are made of (slope fit, CPU peak memory, the component
 breakdown).
 """
@@ -1011,6 +1012,39 @@ def test_writes_off_keeps_every_memory_at_its_initial_weights(mixer):
     live_logits, live_state = live.advance(idx, live.initial_state(idx.shape[0]))
     assert not torch.allclose(logits, live_logits)
     assert not torch.equal(memories(live_state)[0].weights[0], memories(start)[0].weights[0])
+
+
+def test_compiled_chunk_steps_equal_eager():
+    """compile_chunks (on by default on CUDA): the self-modifying memory's chunk and every memory's chunk
+    step under torch.compile give the eager loss and gradients (float32, the dtype they compile in).
+    It caught an Inductor bug: keys repeated for the six memories by torch.cat([k] * 6) got wrong
+    gradients (errors of 100 %), so hope.py repeats them with expand."""
+    def loss_and_gradients(compile_chunks):
+        model = tiny_model(compile_chunks=compile_chunks).float()
+        loss = model(tokens(length=32), tokens(length=32, seed=2))[1]
+        loss.backward()
+        return loss.item(), {name: p.grad for name, p in model.named_parameters()}
+    eager_loss, eager = loss_and_gradients(False)
+    compiled_loss, compiled = loss_and_gradients(True)
+    assert compiled_loss == pytest.approx(eager_loss, rel=1e-6)
+    for name, grad in eager.items():
+        assert_close(compiled[name].double(), grad.double(), 1e-3, f"compiled d/d {name}")
+
+
+def test_a_failed_compile_runs_the_chunk_step_eagerly(tmp_path):
+    """Where torch.compile cannot work (here: no C++ compiler), chunk_runner's step warns and runs eagerly."""
+    script = """
+import torch, torch._inductor.config, hope
+torch._inductor.config.cpp.cxx = ("/nonexistent/g++",)
+step = hope.chunk_runner(lambda x: torch.sin(x) * 2, False, True, torch.device("cpu"))
+x = torch.randn(5)
+assert torch.equal(step(x), torch.sin(x) * 2)
+print("ran eagerly")
+"""
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}    # no cached kernel to fall back on
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0 and "ran eagerly" in done.stdout, done.stderr[-2000:]
+    assert "InvalidCxxCompiler" in done.stderr
 
 
 def test_config_rejects_bad_values():

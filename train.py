@@ -28,7 +28,7 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -83,7 +83,8 @@ class TrainConfig:
     seed: int = hope.option(1337, "seed of the init and of the batches")
     device: str = hope.option("auto", "auto: cuda, else mps, else cpu", ("auto", "cpu", "cuda", "mps"))
     dtype: str = hope.option("auto", "auto: bfloat16 autocast on CUDA, else float32", ("auto", "float32", "bfloat16"))
-    compile: bool = hope.option(None, "torch.compile (default: on for CUDA, off elsewhere)")
+    compile: bool = hope.option(None, "torch.compile the whole model (default: on for CUDA with the Transformer; "
+                                      "HOPE models compile each chunk step instead, --compile-chunks)")
     mqar_pairs: int = hope.option(8, "--data mqar: key-value pairs per sequence, each queried once")
     mqar_keys: int = hope.option(32, "--data mqar: size of the key vocabulary")
     mqar_values: int = hope.option(32, "--data mqar: size of the value vocabulary")
@@ -656,7 +657,8 @@ def train_model(model_cfg, cfg, checkpoint=None):
     model = hope.LanguageModel(model_cfg).to(device)
     optimizer = make_optimizer(model, cfg, device)
     progress = Progress() if checkpoint is None else restore(checkpoint, model, optimizer, device)
-    compiled = cfg.compile if cfg.compile is not None else device.type == "cuda"
+    transformer_on_cuda = device.type == "cuda" and model_cfg.model == "transformer"   # HOPE: minutes to compile
+    compiled = cfg.compile if cfg.compile is not None else transformer_on_cuda
     forward = torch.compile(model) if compiled else model
     if world > 1:                                # averages the gradients over the ranks in backward
         forward = DistributedDataParallel(forward, device_ids=[device] if device.type == "cuda" else None)
@@ -748,8 +750,10 @@ def print_setup(t, bf16, compiled):
     m, cfg = t.model_cfg, t.cfg
     flags = "" if m.model == "transformer" else \
         f" {m.mixer}, cms={m.cms}, self_mod={m.self_mod}, surprise={m.surprise}, θ_max {m.lr_max:.3g},"
+    chunks = m.model != "transformer" and (m.compile_chunks or (m.compile_chunks is None and t.device.type == "cuda"))
     print(f"model: {m.model}{flags} dim {m.dim}, {m.layers} layers, {t.model.num_params():,} params, "
-          f"on {t.device}{', bf16' if bf16 else ''}{', compiled' if compiled else ''}, {lr_summary(m, cfg)}")
+          f"on {t.device}{', bf16' if bf16 else ''}{', compiled' if compiled else ''}"
+          f"{', chunk steps compiled' if chunks else ''}, {lr_summary(m, cfg)}")
     print(f"batch: {cfg.batch_size} × grad-accum {cfg.grad_accum} × world size {t.world} = "
           f"{cfg.batch_size * cfg.grad_accum * t.world} sequences, {t.tokens_per_step:,} tokens per step")
 
@@ -1014,7 +1018,7 @@ def sample(args):
     model_cfg, cfg = resolve_config(args, checkpoint)
     device = pick_device(cfg.device)
     fast_cpu_math()
-    model = hope.LanguageModel(model_cfg)
+    model = hope.LanguageModel(replace(model_cfg, compile_chunks=False))   # a few calls: compiling would not pay
     load_model_state(model, checkpoint)
     model.to(device).eval()
     tokenizer = Tokenizer(cfg.tokenizer)
