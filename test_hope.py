@@ -1181,6 +1181,10 @@ def test_flags_override_the_preset():
     model_cfg, cfg = train.resolve_config(parse(["--preset", "small", "--no-cms", "--dim", "128", "--lr", "1e-3"]))
     assert (model_cfg.dim, model_cfg.layers, model_cfg.cms, model_cfg.seq_len) == (128, 6, False, 512)
     assert (cfg.lr, cfg.batch_size, cfg.steps) == (1e-3, 8, 2000)
+    # compiling: chunk steps on CUDA by default (None), the whole model only when asked (--compile)
+    assert (model_cfg.compile_chunks, cfg.compile) == (None, None)
+    model_cfg, cfg = train.resolve_config(parse(["--compile-chunks", "--no-compile"]))
+    assert (model_cfg.compile_chunks, cfg.compile) == (True, False)
 
 
 def test_every_config_field_has_a_flag():
