@@ -240,11 +240,15 @@ def _chunk_step(weights, momentum, keys, values, queries, coefficients, threshol
     return outputs, tuple(new_weights), tuple(new_momentum), surprise
 
 
+def compiles(compile, device):
+    """Whether chunk steps run compiled: as asked, or (None) on CUDA only (a CPU compiles a minute to save 13 %)."""
+    return compile if compile is not None else device.type == "cuda"
+
+
 def chunk_runner(step, checkpoint, compile, device):
-    """The per-chunk `step` as it runs: recomputed in backward if checkpoint (only its inputs, the chunk states,
-    kept), under torch.compile if compile (None: on CUDA only; a CPU compiles for a minute to save about 13 %).
-    Speed: one small graph, reused for every chunk; a failed compile (no C++ compiler, no Triton) runs eagerly."""
-    if compile or (compile is None and device.type == "cuda"):
+    """The per-chunk `step` as it runs: recomputed in backward if checkpoint (only the chunk states kept), under
+    torch.compile if compiles() (speed: one small graph for every chunk; eager where compiling fails)."""
+    if compiles(compile, device):
         torch._dynamo.config.suppress_errors = True           # dynamo warns and runs the step eagerly
         step = compiled(step)
     if not (checkpoint and torch.is_grad_enabled()):
@@ -385,13 +389,11 @@ class MemoryLayer(nn.Module):
         return MemoryState.start(self.initial_weights, batch)
 
     def features(self, x, conv_tail):
-        """x: [B, T, dim] -> features [B, H, T, d] and the new conv tail."""
-        feats, conv_tail = self.conv(self.in_proj(x), conv_tail)
-        return split_heads(feats, self.heads), conv_tail
+        feats, conv_tail = self.conv(self.in_proj(x), conv_tail)         # x [B, T, dim]
+        return split_heads(feats, self.heads), conv_tail                 # [B, H, T, d], the new conv tail
 
     def output(self, memory_out, dtype):
-        """[B, H, T, d] memory reads -> [B, T, dim] layer output."""
-        return self.out_proj(merge_heads(memory_out.to(dtype)))
+        return self.out_proj(merge_heads(memory_out.to(dtype)))     # reads [B, H, T, d] -> [B, T, dim]
 
     def forward(self, x, state):
         """Read before write over x: [B, T, dim]. Returns (y [B, T, dim], the new state)."""
@@ -463,8 +465,7 @@ class SelfModifyingMemory(MemoryLayer):
         return F.normalize(feats, dim=-1), conv_tail
 
     def by_component(self, weights):
-        """[B, 6·H, ...] -> [B, 6, H, ...] (a view)."""
-        return tuple(W.unflatten(1, (len(SELF_MOD_COMPONENTS), self.heads)) for W in weights)
+        return tuple(W.unflatten(1, (len(SELF_MOD_COMPONENTS), self.heads)) for W in weights)  # [B, 6, H, ...]
 
     def generate(self, feats, weights):
         """Step 1: k, v, q [B, H, n, d] and θ, η, α [B, H, n] from the memories at `weights`."""
@@ -520,8 +521,7 @@ class CMSLevel(nn.Module):
         self.initial_weights = init_memory_weights(H, d, config.memory_depth, config.expansion)
         self.out_proj = nn.Linear(H * d, config.dim, bias=False)
 
-    def initial_state(self, batch):
-        return MemoryState.start(self.initial_weights, batch)
+    initial_state = MemoryLayer.initial_state                                      # W⁰ per sample, S = 0
 
     def forward(self, x, state):
         feats = split_heads(self.in_proj(x), self.heads)                           # [B, H, T, d]

@@ -750,7 +750,7 @@ def print_setup(t, bf16, compiled):
     m, cfg = t.model_cfg, t.cfg
     flags = "" if m.model == "transformer" else \
         f" {m.mixer}, cms={m.cms}, self_mod={m.self_mod}, surprise={m.surprise}, θ_max {m.lr_max:.3g},"
-    chunks = m.model != "transformer" and (m.compile_chunks or (m.compile_chunks is None and t.device.type == "cuda"))
+    chunks = m.model != "transformer" and hope.compiles(m.compile_chunks, t.device)
     print(f"model: {m.model}{flags} dim {m.dim}, {m.layers} layers, {t.model.num_params():,} params, "
           f"on {t.device}{', bf16' if bf16 else ''}{', compiled' if compiled else ''}"
           f"{', chunk steps compiled' if chunks else ''}, {lr_summary(m, cfg)}")
