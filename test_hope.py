@@ -1181,10 +1181,15 @@ def test_flags_override_the_preset():
     model_cfg, cfg = train.resolve_config(parse(["--preset", "small", "--no-cms", "--dim", "128", "--lr", "1e-3"]))
     assert (model_cfg.dim, model_cfg.layers, model_cfg.cms, model_cfg.seq_len) == (128, 6, False, 512)
     assert (cfg.lr, cfg.batch_size, cfg.steps) == (1e-3, 8, 2000)
-    # compiling: chunk steps on CUDA by default (None), the whole model only when asked (--compile)
-    assert (model_cfg.compile_chunks, cfg.compile) == (None, None)
-    model_cfg, cfg = train.resolve_config(parse(["--compile-chunks", "--no-compile"]))
-    assert (model_cfg.compile_chunks, cfg.compile) == (True, False)
+    # compiling: the whole model only when asked (--compile); chunk steps, left out (None), on CUDA
+    # for runs long enough to repay the compile (a device object needs no GPU)
+    assert (model_cfg.compile_chunks, cfg.compile) == (None, False)
+    cpu, cuda, enough = torch.device("cpu"), torch.device("cuda"), train.COMPILE_CHUNKS_AFTER
+    assert [train.compile_chunks(model_cfg, device, steps) for device, steps in
+            [(cpu, 10 * enough), (cuda, enough - 1), (cuda, enough)]] == [False, False, True]
+    model_cfg, cfg = train.resolve_config(parse(["--compile-chunks", "--compile"]))
+    assert (model_cfg.compile_chunks, cfg.compile) == (True, True)
+    assert train.compile_chunks(model_cfg, cpu, 1) is True
 
 
 def test_every_config_field_has_a_flag():
@@ -1240,7 +1245,9 @@ def test_ctrl_c_then_resume_equals_uninterrupted_run(corpus, tmp_path, monkeypat
         run(flags(corpus, tmp_path, "resumed", *common))
     monkeypatch.undo()
     assert train.load_checkpoint(tmp_path / "resumed" / "ckpt.pt")["step"] == 2   # finished step 2
-    resumed = run(["--resume", "--out-dir", str(tmp_path / "resumed")])
+    # how the model runs may change on resume (recompute in backward: the same numbers)
+    runtime = ["--checkpoint", "--no-compile-chunks"] if arch is HOPE else []
+    resumed = run(["--resume", "--out-dir", str(tmp_path / "resumed"), *runtime])
     assert resumed["step"] == 6
     for key in ("val_loss", "train_loss"):
         assert [r[key] for r in resumed["curve"]] == [r[key] for r in straight["curve"]]

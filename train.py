@@ -83,8 +83,8 @@ class TrainConfig:
     seed: int = hope.option(1337, "seed of the init and of the batches")
     device: str = hope.option("auto", "auto: cuda, else mps, else cpu", ("auto", "cpu", "cuda", "mps"))
     dtype: str = hope.option("auto", "auto: bfloat16 autocast on CUDA, else float32", ("auto", "float32", "bfloat16"))
-    compile: bool = hope.option(None, "torch.compile the whole model (default: on for CUDA with the Transformer; "
-                                      "HOPE models compile each chunk step instead, --compile-chunks)")
+    compile: bool = hope.option(False, "torch.compile the whole model (no preset's run repays it: see "
+                                       "COMPILE_CHUNKS_AFTER; HOPE models compile each chunk step, --compile-chunks)")
     mqar_pairs: int = hope.option(8, "--data mqar: key-value pairs per sequence, each queried once")
     mqar_keys: int = hope.option(32, "--data mqar: size of the key vocabulary")
     mqar_values: int = hope.option(32, "--data mqar: size of the value vocabulary")
@@ -108,7 +108,23 @@ class TrainConfig:
 
 MODEL_FIELDS = {f.name for f in fields(hope.HOPEConfig)}
 TRAIN_FIELDS = {f.name for f in fields(TrainConfig)}
-FIXED_ON_RESUME = MODEL_FIELDS | {"preset", "data", "tokenizer", "max_tokens"}
+# How the model runs, not what it is: a resumed run may change these (e.g. on another device).
+RUNTIME_FIELDS = {"compile_chunks", "checkpoint"}
+FIXED_ON_RESUME = MODEL_FIELDS - RUNTIME_FIELDS | {"preset", "data", "tokenizer", "max_tokens"}
+
+# Compiling must repay its compile time within the run it serves. On the H200 (README, bench.py),
+# Full HOPE's chunk steps compiled in 83 s and then saved 0.10 s a step at tiny: about 830 steps to
+# break even. The Transformer compiled whole saved 1-2 ms a step there (4.9 -> 4.0 ms at tiny, 17 ->
+# 15 ms at small), and about as little on a CPU, which repays no compile within a preset's run: so
+# --compile is off unless asked, and chunk steps compile by default on CUDA for long runs only.
+COMPILE_CHUNKS_AFTER = 1000                      # steps left to run in this process
+
+
+def compile_chunks(model_cfg, device, steps_left):
+    """--compile-chunks as given; left out, on for CUDA with COMPILE_CHUNKS_AFTER steps or more to run."""
+    if model_cfg.compile_chunks is not None:
+        return model_cfg.compile_chunks
+    return device.type == "cuda" and steps_left >= COMPILE_CHUNKS_AFTER
 
 
 class UserError(Exception):
@@ -136,6 +152,7 @@ def comma_ints(text):
 
 # What train.py itself does with these fields, for their flags' help.
 DERIVED = {"vocab_size": "a larger one pads it, as nanoGPT pads GPT-2's 50257 to 50304",
+           "compile_chunks": f"train.py: on for CUDA runs of {COMPILE_CHUNKS_AFTER:,}+ steps, where it pays",
            "seq_len": "--data mqar or passkey: the task's own unless given"}
 
 
@@ -654,17 +671,17 @@ def train_model(model_cfg, cfg, checkpoint=None):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     fast_cpu_math()
     torch.manual_seed(cfg.seed)
-    model = hope.LanguageModel(model_cfg).to(device)
+    steps_left = cfg.steps - (checkpoint["step"] if checkpoint else 0)
+    model = hope.LanguageModel(replace(model_cfg, compile_chunks=compile_chunks(model_cfg, device, steps_left)))
+    model = model.to(device)
     optimizer = make_optimizer(model, cfg, device)
     progress = Progress() if checkpoint is None else restore(checkpoint, model, optimizer, device)
-    transformer_on_cuda = device.type == "cuda" and model_cfg.model == "transformer"   # HOPE: minutes to compile
-    compiled = cfg.compile if cfg.compile is not None else transformer_on_cuda
-    forward = torch.compile(model) if compiled else model
+    forward = torch.compile(model) if cfg.compile else model
     if world > 1:                                # averages the gradients over the ranks in backward
         forward = DistributedDataParallel(forward, device_ids=[device] if device.type == "cuda" else None)
     val_batches = eval_batches(val_data, cfg.batch_size, model_cfg.seq_len, cfg.eval_batches)
     t = Trainer(model, optimizer, model_cfg, cfg, meta, unit, val_batches, device, autocast, rank, world)
-    print_setup(t, bf16, compiled)
+    print_setup(t, bf16)
     open_log(t, progress.step, resumed=checkpoint is not None)
     start, run_time, first_step = time.perf_counter() - progress.elapsed, 0.0, progress.step
     if checkpoint is None:
@@ -746,13 +763,13 @@ def evaluate_log_save(t, progress):
     save(t, progress, t.ckpt_path)
 
 
-def print_setup(t, bf16, compiled):
+def print_setup(t, bf16):
     m, cfg = t.model_cfg, t.cfg
     flags = "" if m.model == "transformer" else \
         f" {m.mixer}, cms={m.cms}, self_mod={m.self_mod}, surprise={m.surprise}, θ_max {m.lr_max:.3g},"
-    chunks = m.model != "transformer" and hope.compiles(m.compile_chunks, t.device)
+    chunks = m.model != "transformer" and t.model.config.compile_chunks
     print(f"model: {m.model}{flags} dim {m.dim}, {m.layers} layers, {t.model.num_params():,} params, "
-          f"on {t.device}{', bf16' if bf16 else ''}{', compiled' if compiled else ''}"
+          f"on {t.device}{', bf16' if bf16 else ''}{', compiled' if cfg.compile else ''}"
           f"{', chunk steps compiled' if chunks else ''}, {lr_summary(m, cfg)}")
     print(f"batch: {cfg.batch_size} × grad-accum {cfg.grad_accum} × world size {t.world} = "
           f"{cfg.batch_size * cfg.grad_accum * t.world} sequences, {t.tokens_per_step:,} tokens per step")
