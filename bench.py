@@ -73,14 +73,21 @@ def timeit(fn, repeats, warmup, device=torch.device("cpu")):
     """Median wall-clock seconds of fn() over `repeats` runs, after `warmup` untimed runs."""
     for _ in range(warmup):
         fn()
-    times = []
+    return timed_in_turn([fn], repeats, device)[0]
+
+
+def timed_in_turn(fns, repeats, device):
+    """Median wall-clock seconds of each fn over `repeats` rounds that call every fn once, in turn:
+    a shared host's drift then slows all of them alike, and their ratio keeps."""
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, fn_times in zip(fns, times):
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            fn_times.append(time.perf_counter() - start)
+    return [statistics.median(fn_times) for fn_times in times]
 
 
 def cpu_peak_from_profile(prof):
@@ -521,10 +528,22 @@ def top_ops(prof, limit):
                  share=a.self_cpu_time_total / total) for a in ops[:limit]]
 
 
-def bench_model_row(config, batch, steps, warmup, device, seed, breakdown, compiled=None):
-    """Train-step time, peak memory and (optionally) the component breakdown of one config.
-    compiled: None (eager), "chunks" (config.compile_chunks: each memory chunk's step under torch.compile)
-    or "whole" (the whole model through torch.compile); the first warmup step compiles."""
+def compiled_share(step):
+    """Where one profiled step of a compiled model spends its time: inside the compiled graphs (forward,
+    and their backward), or in the eager ops around them and the Python between them."""
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    step_ms = (time.perf_counter() - start) * 1e3
+    total = {a.key: a.cpu_time_total / 1e3 for a in prof.key_averages()}
+    forward = total.get("CompiledFunction", 0.0)
+    backward = total.get("autograd::engine::evaluate_function: CompiledFunctionBackward", 0.0)
+    return dict(profiled_step_ms=step_ms, compiled_forward_ms=forward, compiled_backward_ms=backward,
+                share=(forward + backward) / step_ms)
+
+
+def training_step(config, batch, device, seed, compiled=None):
+    """(model, optimizer, step): step() runs one training step (fwd, bwd, AdamW) on a fixed batch."""
     torch.manual_seed(seed)
     model = hope.LanguageModel(dataclasses.replace(config, compile_chunks=compiled == "chunks")).to(device).train()
     forward = torch.compile(model) if compiled == "whole" else model
@@ -538,7 +557,14 @@ def bench_model_row(config, batch, steps, warmup, device, seed, breakdown, compi
         loss.backward()
         with record_function(REGION + "optimizer"):
             optimizer.step()
+    return model, optimizer, step
 
+
+def bench_model_row(config, batch, steps, warmup, device, seed, breakdown, compiled=None):
+    """Train-step time, peak memory and (optionally) the component breakdown of one config.
+    compiled: None (eager), "chunks" (config.compile_chunks: each memory chunk's step under torch.compile)
+    or "whole" (the whole model through torch.compile); the first warmup step compiles."""
+    model, optimizer, step = training_step(config, batch, device, seed, compiled)
     start = time.perf_counter()
     step()                                             # first step allocates AdamW's state (and compiles)
     if device.type == "cuda":
@@ -554,6 +580,8 @@ def bench_model_row(config, batch, steps, warmup, device, seed, breakdown, compi
     elif compiled:                                     # compiled code has no module regions to profile
         transient = peak_memory(step, device)
         result["peak_bytes"] = static + transient if transient is not None else None
+        if breakdown:
+            result["compiled_share"] = compiled_share(step)
     else:
         with component_regions(model):
             start = time.perf_counter()
@@ -567,7 +595,13 @@ def bench_model_row(config, batch, steps, warmup, device, seed, breakdown, compi
             result["profiled_step_s"] = profiled_s
             result["breakdown_ms"] = breakdown_from_profile(prof, profiled_s)
             result["top_ops"] = top_ops(prof, 15)
-    result["step_s"] = timeit(step, steps, max(0, warmup - 2), device)
+    if compiled:               # the same model eager, its steps in turn with the compiled ones
+        eager_step = training_step(config, batch, device, seed)[2]
+        for _ in range(max(2, warmup - 2)):
+            eager_step()
+        result["step_s"], result["eager_step_s"] = timed_in_turn([step, eager_step], steps, device)
+    else:
+        result["step_s"] = timeit(step, steps, max(0, warmup - 2), device)
     result["tokens_per_s"] = batch * config.seq_len / result["step_s"]
     if compiled:                                       # what the first step spent beyond a step
         result["compile_s"] = first_step_s - result["step_s"]
@@ -631,7 +665,8 @@ def bench_models(args, device):
         what = ("each memory chunk's step in the HOPE rows (compile_chunks, as train.py on CUDA for long runs), the whole "
                 "model in the Transformer rows" if args.compile == "chunks" else "the whole model in every row")
         print(f"torch.compile: {what} (the first warmup step compiles: its time beyond a step is the "
-              "'compile s' column, not in step ms)")
+              "'compile s' column, not in step ms;\n'eager step ms': the same model eager, its steps timed "
+              "in turn with the compiled ones)")
     results = {}
     for scale, base, batch, note in scales:
         base = {**base, "checkpoint": args.checkpoint}
@@ -648,6 +683,11 @@ def bench_models(args, device):
                 print(f"  {row}: out of memory (try --checkpoint)", flush=True)
             else:
                 note = f" (compiled in {result['compile_s']:.0f} s)" if "compile_s" in result else ""
+                if "eager_step_s" in result:
+                    saved = result["eager_step_s"] - result["step_s"]
+                    pays = f"pays after {result['compile_s'] / saved:,.0f} steps" if saved > 0 else "never pays"
+                    note += (f"; eager {result['eager_step_s'] * 1e3:.0f} ms/step, the two timed in turn: "
+                             f"compiling saves {saved / result['eager_step_s']:.0%} a step and {pays}")
                 print(f"  {row}: {result['step_s'] * 1e3:.0f} ms/step{note}", flush=True)
             result["config"] = dict(vars(config))
             per_row[row] = result
@@ -655,16 +695,17 @@ def bench_models(args, device):
         table = []
         for row, r in per_row.items():
             if "error" in r:
-                table.append([row, "", "OOM"] + [""] * (5 + bool(args.compile)))
+                table.append([row, "", "OOM"] + [""] * (5 + 2 * bool(args.compile)))
                 continue
             r["vs_transformer"] = r["step_s"] / ref if ref else None
             table.append([row, f"{r['params'] / 1e6:.2f}", fmt_ms(r["step_s"]),
                           f"{r['tokens_per_s']:.0f}", fmt_mb(r["peak_bytes"]),
                           fmt_ratio(r["vs_transformer"]), r.get("forward_ops", "n/a"),
-                          r.get("backward_nodes", "n/a")] + ([f"{r['compile_s']:.1f}"] if args.compile else []))
+                          r.get("backward_nodes", "n/a")] +
+                         ([f"{r['compile_s']:.1f}", fmt_ms(r["eager_step_s"])] if args.compile else []))
         print()
-        print_table(["row", "params (M)", "step ms", "tokens/s", "peak MB", "vs Transformer",
-                     "fwd ops", "bwd nodes"] + (["compile s"] if args.compile else []), table)
+        print_table(["row", "params (M)", "step ms", "tokens/s", "peak MB", "vs Transformer", "fwd ops",
+                     "bwd nodes"] + (["compile s", "eager step ms"] if args.compile else []), table)
         mac, full = (per_row.get(r, {}).get("vs_transformer") for r in (PURE_MAC, "Full HOPE"))
         if mac is not None:
             target = f" (target <= {PURE_MAC_TARGET:g}x: {verdict(mac, PURE_MAC_TARGET)})" \
@@ -680,6 +721,11 @@ def bench_models(args, device):
         for row, r in per_row.items():
             if "breakdown_ms" in r:
                 print_breakdown(f"[{scale}] {row}", r)
+            if "compiled_share" in r:
+                c = r["compiled_share"]
+                print(f"[{scale}] {row}, one step under the profiler: {c['profiled_step_ms']:.1f} ms, of which "
+                      f"{c['share']:.0%} inside compiled graphs ({c['compiled_forward_ms']:.1f} ms forward, "
+                      f"{c['compiled_backward_ms']:.1f} ms their backward); the rest: eager ops around them")
         results[scale] = dict(note=note, batch=batch, steps=steps, warmup=warmup, rows=per_row,
                               matmul_peak_gflops=peak)
     if any("breakdown_ms" in r for scale in results.values() for r in scale["rows"].values()):
