@@ -241,7 +241,7 @@ def _chunk_step(weights, momentum, keys, values, queries, coefficients, threshol
 
 
 def compiles(compile, device):
-    """Whether chunk steps run compiled: as asked, or (None) on CUDA only (a CPU compiles a minute to save 13 %)."""
+    """Whether chunk steps run compiled: as asked, or (None) on CUDA only (a CPU compiles a minute to save 29 %)."""
     return compile if compile is not None else device.type == "cuda"
 
 

@@ -114,9 +114,10 @@ FIXED_ON_RESUME = MODEL_FIELDS - RUNTIME_FIELDS | {"preset", "data", "tokenizer"
 
 # Compiling must repay its compile time within the run it serves. On the H200 (README, bench.py),
 # Full HOPE's chunk steps compiled in 83 s and then saved 0.10 s a step at tiny: about 830 steps to
-# break even. The Transformer compiled whole saved 1-2 ms a step there (4.9 -> 4.0 ms at tiny, 17 ->
-# 15 ms at small), and about as little on a CPU, which repays no compile within a preset's run: so
-# --compile is off unless asked, and chunk steps compile by default on CUDA for long runs only.
+# break even. On a CPU a cold compile takes a minute to save 29 % of that step (about 1,300 steps),
+# and the README's CPU results are eager ones. The Transformer compiled whole saved 1-2 ms a step on
+# both (H200: 4.9 -> 4.0 ms at tiny, 17 -> 15 ms at small), which repays no compile within a preset's
+# run. So --compile is off unless asked, and chunk steps compile by default on CUDA, for long runs.
 COMPILE_CHUNKS_AFTER = 1000                      # steps left to run in this process
 
 
