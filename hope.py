@@ -801,7 +801,7 @@ class HOPEConfig:
     cms_periods: tuple = option((8, 32), "CMS level periods, e.g. 8,32")
     seq_len: int = option(512, "training context (RoPE lets models run past it)")
     checkpoint: bool = option(False, "recompute each memory chunk in backward (memory ∝ T/C)")
-    compile_chunks: bool = option(None, "torch.compile each memory chunk's step, one graph for all (default: CUDA)")
+    compile_chunks: bool = option(None, "torch.compile each memory chunk's step, one graph for all (None: CUDA)")
     embed_std: float = option(1.0, "token embedding init ~ N(0, x²)")
     init_std: float = option(None, "linear maps init ~ N(0, x²) (default: PyTorch's own init)")
     tied_head: bool = option(False, "output head = the token embedding (transposed)")

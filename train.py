@@ -153,7 +153,7 @@ def comma_ints(text):
 
 # What train.py itself does with these fields, for their flags' help.
 DERIVED = {"vocab_size": "a larger one pads it, as nanoGPT pads GPT-2's 50257 to 50304",
-           "compile_chunks": f"train.py: on for CUDA runs of {COMPILE_CHUNKS_AFTER:,}+ steps, where it pays",
+           "compile_chunks": f"left out, train.py compiles on CUDA only for runs of {COMPILE_CHUNKS_AFTER:,}+ steps",
            "seq_len": "--data mqar or passkey: the task's own unless given"}
 
 
