@@ -1014,16 +1014,18 @@ def test_writes_off_keeps_every_memory_at_its_initial_weights(mixer):
     assert not torch.equal(memories(live_state)[0].weights[0], memories(start)[0].weights[0])
 
 
-def test_compiled_chunk_steps_equal_eager():
-    """compile_chunks (on by default on CUDA): the self-modifying memory's chunk and every memory's chunk
-    step under torch.compile give the eager loss and gradients (float32, the dtype they compile in).
-    It caught an Inductor bug: keys repeated for the six memories by torch.cat([k] * 6) got wrong
-    gradients (errors of 100 %), so hope.py repeats them with expand."""
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device: Triton's code is checked where one is"))])
+def test_compiled_chunk_steps_equal_eager(device):
+    """compile_chunks (train.py's default on CUDA for long runs): the self-modifying memory's chunk and
+    every memory's chunk step under torch.compile give the eager loss and gradients (float32, the dtype
+    they compile in). It caught an Inductor bug: keys repeated for the six memories by torch.cat([k] * 6)
+    got wrong gradients (errors of 100 %), so hope.py repeats them with expand."""
     def loss_and_gradients(compile_chunks):
-        model = tiny_model(compile_chunks=compile_chunks).float()
-        loss = model(tokens(length=32), tokens(length=32, seed=2))[1]
+        model = tiny_model(compile_chunks=compile_chunks).float().to(device)
+        loss = model(tokens(length=32).to(device), tokens(length=32, seed=2).to(device))[1]
         loss.backward()
-        return loss.item(), {name: p.grad for name, p in model.named_parameters()}
+        return loss.item(), {name: p.grad.cpu() for name, p in model.named_parameters()}
     eager_loss, eager = loss_and_gradients(False)
     compiled_loss, compiled = loss_and_gradients(True)
     assert compiled_loss == pytest.approx(eager_loss, rel=1e-6)
