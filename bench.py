@@ -662,8 +662,8 @@ def bench_models(args, device):
     if args.checkpoint:
         print("memory checkpointing on (config.checkpoint=True: each chunk recomputed in backward)")
     if args.compile:
-        what = ("each memory chunk's step in the HOPE rows (compile_chunks, as train.py on CUDA for long runs), the whole "
-                "model in the Transformer rows" if args.compile == "chunks" else "the whole model in every row")
+        what = ("each memory chunk's step in the HOPE rows (compile_chunks, as train.py on CUDA for long runs), "
+                "the whole model in the Transformer rows" if args.compile == "chunks" else "the whole model in every row")
         print(f"torch.compile: {what} (the first warmup step compiles: its time beyond a step is the "
               "'compile s' column, not in step ms;\n'eager step ms': the same model eager, its steps timed "
               "in turn with the compiled ones)")
