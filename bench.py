@@ -600,11 +600,10 @@ def bench_model_row(config, batch, steps, warmup, device, seed, breakdown, compi
         for _ in range(max(2, warmup - 2)):
             eager_step()
         result["step_s"], result["eager_step_s"] = timed_in_turn([step, eager_step], steps, device)
+        result["compile_s"] = first_step_s - result["step_s"]      # what the first step spent beyond a step
     else:
         result["step_s"] = timeit(step, steps, max(0, warmup - 2), device)
     result["tokens_per_s"] = batch * config.seq_len / result["step_s"]
-    if compiled:                                       # what the first step spent beyond a step
-        result["compile_s"] = first_step_s - result["step_s"]
     return result
 
 

@@ -83,7 +83,7 @@ class TrainConfig:
     seed: int = hope.option(1337, "seed of the init and of the batches")
     device: str = hope.option("auto", "auto: cuda, else mps, else cpu", ("auto", "cpu", "cuda", "mps"))
     dtype: str = hope.option("auto", "auto: bfloat16 autocast on CUDA, else float32", ("auto", "float32", "bfloat16"))
-    compile: bool = hope.option(False, "torch.compile the whole model (no preset's run repays it: see "
+    compile: bool = hope.option(False, "torch.compile the whole model (no preset's run repays it: see train.py's "
                                        "COMPILE_CHUNKS_AFTER; HOPE models compile each chunk step, --compile-chunks)")
     mqar_pairs: int = hope.option(8, "--data mqar: key-value pairs per sequence, each queried once")
     mqar_keys: int = hope.option(32, "--data mqar: size of the key vocabulary")
@@ -122,10 +122,10 @@ COMPILE_CHUNKS_AFTER = 1000                      # steps left to run in this pro
 
 
 def compile_chunks(model_cfg, device, steps_left):
-    """--compile-chunks as given; left out, on for CUDA with COMPILE_CHUNKS_AFTER steps or more to run."""
-    if model_cfg.compile_chunks is not None:
-        return model_cfg.compile_chunks
-    return device.type == "cuda" and steps_left >= COMPILE_CHUNKS_AFTER
+    """--compile-chunks as given; left out, hope's default (CUDA) with COMPILE_CHUNKS_AFTER steps or more to run."""
+    if model_cfg.compile_chunks is None and steps_left < COMPILE_CHUNKS_AFTER:
+        return False
+    return hope.compiles(model_cfg.compile_chunks, device)
 
 
 class UserError(Exception):
