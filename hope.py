@@ -91,8 +91,8 @@ class MemoryState:
 # by hand, so §5's sums of gradients become matmuls. The surprise gate (flag `surprise`): a token
 # whose score, s_t or s_t / its chunk's mean ("relative"), is below γ writes nothing (θ_t = 0).
 def inner_loss_terms(weights, keys, values):
-    """For keys, values [BH, n, d]: the prediction M_W(k) [BH, n, d], the loss ℓ_t [BH, n] (detached: only
-    ever the surprise), and per layer the inputs x and errors δ [BH, n, ·] with ∇_W ℓ_t = x_tᵀ δ_t."""
+    """For keys, values [BH, n, d]: the prediction M_W(k) and error M_W(k) − v [BH, n, d], the loss ℓ_t [BH, n]
+    (detached: only ever the surprise), and per layer its inputs x and pre-activations z [BH, n, ·]."""
     inputs, preacts, h = [], [], keys
     for layer, W in enumerate(weights):
         inputs.append(h)
@@ -101,11 +101,21 @@ def inner_loss_terms(weights, keys, values):
     prediction = h if len(weights) == 1 else keys + h
     error = prediction - values                      # [BH, n, d]
     loss = error.detach().pow(2).sum(-1)             # [BH, n]   Titans Eq. 12 (a statistic: detached)
-    deltas = [2 * error]                             # dℓ/d(last layer's output); the skip adds I
+    return prediction, error, loss, inputs, preacts
+
+
+def silu_slope(z):
+    s = torch.sigmoid(z)
+    return s * (1 + z * (1 - s))                     # SiLU'(z)
+
+
+def layer_deltas(weights, preacts, step):
+    """Back-propagate an output-space step [BH, n, d] through the memory: per layer δ [BH, n, ·] such
+    that the layer's write for token t is x_tᵀ δ_t. With step = 2 e_t this is ∇_W ℓ_t (the skip adds I)."""
+    deltas = [step]
     for layer in range(len(weights) - 1, 0, -1):     # back through each SiLU
-        z, s = preacts[layer - 1], torch.sigmoid(preacts[layer - 1])           # SiLU'(z) = s (1 + z (1 − s))
-        deltas.insert(0, torch.bmm(deltas[0], weights[layer].transpose(-1, -2)) * (s * (1 + z * (1 - s))))
-    return prediction, loss, inputs, deltas
+        deltas.insert(0, torch.bmm(deltas[0], weights[layer].transpose(-1, -2)) * silu_slope(preacts[layer - 1]))
+    return deltas
 
 
 def relative_surprise(surprise):
@@ -122,58 +132,148 @@ def surprise_gate(surprise, threshold, relative):
     return (score >= threshold).to(surprise.dtype)
 
 
+# --- What a chunk writes: the write rule -----------------------------------------------------------
+# A chunk takes every token's step at its start weights W_a. Each layer's step for token i is x_iᵀ δ_i,
+# with δ back-propagated (layer_deltas) from an output-space step ẽ_i; the rule is the choice of ẽ.
+# With E = M_{W_a}(K) − V the chunk's errors [n, d], B = diag(2θ) and G the kernel below:
+#   titans    ẽ = B E               θ ∇ℓ (Titans Eq. 12): each token as if alone, all at W_a. The C steps
+#                                   add up, so correlated keys overshoot once 2θ·λ_max(G) passes ~2.
+#   proximal  ẽ = B (I + G B̃)⁻¹ E   the implicit step, solved for the chunk at once (one n × n solve per
+#                                   chunk and head). Momentum applies a write again and again, θ/(1 − η)
+#                                   in all, so the solve takes those long-run rates, B̃ = B / (1 − η): W
+#                                   then heads for W∞ = W_a − Σ θ̃_i ∇ℓ_i(W∞). For a linear memory the
+#                                   errors left there are (I + G B̃)⁻¹ E: every direction shrinks by
+#                                   1/(1 + 2θ̃λ) ∈ (0, 1], so it never overshoots, whatever θ, C or the keys.
+#   longhorn  ẽ_i = 2θ_i e_i / (1 + 2θ̃_i G_ii)   the same implicit step for each token alone (at C = 1:
+#                                   Longhorn's closed form); bounded per token, not across a chunk.
+# G is the memory's Gauss–Newton (tangent) kernel between the chunk's tokens, averaged over its d outputs:
+# G_ij = (1/d) Σ_o ⟨∂M(k_i)_o/∂W, ∂M(k_j)_o/∂W⟩, how far a write at token j moves the read at token i
+# (G = KKᵀ for a linear memory). θ = 0 (a gated token) writes 0.
+WRITE_RULES = ("titans", "proximal", "longhorn")
+
+
+def token_kernel(weights, inputs, preacts):
+    """G [BH, n, n] from the forward pass (inner_loss_terms). Per layer l with input x and J_i the Jacobian
+    of M(k_i) w.r.t. the layer's output, G += (x_i · x_j) ⟨J_i, J_j⟩ / d; the last layer's J is I."""
+    kernel, d = torch.bmm(inputs[-1], inputs[-1].transpose(-1, -2)), weights[-1].shape[-1]   # [BH, n, n]
+    for layer in range(len(weights) - 2, -1, -1):                         # the hidden layers, top down
+        slope = silu_slope(preacts[layer])                                # [BH, n, h]
+        if layer == len(weights) - 2:  # J_i = diag(σ'_i) W_last: ⟨J_i, J_j⟩ = Σ_a σ'_ia σ'_ja ‖W_last[a]‖²
+            overlap = torch.bmm(slope * weights[-1].pow(2).sum(-1)[:, None], slope.transpose(-1, -2))
+            jacobian = slope[..., None] * weights[-1][:, None] if layer else None   # [BH, n, h, d]: depth ≥ 3
+        else:
+            jacobian = slope[..., None] * (weights[layer + 1][:, None] @ jacobian)   # [BH, n, h, d]
+            overlap = torch.einsum("bnad,bmad->bnm", jacobian, jacobian)
+        kernel = kernel + torch.bmm(inputs[layer], inputs[layer].transpose(-1, -2)) * overlap / d
+    return kernel
+
+
+def write_steps(rule, kernel, error, lr, momentum_decay):
+    """ẽ [BH, n, d] for one chunk: G [BH, n, n] (None for titans), errors [BH, n, d], θ (0: no write), η [BH, n]."""
+    step = 2 * lr[..., None]                                             # diag(B)  [BH, n, 1]
+    if rule == "titans":
+        return step * error
+    long_run = step / (1 - momentum_decay[..., None])                   # diag(B̃)  [BH, n, 1]
+    if rule == "longhorn":
+        return step * error / (1 + long_run * kernel.diagonal(dim1=-2, dim2=-1)[..., None])
+    eye = torch.eye(kernel.shape[-1], dtype=kernel.dtype, device=kernel.device)
+    return step * torch.linalg.solve(eye + kernel * long_run.transpose(-1, -2), error)   # B (I + G B̃)⁻¹ E
+
+
 # === 4. The update rule, token by token (Titans Eqs. 9-15) ======================================
-#     S_t = η_t S_{t−1} − θ_t ∇ℓ_t(W_a(t))          momentum of surprise        (Eqs. 10, 12)
+#     S_t = η_t S_{t−1} − u_t                        momentum of surprise        (Eqs. 10, 12)
 #     W_t = (1 − α_t) W_{t−1} + S_t                  forgetting + write          (Eq. 13)
 #     y_t = M_{W_a(t)}(q_t)                          read before write           (Eq. 15)
-# The anchor a(t) is the last token of the previous chunk: a chunk's tokens take their gradients at,
-# and read, W_a (C = 1: the plain online rule). This loop is the reference; §5 gives the same numbers
-# fast. Read mode "in_chunk" (TTT's mini-batch form of Eq. 16) reads y_t = M_{W_{t−1}}(q_t), after
-# the writes of the tokens before t; not with the relative gate (its chunk mean sees later tokens).
+# u_t is the token's write: θ_t ∇ℓ_t(W_a(t)) for the Titans rule, x_tᵀ δ_t(ẽ_t) for the write rules
+# above (their ẽ solved from the whole chunk at W_a). The anchor a(t) is the last token of the previous
+# chunk: a chunk's tokens take their steps at, and read, W_a (C = 1: the plain online rule). This loop
+# is the reference (autograd gradients, and the solve written apart); §5 gives the same numbers fast.
+# Read mode "in_chunk" (TTT's mini-batch form of Eq. 16) reads y_t = M_{W_{t−1}}(q_t), after the writes
+# of the tokens before t; not with the relative gate nor the proximal rule (both see later tokens).
 READ_MODES = ("chunk_start", "in_chunk")
 
 
-def _token_gradient(weights, key, value, create_graph):
-    """∇_W ℓ(W) for one token (all samples and heads at once), by autograd: independent of §3's."""
+def _token_gradient(weights, key, value, create_graph, step=None):
+    """∇_W ℓ(W) for one token (all samples and heads at once), by autograd: independent of §3's. With an
+    output-space step ẽ (the other write rules), the layers' step instead: ∇_W ⟨M_W(k), ẽ⟩ = x_tᵀ δ_t(ẽ)."""
     with torch.enable_grad():
-        leaves = tuple(W if (create_graph and W.requires_grad) else W.detach().requires_grad_() for W in weights)
-        loss = (memory_forward(leaves, key) - value).pow(2).sum()
+        # a view: its gradient counts the paths through M_W(k) only, not those through the step ẽ(W_a)
+        leaves = tuple(W.view_as(W) if (create_graph and W.requires_grad) else W.detach().requires_grad_()
+                       for W in weights)
+        prediction = memory_forward(leaves, key)
+        loss = (prediction - value).pow(2).sum() if step is None else (prediction * step).sum()
         return torch.autograd.grad(loss, leaves, create_graph=create_graph)
 
 
+def _reference_kernel(anchor, keys, create_graph):
+    """G for one chunk by autograd, apart from token_kernel: each token reads its own copy of the weights,
+    and one backward pass per output feature o gives every token's ∂M(k_i)_o/∂W at once."""
+    n, d = keys.shape[1], anchor[-1].shape[-1]
+    with torch.enable_grad():
+        copies = tuple(W[:, None].repeat(1, n, 1, 1) if create_graph and W.requires_grad
+                       else W.detach()[:, None].repeat(1, n, 1, 1).requires_grad_() for W in anchor)
+        reads = memory_forward(copies, keys[:, :, None])                         # [BH, n, 1, d]
+        kernel = 0
+        for o in range(d):
+            grads = torch.autograd.grad(reads[..., o].sum(), copies, create_graph=create_graph, retain_graph=True)
+            flat = torch.cat([g.flatten(2) for g in grads], dim=-1)             # [BH, n, all weights]
+            kernel = kernel + flat @ flat.transpose(-1, -2) / d
+    return kernel if create_graph else kernel.detach()
+
+
+def _reference_steps(rule, anchor, keys, values, lr, momentum_decay, create_graph):
+    """ẽ for one chunk of the proximal and longhorn rules, apart from write_steps: G by autograd, and the
+    solve as (1 − η)(I + B̃ G)⁻¹ B̃ E (the same identity, the other way round)."""
+    kernel = _reference_kernel(anchor, keys, create_graph)                      # [BH, n, n]
+    long_run, keep = 2 * lr / (1 - momentum_decay), (1 - momentum_decay)[..., None]     # B̃, 1 − η  [BH, n]
+    scaled_error = long_run[..., None] * (memory_forward(anchor, keys) - values)         # B̃ E  [BH, n, d]
+    if rule == "longhorn":
+        return keep * scaled_error / (1 + long_run[..., None] * kernel.diagonal(dim1=-2, dim2=-1)[..., None])
+    return keep * torch.linalg.solve(torch.eye(kernel.shape[-1], dtype=kernel.dtype) + long_run[..., None] * kernel,
+                                     scaled_error)
+
+
 def _memory_update_sequential(weights, momentum, keys, values, queries, lr, momentum_decay, forget,
-                              chunk_size, threshold, relative, read_mode):
+                              chunk_size, threshold, relative, write_rule, read_mode):
     T, outputs, surprises = keys.shape[1], [], []
     create_graph = torch.is_grad_enabled() and any(
         t.requires_grad for t in (*weights, *momentum, keys, values, lr, momentum_decay, forget))
     for start in range(0, T, chunk_size):
         anchor = weights                             # W_a: the weights at the chunk start
         chunk = slice(start, min(start + chunk_size, T))
-        surprises.append(inner_loss_terms(anchor, keys[:, chunk], values[:, chunk])[1])      # [BH, n]
+        surprises.append(inner_loss_terms(anchor, keys[:, chunk], values[:, chunk])[2])      # [BH, n]
         gate = surprise_gate(surprises[-1], threshold, relative)
+        chunk_lr = lr[:, chunk] if gate is None else lr[:, chunk] * gate                     # [BH, n]
+        steps = None if write_rule == "titans" else \
+            _reference_steps(write_rule, anchor, keys[:, chunk], values[:, chunk], chunk_lr,
+                             momentum_decay[:, chunk], create_graph)                           # [BH, n, d]
         for i, t in enumerate(range(chunk.start, chunk.stop)):
             if queries is not None:                  # W_a(t), or W_{t−1} in the in-chunk mode
                 read_weights = weights if read_mode == "in_chunk" else anchor
                 outputs.append(memory_forward(read_weights, queries[:, t:t + 1]))
-            grads = _token_gradient(anchor, keys[:, t:t + 1], values[:, t:t + 1], create_graph)
-            lr_t = lr[:, t] if gate is None else lr[:, t] * gate[:, i]
-            lr_t, decay_t, forget_t = (r[:, None, None] for r in (lr_t, momentum_decay[:, t], forget[:, t]))
-            momentum = tuple(decay_t * S - lr_t * g for S, g in zip(momentum, grads))
+            if steps is None:                        # Titans: θ_t ∇ℓ_t(W_a)
+                grads = _token_gradient(anchor, keys[:, t:t + 1], values[:, t:t + 1], create_graph)
+                grads = tuple(chunk_lr[:, i, None, None] * g for g in grads)
+            else:
+                grads = _token_gradient(anchor, keys[:, t:t + 1], None, create_graph, steps[:, i:i + 1])
+            decay_t, forget_t = (r[:, t, None, None] for r in (momentum_decay, forget))
+            momentum = tuple(decay_t * S - g for S, g in zip(momentum, grads))
             weights = tuple((1 - forget_t) * W + S for W, S in zip(weights, momentum))
     outputs = torch.cat(outputs, dim=1) if queries is not None else None
     return outputs, weights, momentum, torch.cat(surprises, dim=1)
 
 
 # === 5. The update rule, one chunk at a time (Titans §3.2, Eqs. 16-18, with momentum) ===========
-# Unroll §4 over a chunk from the anchor (W_a, S_a), with u_i = θ_i ∇ℓ_i(W_a) and the decay products
+# Unroll §4 over a chunk from the anchor (W_a, S_a), with u_i the token's step (θ_i ∇ℓ_i(W_a) for the
+# Titans rule, x_iᵀ δ_i(ẽ_i) for any write rule) and the decay products
 # E(t,i) = Π_{i<j≤t} η_j, A(t,i) = Π_{i<j≤t} (1 − α_j) and K(t,i) = Σ_{r=max(i,1)..t} A(t,r) E(r,i):
 #     S_t = E(t,0) S_a − Σ_{i≤t} E(t,i) u_i
 #     W_t = A(t,0) W_a + K(t,0) S_a − Σ_{i≤t} K(t,i) u_i
-# Every gradient is an outer product x_iᵀ δ_i (§3), so at the chunk's end (t = n) Σ_i c_i u_i =
-# Xᵀ diag(c θ) Δ is one matmul. Decay products are masked sums of logs (never differences of
+# Every step is an outer product x_iᵀ δ_i (§3), so at the chunk's end (t = n) Σ_i c_i u_i =
+# Xᵀ diag(c) Δ is one matmul. Decay products are masked sums of logs (never differences of
 # cumulative sums: −inf − (−inf) = NaN). In-chunk reads (§4) need no W_{t−1} either: for a layer's
-# input h_t,  h_t W_{t−1} = A(t−1,0) h_t W_a + K(t−1,0) h_t S_a − Σ_{i<t} K(t−1,i) θ_i (h_t · x_i) δ_i,
-# and over the chunk the last sum is one masked matmul ((H Xᵀ) ⊙ [θ_i K(t−1,i)]) Δ (TTT's dual
+# input h_t,  h_t W_{t−1} = A(t−1,0) h_t W_a + K(t−1,0) h_t S_a − Σ_{i<t} K(t−1,i) (h_t · x_i) δ_i,
+# and over the chunk the last sum is one masked matmul ((H Xᵀ) ⊙ [K(t−1,i)]) Δ (TTT's dual
 # form). Lines marked "fast path" only save work; the tests hold them to §4's loop.
 def segment_sum(x):
     """out[..., t, i] = Σ_{i<j≤t} x[..., j] for i ≤ t, −inf above the diagonal. x: [..., m]."""
@@ -183,10 +283,10 @@ def segment_sum(x):
     return sums.masked_fill(below.T, -math.inf)                                          # i > t
 
 
-def chunk_coefficients(lr, momentum_decay, forget, in_chunk_reads=False):
+def chunk_coefficients(momentum_decay, forget, in_chunk_reads=False):
     """The coefficients of the formulas above for chunks of rates [..., n]: state_coeffs [..., 3, 1, 1]
-    E(n,0), A(n,0), K(n,0); token_coeffs [..., n, 2] θ_i·E(n,i), θ_i·K(n,i). With in_chunk_reads also
-    read_state_coeffs [..., n, 2] A(t−1,0), K(t−1,0) and read_token_coeffs [..., n, n] θ_i·K(t−1,i)."""
+    E(n,0), A(n,0), K(n,0); token_coeffs [..., n, 2] E(n,i), K(n,i). With in_chunk_reads also
+    read_state_coeffs [..., n, 2] A(t−1,0), K(t−1,0) and read_token_coeffs [..., n, n] K(t−1,i)."""
     # Both decays in one batch; position 0 is the anchor, whose own factor is never used.
     logs = F.pad(torch.stack([torch.log(momentum_decay), torch.log1p(-forget)]), (1, 0))  # [2, ..., n+1]
     E, A = segment_sum(logs).exp().unbind(0)                  # each [..., n+1, n+1]
@@ -194,22 +294,20 @@ def chunk_coefficients(lr, momentum_decay, forget, in_chunk_reads=False):
     # K[i] = Σ_{r=1..n} A(n,r) E(r,i): E(r,i) = 0 for r < i, so the sum runs over r ≥ max(i, 1)
     K = (A_last[..., None, 1:] @ E[..., 1:, :]).squeeze(-2)   # [..., n+1]
     state_coeffs = torch.stack([E_last[..., 0], A_last[..., 0], K[..., 0]], -1)[..., None, None]
-    token_coeffs = torch.stack([E_last[..., 1:], K[..., 1:]], -1) * lr[..., None]
+    token_coeffs = torch.stack([E_last[..., 1:], K[..., 1:]], -1)
     if not in_chunk_reads:
         return state_coeffs, token_coeffs
     # The other rows of the same product: K(t,i) for t = 0..n−1, the states the tokens read.
     # Row 0 is W_a itself (A(0,r) = 0 for r ≥ 1), and K(t,i) = 0 for i > t.
     K_read = A[..., :-1, 1:] @ E[..., 1:, :]                   # [..., n, n+1]
     read_state_coeffs = torch.stack([A[..., :-1, 0], K_read[..., 0]], -1)
-    read_token_coeffs = K_read[..., 1:] * lr[..., None, :]
+    read_token_coeffs = K_read[..., 1:]
     return state_coeffs, token_coeffs, read_state_coeffs, read_token_coeffs
 
 
-def _read_in_chunk(weights, momentum, queries, inputs, deltas, read_state_coeffs, read_token_coeffs, gate):
+def _read_in_chunk(weights, momentum, queries, inputs, deltas, read_state_coeffs, read_token_coeffs):
     """y_t = M_{W_{t−1}}(q_t) for every token t of a chunk, no W_{t−1} built (Titans Eq. 16)."""
     weight_keep, momentum_into_weight = read_state_coeffs[..., None].unbind(-2)   # each [BH, n, 1]
-    if gate is not None:
-        read_token_coeffs = read_token_coeffs * gate[..., None, :]               # [BH, n, n]
     def product_with_read_weights(h, layer):
         W, S, x, delta = layer                                # h: [BH, n, d_in]
         earlier_writes = (h @ x.transpose(-1, -2)) * read_token_coeffs    # [BH, n, n]
@@ -217,17 +315,19 @@ def _read_in_chunk(weights, momentum, queries, inputs, deltas, read_state_coeffs
     return memory_forward(tuple(zip(weights, momentum, inputs, deltas)), queries, product_with_read_weights)
 
 
-def _chunk_step(weights, momentum, keys, values, queries, coefficients, threshold, relative):
+def _chunk_step(weights, momentum, keys, values, queries, lr, momentum_decay, coefficients, threshold, relative,
+                write_rule):
     """Advance (W, S) over one chunk, read before write (W_{t−1} if `coefficients` has read terms)."""
     state_coeffs, token_coeffs, *read_coeffs = coefficients  # [BH, 3, 1, 1], [BH, n, 2]
     momentum_keep, weight_keep, momentum_into_weight = state_coeffs.unbind(1)
-    prediction, surprise, inputs, deltas = inner_loss_terms(weights, keys, values)
+    prediction, error, surprise, inputs, preacts = inner_loss_terms(weights, keys, values)
     gate = surprise_gate(surprise, threshold, relative)
-    if gate is not None:                                      # gated tokens write nothing (§3)
-        token_coeffs = token_coeffs * gate[..., None]
+    lr = lr if gate is None else lr * gate                    # gated tokens write nothing (§3)
+    kernel = None if write_rule == "titans" else token_kernel(weights, inputs, preacts)
+    deltas = layer_deltas(weights, preacts, write_steps(write_rule, kernel, error, lr, momentum_decay))
     outputs = None
     if read_coeffs:                                           # read W_{t−1}
-        outputs = _read_in_chunk(weights, momentum, queries, inputs, deltas, *read_coeffs, gate)
+        outputs = _read_in_chunk(weights, momentum, queries, inputs, deltas, *read_coeffs)
     elif queries is not None:                                 # read at the chunk-start weights
         outputs = prediction if queries is keys else memory_forward(weights, queries, torch.bmm)  # fast path
     new_weights, new_momentum = [], []
@@ -257,8 +357,8 @@ def chunk_runner(step, checkpoint, compile, device):
 
 
 def _memory_update_parallel(weights, momentum, keys, values, queries, lr, momentum_decay, forget,
-                            chunk_size, threshold, relative, checkpoint, read_mode, compile):
-    T, rates = keys.shape[1], (lr, momentum_decay, forget)
+                            chunk_size, threshold, relative, write_rule, checkpoint, read_mode, compile):
+    T, rates = keys.shape[1], (momentum_decay, forget)
     in_chunk_reads = read_mode == "in_chunk" and queries is not None
     # fast path: the coefficients do not depend on the memory, so all full chunks get theirs at once
     n_full, split = T // chunk_size, T // chunk_size * chunk_size
@@ -270,8 +370,11 @@ def _memory_update_parallel(weights, momentum, keys, values, queries, lr, moment
     chunk_keys, chunk_values = keys.split(chunk_size, dim=1), values.split(chunk_size, dim=1)
     chunk_queries = chunk_keys if queries is keys else \
         queries.split(chunk_size, dim=1) if queries is not None else [None] * len(blocks)
-    for k, v, q, coefficients in zip(chunk_keys, chunk_values, chunk_queries, blocks):
-        out, weights, momentum, surprise = step(weights, momentum, k, v, q, coefficients, threshold, relative)
+    chunk_rates = zip(lr.split(chunk_size, dim=1), momentum_decay.split(chunk_size, dim=1))
+    for k, v, q, (chunk_lr, chunk_decay), coefficients in zip(chunk_keys, chunk_values, chunk_queries, chunk_rates,
+                                                              blocks):
+        out, weights, momentum, surprise = step(weights, momentum, k, v, q, chunk_lr, chunk_decay, coefficients,
+                                                threshold, relative, write_rule)
         outputs.append(out)
         surprises.append(surprise)
     outputs = torch.cat(outputs, dim=1) if queries is not None else None
@@ -280,17 +383,22 @@ def _memory_update_parallel(weights, momentum, keys, values, queries, lr, moment
 
 def memory_update(weights, momentum, keys, values, queries, lr, momentum_decay, forget, chunk_size, parallel=True,
                   threshold=None, relative=False, checkpoint=False, read_mode="chunk_start", writes=True,
-                  compile=False):
+                  compile=False, write_rule="titans"):
     """Read and write a neural memory over a sequence: the functional core. weights, momentum: W, S as
     tuples of [B, H, d_in, d_out]; keys, values (k_t -> v_t), queries (None: write only): [B, H, T, d];
     lr, momentum_decay, forget: θ, η, α [B, H, T]; parallel: §5 (else §4); threshold γ, relative: §3;
-    read_mode: §4; writes=False: read W, write nothing; checkpoint, compile: §5's chunk_runner. Returns
+    read_mode: §4; write_rule: §3's WRITE_RULES; writes=False: read W, write nothing; checkpoint, compile:
+    §5's chunk_runner. Returns
     (outputs or None, new W, new S, surprise [B, H, T] detached), nothing changed in place; a final
     partial chunk is updated with its own tokens only."""
     if chunk_size < 1 or read_mode not in READ_MODES:
         raise ValueError(f"chunk_size must be >= 1 and read_mode in {READ_MODES}: got {chunk_size}, {read_mode!r}")
     if read_mode == "in_chunk" and threshold is not None and relative:
         raise ValueError("read_mode 'in_chunk' takes no relative surprise gate (its chunk mean sees later tokens)")
+    if write_rule not in WRITE_RULES:
+        raise ValueError(f"unknown write_rule {write_rule!r} ({', '.join(WRITE_RULES)})")
+    if read_mode == "in_chunk" and write_rule == "proximal":
+        raise ValueError("read_mode 'in_chunk' takes no proximal write rule (its chunk solve sees later tokens)")
     with torch.autocast(keys.device.type, enabled=False):    # the memory always runs in fp32+
         (B, H), dtype, read_keys = keys.shape[:2], torch.promote_types(keys.dtype, torch.float32), queries is keys
         memories = lambda t: t if t is None else t.flatten(0, 1).to(dtype)   # [B, H, ...] -> [BH, ...]
@@ -298,10 +406,11 @@ def memory_update(weights, momentum, keys, values, queries, lr, momentum_decay, 
         keys, values, queries, lr = map(memories, (keys, values, queries, lr))
         queries = keys if read_keys else queries              # fast path: keeps `queries is keys`
         momentum_decay, forget = (memories(t).clamp(GATE_EPS, 1 - GATE_EPS) for t in (momentum_decay, forget))
-        args = (weights, momentum, keys, values, queries, lr, momentum_decay, forget, chunk_size, threshold, relative)
+        args = (weights, momentum, keys, values, queries, lr, momentum_decay, forget, chunk_size, threshold, relative,
+                write_rule)
         if not writes:                                        # a control: the memory stays as it is
             result = (memory_forward(weights, queries, torch.bmm) if queries is not None else None, weights,
-                      momentum, inner_loss_terms(weights, keys, values)[1])
+                      momentum, inner_loss_terms(weights, keys, values)[2])
         elif parallel:
             result = _memory_update_parallel(*args, checkpoint, read_mode, compile)
         else:
@@ -317,6 +426,7 @@ def memory_update(weights, momentum, keys, values, queries, lr, momentum_decay, 
 def update_settings(config):
     """memory_update's keyword arguments that the config sets (gate, read mode, path, recompute)."""
     return dict(threshold=config.surprise_threshold if config.surprise else None, read_mode=config.read_mode,
+                write_rule=config.write_rule,
                 relative=config.surprise and config.surprise_mode == "relative", parallel=config.parallel,
                 checkpoint=config.checkpoint, writes=config.writes, compile=config.compile_chunks)
 
@@ -360,7 +470,7 @@ class HeadLinear(nn.Module):
 
 class RateHeads(nn.Module):
     """Per-head, per-token θ = lr_max·σ(·)·(1 − η), η = σ(·), α = σ(·) from linear read-outs. (1 − η)
-    offsets momentum's 1/(1 − η): a chunk moves W by at most 2·lr_max·C times the error (deviation 7)."""
+    offsets momentum's 1/(1 − η): whatever η, a token's write adds up to lr_max·σ(·) (deviation 7)."""
     def __init__(self, heads, d, lr_max):
         super().__init__()
         self.lr_max = lr_max
@@ -773,6 +883,15 @@ def option(default, help, choices=None):
     return field(default=default, metadata={"help": help, **({"choices": choices} if choices else {})})
 
 
+def default_lr_max(write_rule, d_head):
+    """θ_max by write rule (deviation 7). Titans: 0.02 at heads of 16, 0.02·√(16/d_head) wider (at heads of 64,
+    0.02 diverged within 20 steps). The implicit rules cannot overshoot, so θ_max only sets how fully a write fits."""
+    return 0.02 * (16 / d_head) ** 0.5 if write_rule == "titans" else LR_MAX[write_rule]
+
+
+LR_MAX = {"proximal": 1.0, "longhorn": 1.0}
+
+
 @dataclass
 class HOPEConfig:
     model: str = option("hope", "hope, or transformer for the GPT baseline", ("hope", "transformer"))
@@ -790,12 +909,14 @@ class HOPEConfig:
     surprise_mode: str = option("absolute", "gate on s_t, or on s_t / chunk mean", ("absolute", "relative"))
     chunk_size: int = option(16, "C, tokens per memory chunk")
     read_mode: str = option("chunk_start", "the weights a token reads (§4)", READ_MODES)
+    write_rule: str = option("proximal", "how a chunk's tokens write (§3): solved at once, Titans' θ∇ℓ, or one by one",
+                             WRITE_RULES)
     parallel: bool = option(True, "the memory update's chunk form (§5); off: the token loop (§4)")
     segment_len: int = option(64, "MAC segment, MAG/MAL attention window")
     persistent_tokens: int = option(4, "N_p, learned tokens prepended to every attention context")
     memory_depth: int = option(2, "layers of the memory MLP")
     expansion: int = option(2, "memory MLP hidden width = expansion x d_head")
-    lr_max: float = option(None, "θ_max, the largest inner learning rate (default: 0.02·√(16/d_head))")
+    lr_max: float = option(None, "θ_max, the largest inner learning rate (default: by write rule, default_lr_max)")
     cms_lr_max: float = option(None, "θ_max of the CMS levels (default: lr_max; 0 freezes CMS alone)")
     mlp_hidden: int = option(None, "hidden width of the plain MLP feed-forward (default: 4 x dim)")
     cms_periods: tuple = option((8, 32), "CMS level periods, e.g. 8,32")
@@ -815,8 +936,8 @@ class HOPEConfig:
             self.d_head = self.dim // self.heads if self.heads else 64
         if self.heads is None:
             self.heads = max(1, self.dim // self.d_head)
-        if self.lr_max is None:      # 0.02 at heads of 16; at heads of 64, 0.02 diverged within 20 steps
-            self.lr_max = 0.02 * (16 / self.d_head) ** 0.5
+        if self.lr_max is None:
+            self.lr_max = default_lr_max(self.write_rule, self.d_head)
 
     def validate(self):
         """Raise ValueError with a one-line message if the configuration cannot be built."""
@@ -833,7 +954,9 @@ class HOPEConfig:
                  f"segment_len {self.segment_len} must be a multiple of chunk size {self.chunk_size}"),
                 (min(self.cms_periods, default=0) > 0, f"CMS periods must be positive, got {self.cms_periods}"),
                 (not (self.read_mode == "in_chunk" and self.surprise and self.surprise_mode == "relative"),
-                 "read mode in_chunk takes no relative surprise gate (its chunk mean sees later tokens)")]:
+                 "read mode in_chunk takes no relative surprise gate (its chunk mean sees later tokens)"),
+                (not (self.read_mode == "in_chunk" and self.write_rule == "proximal"),
+                 "read mode in_chunk takes no proximal write rule (its chunk solve sees later tokens)")]:
             if not ok:
                 raise ValueError(message)
         return self

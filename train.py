@@ -766,8 +766,9 @@ def evaluate_log_save(t, progress):
 
 def print_setup(t, bf16):
     m, cfg = t.model_cfg, t.cfg
-    flags = "" if m.model == "transformer" else \
-        f" {m.mixer}, cms={m.cms}, self_mod={m.self_mod}, surprise={m.surprise}, θ_max {m.lr_max:.3g},"
+    flags = "" if m.model == "transformer" else (
+        f" {m.mixer}, cms={m.cms}, self_mod={m.self_mod}, surprise={m.surprise},"
+        f" writes {m.write_rule} θ_max {m.lr_max:.3g},")
     chunks = m.model != "transformer" and t.model.config.compile_chunks
     print(f"model: {m.model}{flags} dim {m.dim}, {m.layers} layers, {t.model.num_params():,} params, "
           f"on {t.device}{', bf16' if bf16 else ''}{', compiled' if cfg.compile else ''}"
