@@ -91,7 +91,7 @@ class MemoryProblem:
     chunk_size: int
     seed: int
     read_mode: str = "chunk_start"
-
+    write_rule: str = "titans"
 
     @property
     def T(self):
@@ -109,7 +109,7 @@ class MemoryProblem:
     def run(self, parallel, **kwargs):
         return memory_update(self.weights, self.momentum, self.keys, self.values, self.queries,
                              self.lr, self.momentum_decay, self.forget, self.chunk_size, parallel=parallel,
-                             read_mode=self.read_mode, **kwargs)
+                             read_mode=self.read_mode, write_rule=self.write_rule, **kwargs)
 
     def time_slice(self, start, stop, weights, momentum):
         """Tokens [start, stop) starting from the state (weights, momentum)."""
@@ -172,12 +172,12 @@ def named(result):
             + [(f"momentum[{i}]", S) for i, S in enumerate(momentum)] + [("surprise", surprise)])
 
 
-def assert_close(actual, expected, rtol, what):
-    """max |actual − expected| ≤ rtol · max |expected|; NaN anywhere fails."""
+def assert_close(actual, expected, rtol, what, scale=None):
+    """max |actual − expected| ≤ rtol · scale, scale = max |expected| unless given; NaN anywhere fails."""
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     if expected.numel() == 0:
         return
-    scale = expected.abs().max().item()
+    scale = expected.abs().max().item() if scale is None else scale
     err = (actual - expected).abs().max().item()
     assert err <= rtol * scale, f"{what}: max abs diff {err:.3g} > {rtol:g} × {scale:.3g}"
 
@@ -259,6 +259,14 @@ def gate_kwargs(problem, mode):
     return dict(threshold=threshold, relative=relative)
 
 
+def with_rule(problem, write_rule, read_mode=None):
+    """The problem with this write rule (and read mode); the proximal rule's chunk solve takes no
+    in-chunk reads (memory_update rejects the pair), so such an example is skipped."""
+    problem = replace(problem, write_rule=write_rule, read_mode=read_mode or problem.read_mode)
+    assume(not (problem.read_mode == "in_chunk" and write_rule == "proximal"))
+    return problem
+
+
 def plain_memory(weights, x):
     """M_W(x) written out here from Titans §3.1 (not with hope.py's code): x @ W for depth 1, else
     x + MLP(x) with SiLU between layers. Works on one head ([d] and [d_in, d_out]) or batched."""
@@ -287,12 +295,13 @@ def perturb(problem, gen, fields, start, stop=None, samples=slice(None)):
 
 # ------------------------------------------------------------------ parallel == sequential
 
+@pytest.mark.parametrize("write_rule", hope.WRITE_RULES)
 @given(memory_problems(), st.booleans(), read_modes)
-def test_parallel_equals_sequential(problem, queries_are_keys, read_mode):
+def test_parallel_equals_sequential(write_rule, problem, queries_are_keys, read_mode):
     """The chunk form (§5) equals the token loop (§4): outputs, final weights, final momentum and
     surprise agree to 1e-9 relative (also with the keys passed as queries, one tensor), in both
     read modes (in_chunk: the dual form of §5 against reads of the loop's current weights)."""
-    problem = replace(problem, read_mode=read_mode)
+    problem = with_rule(problem, write_rule, read_mode)
     if queries_are_keys:
         problem = replace(problem, queries=problem.keys)
     reference = problem.run(parallel=False)
@@ -300,11 +309,12 @@ def test_parallel_equals_sequential(problem, queries_are_keys, read_mode):
     assert_results_close(problem.run(parallel=True), reference, PATHS_RTOL)
 
 
+@pytest.mark.parametrize("write_rule", hope.WRITE_RULES)
 @given(memory_problems(), read_and_gate_modes(gates=("absolute", "relative")))
-def test_parallel_equals_sequential_with_gate(problem, modes):
+def test_parallel_equals_sequential_with_gate(write_rule, problem, modes):
     """Same with the surprise gate on (absolute or relative), γ in the widest gap of the scores."""
     read_mode, gate = modes
-    problem, relative = replace(problem, read_mode=read_mode), gate == "relative"
+    problem, relative = with_rule(problem, write_rule, read_mode), gate == "relative"
     threshold, reference = gated_reference(problem, relative)
     result = problem.run(parallel=True, threshold=threshold, relative=relative)
     assert_results_close(result, reference, PATHS_RTOL)
@@ -338,14 +348,15 @@ def gradient_names(problem):
             + list(SEQUENCE_FIELDS))
 
 
+@pytest.mark.parametrize("write_rule", hope.WRITE_RULES)
 @given(memory_problems(), read_and_gate_modes(), st.booleans())
-def test_gradients_parallel_equal_sequential(problem, modes, queries_are_keys):
+def test_gradients_parallel_equal_sequential(write_rule, problem, modes, queries_are_keys):
     """Gradients of a random scalar of the outputs and final state w.r.t. weights, momentum, keys,
     values, queries, θ, η, α agree between the paths to 1e-9 relative (per input tensor), gate
     off or on, in both read modes, also with the keys passed as queries (one tensor, one
     gradient)."""
     read_mode, gate = modes
-    problem = replace(problem, read_mode=read_mode)
+    problem = with_rule(problem, write_rule, read_mode)
     if queries_are_keys:
         problem = replace(problem, queries=problem.keys)
     kwargs = gate_kwargs(problem, gate)
@@ -355,8 +366,10 @@ def test_gradients_parallel_equal_sequential(problem, modes, queries_are_keys):
     expected = gradients(problem, False, projections, **kwargs)
     assume_tame(expected)
     actual = gradients(problem, True, projections, **kwargs)
+    # a gradient a million times below the largest one is held to that floor, not to its own size
+    floor = 1e-6 * max(e.abs().max().item() for e in expected if e.numel())
     for name, a, e in zip(gradient_names(problem), actual, expected):
-        assert_close(a, e, PATHS_RTOL, f"d/d {name}")
+        assert_close(a, e, PATHS_RTOL, f"d/d {name}", scale=max(e.abs().max().item() if e.numel() else 0, floor))
 
 
 # ------------------------------------------------------------------ C = 1 is the online rule
@@ -398,15 +411,93 @@ def test_chunk_size_one_is_the_online_loop(problem):
         assert_results_close(in_chunk, chunk_start, 0.0, f"parallel={parallel} in_chunk ")
 
 
+# ------------------------------------------------------------------ write rules
+
+def linear_memory_chunk(gen, B, H, n, d, correlation):
+    """One chunk for a linear memory (depth 1): W_a, unit keys sharing a common direction with weight
+    `correlation` (0: independent), random values, zero momentum."""
+    shared = unit_vectors(gen, (B, H, 1, d))
+    keys = correlation * shared + (1 - correlation) * unit_vectors(gen, (B, H, n, d))
+    keys = keys / keys.norm(dim=-1, keepdim=True)
+    W = torch.randn(B, H, d, d, generator=gen, dtype=torch.float64) / math.sqrt(d)
+    return W, keys, torch.randn(B, H, n, d, generator=gen, dtype=torch.float64)
+
+
+@given(st.integers(0, 2**32 - 1), st.integers(1, 12), st.integers(1, 6), st.floats(0.0, 0.95, allow_subnormal=False),
+       st.floats(1e-3, 1e3))
+def test_proximal_write_is_the_implicit_step(seed, n, d, correlation, theta):
+    """For a linear memory, the proximal rule's steps ẽ (hope.write_steps) carry W, once momentum has
+    applied each θ/(1 − η) times over, to W∞ = W_a − Kᵀ diag(1/(1 − η)) ẽ, which solves its defining equation
+    W∞ = W_a − Σ_i θ̃_i ∇ℓ_i(W∞), θ̃ = θ/(1 − η), the gradients taken here by autograd at W∞ itself: for any
+    θ up to 1e3 (some tokens at θ = 0, as a closed gate leaves them), any η, and correlated keys."""
+    gen = torch.Generator().manual_seed(seed)
+    W, keys, values = linear_memory_chunk(gen, 2, 2, n, d, correlation)
+    keys, values, W = keys.flatten(0, 1), values.flatten(0, 1), W.flatten(0, 1)      # [BH, ...] as inside
+    lr = theta * torch.rand(4, n, generator=gen, dtype=torch.float64) * (torch.rand(4, n, generator=gen) > 0.2)
+    momentum_decay = torch.rand(4, n, generator=gen, dtype=torch.float64) * 0.99
+    kernel = hope.token_kernel((W,), [keys], [keys @ W])                           # KKᵀ
+    assert_close(kernel, keys @ keys.transpose(-1, -2), 1e-15, "a linear memory's kernel")
+    steps = hope.write_steps("proximal", kernel, keys @ W - values, lr, momentum_decay)
+    W_end = (W - keys.transpose(-1, -2) @ (steps / (1 - momentum_decay[..., None]))).requires_grad_()
+    weighted_losses = ((keys @ W_end - values).pow(2).sum(-1) * lr / (1 - momentum_decay)).sum()   # Σ θ̃_i ℓ_i(W∞)
+    residual = W - torch.autograd.grad(weighted_losses, W_end)[0]     # θ̃ up to 1e5: a condition number ~1e6
+    assert_close(W_end, residual, 1e-7, "W∞ vs W_a − Σ θ̃_i ∇ℓ_i(W∞)")
+
+
+@pytest.mark.parametrize("write_rule,overshoots", [("proximal", False), ("longhorn", True), ("titans", True)])
+def test_only_the_proximal_write_never_overshoots(write_rule, overshoots):
+    """One chunk of 16 keys that share a direction (as SiLU-then-normalised keys do), θ = 1: after the
+    write, every stored key's error is smaller than before with the proximal rule (it shrinks each
+    direction by 1/(1 + 2θλ)); the Titans and per-token Longhorn steps add up and overshoot, so the
+    chunk's total error grows. A linear memory, η and α at their floor."""
+    gen = torch.Generator().manual_seed(0)
+    W, keys, values = linear_memory_chunk(gen, 4, 2, 16, 8, correlation=0.8)
+    lr, floor = torch.ones(4, 2, 16, dtype=torch.float64), torch.full((4, 2, 16), 1e-6, dtype=torch.float64)
+    _, (W_n,), _, _ = memory_update((W,), (torch.zeros_like(W),), keys, values, None, lr, floor, floor, 16,
+                                    write_rule=write_rule)
+    before, after = ((keys @ M - values).norm(dim=(-2, -1)) for M in (W, W_n))     # per sample and head
+    if overshoots:
+        assert (after > before).all(), f"{write_rule}: no overshoot where one is expected"
+    else:
+        assert (after < before).all(), f"{write_rule}: the chunk's error grew"
+
+
+@given(memory_problems(max_T=12), read_modes)
+def test_proximal_at_chunk_size_one_is_longhorn(problem, read_mode):
+    """With one token a chunk, the proximal solve is a scalar: the proximal and the per-token
+    (Longhorn) rules give the same numbers, at any depth (both paths)."""
+    problem = replace(problem, chunk_size=1)
+    for parallel in (False, True):
+        longhorn = replace(problem, write_rule="longhorn", read_mode=read_mode).run(parallel)
+        assume_tame(result_tensors(longhorn))
+        assert_results_close(replace(problem, write_rule="proximal").run(parallel), longhorn, 1e-12,
+                             f"parallel={parallel} ")
+
+
+def test_write_rule_is_checked():
+    """An unknown write rule, and the proximal rule with in-chunk reads (its solve sees the whole
+    chunk), are rejected by memory_update and by HOPEConfig."""
+    W, rates, x = torch.zeros(1, 1, 2, 2), torch.full((1, 1, 3), 0.5), torch.ones(1, 1, 3, 2)
+    problem = MemoryProblem((W,), (W,), x, x, x, rates, rates, rates, chunk_size=2, seed=0)
+    with pytest.raises(ValueError, match="unknown write_rule 'delta'"):
+        replace(problem, write_rule="delta").run(True)
+    with pytest.raises(ValueError, match="in_chunk.*proximal"):
+        replace(problem, write_rule="proximal", read_mode="in_chunk").run(False)
+    with pytest.raises(ValueError, match="in_chunk takes no proximal"):
+        hope.HOPEConfig(read_mode="in_chunk", write_rule="proximal").validate()
+    hope.HOPEConfig(read_mode="in_chunk", write_rule="longhorn").validate()
+
+
 # ------------------------------------------------------------------ state carry
 
+@pytest.mark.parametrize("write_rule", hope.WRITE_RULES)
 @given(memory_problems(several_chunks=True), read_and_gate_modes(), st.data())
-def test_state_carry_equals_one_call(problem, modes, data):
+def test_state_carry_equals_one_call(write_rule, problem, modes, data):
     """Two calls split at a chunk boundary, (new_weights, new_momentum) carried from the first to
     the second, equal one call on the whole sequence (both paths, gate off or on, both read
     modes)."""
     read_mode, gate = modes
-    problem = replace(problem, read_mode=read_mode)
+    problem = with_rule(problem, write_rule, read_mode)
     C, T = problem.chunk_size, problem.T
     split = C * data.draw(st.integers(1, (T - 1) // C), label="split after chunks")
     kwargs = gate_kwargs(problem, gate)
@@ -422,10 +513,12 @@ def test_state_carry_equals_one_call(problem, modes, data):
 
 # ------------------------------------------------------------------ causality
 
+@pytest.mark.parametrize("write_rule", hope.WRITE_RULES)
 @given(memory_problems(min_T=2), st.data())
-def test_memory_causality_future_inputs(problem, data):
+def test_memory_causality_future_inputs(write_rule, problem, data):
     """Changing keys, values, queries, θ, η, α at every position ≥ s changes no output at a
     position < s (both paths)."""
+    problem = with_rule(problem, write_rule)
     s = data.draw(st.integers(1, problem.T - 1), label="s")
     changed = perturb(problem, torch.Generator().manual_seed(problem.seed), SEQUENCE_FIELDS, s)
     for parallel in (False, True):
@@ -436,13 +529,14 @@ def test_memory_causality_future_inputs(problem, data):
                      f"parallel={parallel}: outputs before s")
 
 
+@pytest.mark.parametrize("write_rule", hope.WRITE_RULES)
 @given(memory_problems(), read_and_gate_modes(), st.data())
-def test_memory_causality_within_chunk(problem, modes, data):
+def test_memory_causality_within_chunk(write_rule, problem, modes, data):
     """y_t reads the chunk-start weights (chunk_start) or W_{t−1} (in_chunk): changing keys,
     values, θ, η, α at every position from the start of t's chunk on (chunk_start) or from t on
     (in_chunk), and queries after t, changes no output up to t (both paths, gate off or on)."""
     read_mode, gate = modes
-    problem = replace(problem, read_mode=read_mode)
+    problem = with_rule(problem, write_rule, read_mode)
     C = problem.chunk_size
     t = data.draw(st.integers(0, problem.T - 1), label="t")
     first = t - t % C if read_mode == "chunk_start" else t
@@ -491,10 +585,12 @@ def test_read_mode_is_checked():
 
 # ------------------------------------------------------------------ per-sample independence
 
+@pytest.mark.parametrize("write_rule", hope.WRITE_RULES)
 @given(memory_problems(min_batch=2, max_batch=3), gate_modes, st.data())
-def test_samples_are_independent(problem, gate, data):
+def test_samples_are_independent(write_rule, problem, gate, data):
     """Changing every input of sample b (its weights, momentum, keys, values, queries, rates)
     changes no output, final state or surprise of any other sample (both paths, gate on or off)."""
+    problem = with_rule(problem, write_rule)
     b = data.draw(st.integers(0, problem.keys.shape[0] - 1), label="b")
     kwargs = gate_kwargs(problem, gate)
     gen = torch.Generator().manual_seed(problem.seed)
@@ -529,11 +625,13 @@ def test_zero_threshold_is_no_gate(problem, relative):
             assert torch.equal(x, y), f"parallel={parallel}: {name}"
 
 
+@pytest.mark.parametrize("write_rule", hope.WRITE_RULES)
 @given(memory_problems(), st.booleans())
-def test_every_token_gated_only_decays(problem, relative):
+def test_every_token_gated_only_decays(write_rule, problem, relative):
     """With γ above every score and zero initial momentum, momentum stays exactly 0 and the
     weights only decay: W_T = Π_t (1 − α_t)·W⁰; every chunk reads (and scores its surprise at)
     Π_{j < chunk start} (1 − α_j)·W⁰ (products computed here)."""
+    problem = with_rule(problem, write_rule)
     problem = replace(problem, momentum=tuple(torch.zeros_like(W) for W in problem.weights))
     C, T = problem.chunk_size, problem.T
     keep = 1 - problem.forget                                            # [B, H, T]
@@ -678,13 +776,14 @@ def test_memory_stays_bounded_whatever_the_momentum(kind):
     assert all(torch.isfinite(W).all() and W.abs().max() < 100 for W in state.weights)
 
 
+@pytest.mark.parametrize("write_rule", hope.WRITE_RULES)
 @given(memory_problems(), read_and_gate_modes())
-def test_no_grad_plain_inputs_and_no_side_effects(problem, modes):
+def test_no_grad_plain_inputs_and_no_side_effects(write_rule, problem, modes):
     """memory_update runs under torch.no_grad() and on inputs that do not require grad, gives the
     same numbers as with grad, and never modifies an input in place (values and version
     counters unchanged, also after backward), in both read modes."""
     read_mode, gate = modes
-    problem = replace(problem, read_mode=read_mode)
+    problem = with_rule(problem, write_rule, read_mode)
     kwargs = gate_kwargs(problem, gate)
     for parallel in (False, True):
         inputs = problem.tensors()
@@ -707,12 +806,13 @@ def test_no_grad_plain_inputs_and_no_side_effects(problem, modes):
                 f"parallel={parallel}: {name} modified in place"
 
 
+@pytest.mark.parametrize("write_rule", hope.WRITE_RULES)
 @given(memory_problems(), read_and_gate_modes())
-def test_checkpointing_changes_nothing(problem, modes):
+def test_checkpointing_changes_nothing(write_rule, problem, modes):
     """Per-chunk activation checkpointing (checkpoint=True) gives the same outputs, state and
     gradients w.r.t. every input as without it, in both read modes."""
     read_mode, gate = modes
-    problem = replace(problem, read_mode=read_mode)
+    problem = with_rule(problem, write_rule, read_mode)
     kwargs = gate_kwargs(problem, gate)
     reference = problem.run(True, **kwargs)
     assume_tame(result_tensors(reference), limit=1e30)
@@ -878,15 +978,16 @@ def test_generate_with_carried_state_matches_full_forward(row, mixer):
     assert_generation_matches_forward(tiny_model(row, mixer))
 
 
-def test_in_chunk_read_mode_model():
-    """read_mode="in_chunk" reaches the Titans memory and the CMS levels (the logits change),
-    keeps the model causal and generation with carried state equal to one forward (lmm mixer:
-    memories only, so every read is in-chunk)."""
-    model = tiny_model("No Self-Mod", "lmm", read_mode="in_chunk")
+@pytest.mark.parametrize("write_rule", ["titans", "longhorn"])
+def test_in_chunk_read_mode_model(write_rule):
+    """read_mode="in_chunk" (with a rule that writes token by token) reaches the Titans memory and
+    the CMS levels (the logits change), keeps the model causal and generation with carried state
+    equal to one forward (lmm mixer: memories only, so every read is in-chunk)."""
+    model = tiny_model("No Self-Mod", "lmm", read_mode="in_chunk", write_rule=write_rule)
     assert_causal(model)
     assert_generation_matches_forward(model)
     idx = tokens()
-    assert not torch.allclose(model(idx)[0], tiny_model("No Self-Mod", "lmm")(idx)[0])
+    assert not torch.allclose(model(idx)[0], tiny_model("No Self-Mod", "lmm", write_rule=write_rule)(idx)[0])
 
 
 @pytest.mark.parametrize("mixer", list(hope.MIXERS))
@@ -1304,14 +1405,19 @@ def test_width_scales_the_lr_and_warmup_never_rounds_to_zero():
         assert lrs[0] > 0 and lrs[warmup - 1] == max(lrs) == 1.0
 
 
-def test_inner_step_bound_follows_the_head_width():
-    """θ_max is 0.02 at heads of 16 and falls as 1/√d_head (at heads of 64, 0.02 diverged within 20
-    steps; `bench.py stability`); a given --lr-max is kept."""
+def test_inner_step_bound_follows_the_write_rule_and_head_width():
+    """θ_max by write rule: the implicit rules take hope.LR_MAX at any head width; the Titans rule 0.02 at
+    heads of 16, falling as 1/√d_head (at heads of 64, 0.02 diverged within 20 steps; `bench.py
+    stability`); a given --lr-max is kept, and so is a given --cms-lr-max."""
     parse = train.build_arg_parser().parse_args
-    assert train.resolve_config(parse([]))[0].lr_max == 0.02
-    assert train.resolve_config(parse(["--d-head", "64"]))[0].lr_max == pytest.approx(0.01)
-    assert train.resolve_config(parse(["--preset", "small"]))[0].lr_max == pytest.approx(0.01)
-    assert train.resolve_config(parse(["--d-head", "64", "--lr-max", "0.05"]))[0].lr_max == 0.05
+    config = lambda *flags: train.resolve_config(parse(list(flags)))[0]
+    assert config().write_rule == "proximal" and config().lr_max == hope.LR_MAX["proximal"]
+    assert config("--d-head", "64").lr_max == hope.LR_MAX["proximal"]
+    assert config("--write-rule", "longhorn").lr_max == hope.LR_MAX["longhorn"]
+    assert config("--write-rule", "titans").lr_max == 0.02
+    assert config("--write-rule", "titans", "--d-head", "64").lr_max == pytest.approx(0.01)
+    assert config("--write-rule", "titans", "--preset", "small").lr_max == pytest.approx(0.01)
+    assert config("--d-head", "64", "--lr-max", "0.05").lr_max == 0.05
 
 
 def test_ddp_torchrun_two_ranks_equal_one_rank_with_grad_accum_2(corpus, tmp_path):
