@@ -14,6 +14,10 @@ bench.py — how fast is hope.py, and how does its cost grow with the sequence?
     python bench.py peers    [--quick]   one hope.NeuralMemory layer vs lucidrains' titans-pytorch
                                          NeuralMemory and a Transformer layer, at C 16 and 64 (needs
                                          `pip install titans-pytorch`; not part of `all`)
+    python bench.py probe                write 8, 32, 64 key-value pairs into the memory as initialised (no
+                                         training) with each write rule, read them back: recall, error and
+                                         whether further writes stay stable (--lr-max sweeps θ_max; not part
+                                         of `all`)
     python bench.py all      [--quick]   memory, models, scaling and roofline
 
 Global flags: --device cpu|cuda, --threads N (default 2), --quick, --json PATH, --seed N; `models`
@@ -47,6 +51,7 @@ import time
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -1103,9 +1108,102 @@ def bench_stability(args, device):
     return results
 
 
+# -------------------------------------------------------------------------------------------------
+# probe: write N key-value pairs into the memory as initialised, read them back (no training)
+# -------------------------------------------------------------------------------------------------
+PROBE_GEOMETRIES = ("model", "decorrelated")
+PROBE_PAIRS, PROBE_HEAD_WIDTHS = (8, 32, 64), (16, 64)
+PROBE_TRIALS, PROBE_CHUNK, PROBE_NEXT_CHUNKS = 32, 16, 8     # batch of independent trials, C, stability chunks
+
+
+def probe_pairs(geometry, mix, n):
+    """n unit keys and values [B, 1, n, d] per trial. Keys "model": normalize(SiLU(x A)) with x ~ N(0, 1)
+    and the trial's map A (mix [B, 1, d, d]), as NeuralMemory makes them (SiLU gives them a shared positive
+    direction: correlated); "decorrelated": normalize(randn). Values v ~ N(0, 1/d), independent of the keys."""
+    B, d = mix.shape[0], mix.shape[-1]
+    x = torch.randn(B, 1, n, d)
+    keys = F.normalize(F.silu(x @ mix) if geometry == "model" else x, dim=-1)
+    return keys, torch.randn(B, 1, n, d) / math.sqrt(d)
+
+
+def probe_write(state, keys, values, lr_max, rule):
+    """One memory_update over the pairs (C = PROBE_CHUNK, no reads) at the rates RateHeads gives at its
+    init bias (input term 0): θ = θ_max·σ(0)·(1 − σ(0)) = θ_max/4, η = σ(0), α = σ(−6). (W, S, surprise)."""
+    B, _, T, _ = keys.shape
+    rates = hope.RateHeads(1, 1, lr_max).to(keys)(keys.new_zeros(B, 1, T, 1))    # θ, η, α [B, 1, T]
+    return hope.memory_update(*state, keys, values, None, *rates, PROBE_CHUNK, write_rule=rule)[1:]
+
+
+def probe_recall(weights, keys, values):
+    """(nearest-value accuracy, mean ‖M_W(k_i) − v_i‖ / ‖v_i‖) of the reads of every stored key."""
+    reads, values = hope.memory_forward(weights, keys)[:, 0], values[:, 0]          # [B, N, d]
+    if not reads.isfinite().all():
+        return math.nan, math.nan
+    nearest = torch.cdist(reads, values).argmin(-1)                                  # [B, N]
+    accuracy = (nearest == torch.arange(keys.shape[2], device=keys.device)).float().mean()
+    return accuracy.item(), ((reads - values).norm(dim=-1) / values.norm(dim=-1)).mean().item()
+
+
+def probe_group(geometry, d, n, lr_maxes, dtype, device):
+    """The rows of one (geometry, d, N): no write, then each rule (and θ_max) on the same pairs."""
+    mix = torch.randn(PROBE_TRIALS, 1, d, d) / math.sqrt(d)           # a Linear-scale map per trial
+    to = lambda ts: tuple(t.to(device, dtype) for t in ts)
+    keys, values = to(probe_pairs(geometry, mix, n))
+    next_keys, next_values = to(probe_pairs(geometry, mix, PROBE_NEXT_CHUNKS * PROBE_CHUNK))
+    start = hope.MemoryState.start(to(W.detach() for W in hope.init_memory_weights(1, d, 2, 2)), PROBE_TRIALS)
+    start = (start.weights, start.momentum)
+    common = dict(geometry=geometry, d_head=d, pairs=n)
+    accuracy, rel_error = probe_recall(start[0], keys, values)
+    rows = [dict(common, rule="no write", accuracy=accuracy, rel_error=rel_error)]
+    for rule in hope.WRITE_RULES:
+        for lr_max in lr_maxes or [hope.default_lr_max(rule, d)]:
+            weights, momentum, _ = probe_write(start, keys, values, lr_max, rule)
+            accuracy, rel_error = probe_recall(weights, keys, values)
+            next_weights, next_momentum, surprise = probe_write((weights, momentum), next_keys, next_values,
+                                                                lr_max, rule)        # surprise [B, 1, 8·C]
+            states = (*weights, *momentum, *next_weights, *next_momentum, surprise)
+            rows.append(dict(common, rule=rule, lr_max=lr_max, lr=lr_max / 4, accuracy=accuracy,
+                             rel_error=rel_error, max_next_loss_per_d=surprise.max().item() / d,
+                             finite=all(t.isfinite().all().item() for t in states)))
+    return rows
+
+
+def probe_cell(row, key, fmt):
+    value = row.get(key)
+    return "–" if value is None else "nan" if math.isnan(value) else fmt.format(value)
+
+
+def bench_probe(args, device):
+    dtype = getattr(torch, args.probe_dtype)
+    print_header(f"probe: write N key-value pairs into the memory at init, read them back, {args.probe_dtype}",
+                 args)
+    print(f"memory: init_memory_weights(1 head, d, depth 2, expansion 2, branch_scale 0.1), momentum 0; "
+          f"{PROBE_TRIALS} trials (batch), C {PROBE_CHUNK}; one memory_update over the N pairs, then M_W(k_i) "
+          f"for each\nθ = θ_max·σ(0)·(1 − η), η = σ(0) = 0.5, α = σ(−6) (RateHeads at init); θ_max "
+          + (f"{args.lr_max} (--lr-max)" if args.lr_max else "hope.default_lr_max(rule, d)"))
+    torch.manual_seed(args.seed)
+    with torch.no_grad():
+        rows = [row for geometry in PROBE_GEOMETRIES for d in PROBE_HEAD_WIDTHS for n in PROBE_PAIRS
+                for row in probe_group(geometry, d, n, args.lr_max, dtype, device)]
+    print()
+    print_table(["geometry", "d_head", "pairs", "rule", "θ", "accuracy", "rel. error",
+                 f"max inner loss/d, next {PROBE_NEXT_CHUNKS} chunks", "finite"],
+                [[r["geometry"], r["d_head"], r["pairs"], r["rule"], probe_cell(r, "lr", "{:.3g}"),
+                  probe_cell(r, "accuracy", "{:.0%}"), probe_cell(r, "rel_error", "{:.3f}"),
+                  probe_cell(r, "max_next_loss_per_d", "{:.3g}"),
+                  {True: "yes", False: "NO"}.get(r.get("finite"), "–")] for r in rows])
+    print(f"\nchance accuracy = 1/N: {', '.join(f'{1 / n:.1%} at {n}' for n in PROBE_PAIRS)} pairs. accuracy: "
+          "M(k_i) is nearest to its own v_i among the N values; rel. error: mean ‖M(k_i) − v_i‖ / ‖v_i‖ "
+          f"(no write: W⁰);\nmax inner loss/d: the largest surprise ‖M(k) − v‖² / d over {PROBE_NEXT_CHUNKS} "
+          "more chunks of fresh pairs written after; finite: every weight, momentum and loss stayed finite")
+    return dict(trials=PROBE_TRIALS, chunk_size=PROBE_CHUNK, next_chunks=PROBE_NEXT_CHUNKS, dtype=args.probe_dtype,
+                momentum_decay=0.5, forget=1 / (1 + math.exp(6)), rows=rows)
+
+
 COMMANDS = {"memory": bench_memory, "models": bench_models, "scaling": bench_scaling,
-            "roofline": bench_roofline, "stability": bench_stability, "peers": bench_peers}
-NOT_IN_ALL = ("stability", "peers")
+            "roofline": bench_roofline, "stability": bench_stability, "peers": bench_peers,
+            "probe": bench_probe}
+NOT_IN_ALL = ("stability", "peers", "probe")
 
 
 def choices(parser, flag, value, known):
@@ -1157,6 +1255,11 @@ def parse_args(argv=None):
     group.add_argument("--stability-steps", type=int, default=30)
     group.add_argument("--stability-rows", default=None, help=f"';' list of: {'; '.join(STABILITY_ROWS)} "
                        "(default all; e.g. half the rows per process)")
+    group = parser.add_argument_group("probe")
+    group.add_argument("--lr-max", default=None, help="comma list of θ_max values, each for every write rule "
+                       "(default: hope.default_lr_max of the rule and head width)")
+    group.add_argument("--probe-dtype", choices=["float32", "float64"], default="float32",
+                       help="dtype of the memory and the pairs (default float32, the model's)")
     group = parser.add_argument_group("matmul peak (every subcommand's header)")
     group.add_argument("--matmul-size", type=int, default=2048,
                        help="n of the n x n matmul that measures the machine's peak (default 2048)")
@@ -1178,6 +1281,13 @@ def parse_args(argv=None):
         parser.error("--stability-steps must be >= 1")
     if args.command == "stability" and args.device != "cpu":
         parser.error("stability trains on the CPU only, as `python train.py` does there")
+    if args.lr_max is not None:
+        try:
+            args.lr_max = [float(x) for x in args.lr_max.split(",") if x.strip()]
+        except ValueError:
+            args.lr_max = []
+        if not args.lr_max or not all(0 <= x < math.inf for x in args.lr_max):
+            parser.error("--lr-max: a comma list of finite numbers >= 0, e.g. 0.02,0.1,1")
     args.mixers = [m.strip() for m in args.mixers.split(",") if m.strip()]
     if not args.mixers or not set(args.mixers) <= set(hope.MIXERS):
         parser.error(f"--mixers: choose from {', '.join(hope.MIXERS)} (got {','.join(args.mixers)})")
