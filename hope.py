@@ -957,7 +957,8 @@ class HOPEConfig:
                 (not (self.read_mode == "in_chunk" and self.surprise and self.surprise_mode == "relative"),
                  "read mode in_chunk takes no relative surprise gate (its chunk mean sees later tokens)"),
                 (not (self.read_mode == "in_chunk" and self.write_rule == "proximal"),
-                 "read mode in_chunk takes no proximal write rule (its chunk solve sees later tokens)")]:
+                 "read mode in_chunk takes no proximal write rule (its chunk solve sees later tokens): use "
+                 "--write-rule longhorn or titans")]:
             if not ok:
                 raise ValueError(message)
         return self
