@@ -1128,10 +1128,11 @@ def probe_pairs(geometry, mix, n):
 
 def probe_write(state, keys, values, lr_max, rule):
     """One memory_update over the pairs (C = PROBE_CHUNK, no reads) at the rates RateHeads gives at its
-    init bias (input term 0): θ = θ_max·σ(0)·(1 − σ(0)) = θ_max/4, η = σ(0), α = σ(−6). (W, S, surprise)."""
+    init bias (input term 0; hope.RATE_START by rule). (W, S, surprise, θ at init)."""
     B, _, T, _ = keys.shape
-    rates = hope.RateHeads(1, 1, lr_max).to(keys)(keys.new_zeros(B, 1, T, 1))    # θ, η, α [B, 1, T]
-    return hope.memory_update(*state, keys, values, None, *rates, PROBE_CHUNK, write_rule=rule)[1:]
+    rates = hope.RateHeads(1, 1, lr_max, rule).to(keys)(keys.new_zeros(B, 1, T, 1))    # θ, η, α [B, 1, T]
+    return (*hope.memory_update(*state, keys, values, None, *rates, PROBE_CHUNK, write_rule=rule)[1:],
+            rates[0].mean().item())
 
 
 def probe_recall(weights, keys, values):
@@ -1157,12 +1158,12 @@ def probe_group(geometry, d, n, lr_maxes, dtype, device):
     rows = [dict(common, rule="no write", accuracy=accuracy, rel_error=rel_error)]
     for rule in hope.WRITE_RULES:
         for lr_max in lr_maxes or [hope.default_lr_max(rule, d)]:
-            weights, momentum, _ = probe_write(start, keys, values, lr_max, rule)
+            weights, momentum, _, lr = probe_write(start, keys, values, lr_max, rule)
             accuracy, rel_error = probe_recall(weights, keys, values)
-            next_weights, next_momentum, surprise = probe_write((weights, momentum), next_keys, next_values,
-                                                                lr_max, rule)        # surprise [B, 1, 8·C]
+            next_weights, next_momentum, surprise, _ = probe_write((weights, momentum), next_keys, next_values,
+                                                                   lr_max, rule)     # surprise [B, 1, 8·C]
             states = (*weights, *momentum, *next_weights, *next_momentum, surprise)
-            rows.append(dict(common, rule=rule, lr_max=lr_max, lr=lr_max / 4, accuracy=accuracy,
+            rows.append(dict(common, rule=rule, lr_max=lr_max, lr=lr, accuracy=accuracy,
                              rel_error=rel_error, max_next_loss_per_d=surprise.max().item() / d,
                              finite=all(t.isfinite().all().item() for t in states)))
     return rows
@@ -1179,7 +1180,8 @@ def bench_probe(args, device):
                  args)
     print(f"memory: init_memory_weights(1 head, d, depth 2, expansion 2, branch_scale 0.1), momentum 0; "
           f"{PROBE_TRIALS} trials (batch), C {PROBE_CHUNK}; one memory_update over the N pairs, then M_W(k_i) "
-          f"for each\nθ = θ_max·σ(0)·(1 − η), η = σ(0) = 0.5, α = σ(−6) (RateHeads at init); θ_max "
+          f"for each\nθ, η, α as RateHeads starts them (hope.RATE_START: θ_max/4 and η 0.5 for titans "
+          f"and longhorn, θ ≈ θ_max/10 and η ≈ 0 for proximal), α = σ(−6); θ_max "
           + (f"{args.lr_max} (--lr-max)" if args.lr_max else "hope.default_lr_max(rule, d)"))
     torch.manual_seed(args.seed)
     with torch.no_grad():

@@ -149,7 +149,9 @@ def surprise_gate(surprise, threshold, relative):
 # G is the memory's Gauss–Newton (tangent) kernel between the chunk's tokens, averaged over its d outputs:
 # G_ij = (1/d) Σ_o ⟨∂M(k_i)_o/∂W, ∂M(k_j)_o/∂W⟩, how far a write at token j moves the read at token i
 # (G = KKᵀ for a linear memory; for the MLP the bound above holds to first order). θ = 0 (a gated token)
-# writes 0. Measured: README, deviation 7 and the write-rule table; `python bench.py probe`.
+# writes 0. The default is proximal (HOPEConfig.write_rule): its bound lets θ_max be 10 (§11's LR_MAX)
+# where the Titans rule's overshoot caps θ at 0.02 and the memory hardly stores what it reads (README:
+# deviation 7, the write-rule table; `python bench.py probe`).
 WRITE_RULES = ("titans", "proximal", "longhorn")
 
 
@@ -382,16 +384,43 @@ def _memory_update_parallel(weights, momentum, keys, values, queries, lr, moment
     return outputs, weights, momentum, torch.cat(surprises, dim=1)
 
 
+def check_inputs(weights, momentum, keys, values, queries, rates):
+    """One ValueError naming the argument whose shape or dtype does not fit memory_update's contract."""
+    def fail(name, tensor, expected):
+        raise ValueError(f"memory_update: {name} must be {expected}, got {tuple(tensor.shape)} {tensor.dtype}")
+    if keys.dim() != 4 or not keys.is_floating_point():
+        fail("keys", keys, "a floating-point [B, H, T, d]")
+    B, H, T, d = keys.shape
+    widths = [d]
+    for i, W in enumerate(weights):
+        if W.dim() != 4 or W.shape[:3] != (B, H, widths[-1]) or not W.is_floating_point():
+            fail(f"weights[{i}]", W, f"floating-point [{B}, {H}, {widths[-1]}, d_out] (layers chain from d = {d})")
+        widths.append(W.shape[-1])
+    if widths[-1] != d:
+        fail(f"weights[{len(weights) - 1}]", weights[-1], f"[{B}, {H}, ·, {d}] (the memory maps d to d)")
+    if len(momentum) != len(weights):
+        raise ValueError(f"memory_update: momentum must hold one tensor per layer ({len(weights)}), got {len(momentum)}")
+    for i, (S, W) in enumerate(zip(momentum, weights)):
+        if S.shape != W.shape or not S.is_floating_point():
+            fail(f"momentum[{i}]", S, f"floating-point {tuple(W.shape)}, as weights[{i}]")
+    for name, x in [("values", values), ("queries", keys if queries is None else queries)]:
+        if x.shape != keys.shape or not x.is_floating_point():
+            fail(name, x, f"floating-point {tuple(keys.shape)}, as keys")
+    for name, rate in zip(("lr", "momentum_decay", "forget"), rates):
+        if rate.shape != (B, H, T) or not rate.is_floating_point():
+            fail(name, rate, f"floating-point [{B}, {H}, {T}]")
+
+
 def memory_update(weights, momentum, keys, values, queries, lr, momentum_decay, forget, chunk_size, parallel=True,
                   threshold=None, relative=False, checkpoint=False, read_mode="chunk_start", writes=True,
                   compile=False, write_rule="titans"):
     """Read and write a neural memory over a sequence: the functional core. weights, momentum: W, S as
     tuples of [B, H, d_in, d_out]; keys, values (k_t -> v_t), queries (None: write only): [B, H, T, d];
     lr, momentum_decay, forget: θ, η, α [B, H, T]; parallel: §5 (else §4); threshold γ, relative: §3;
-    read_mode: §4; write_rule: §3's WRITE_RULES; writes=False: read W, write nothing; checkpoint, compile:
-    §5's chunk_runner. Returns
-    (outputs or None, new W, new S, surprise [B, H, T] detached), nothing changed in place; a final
-    partial chunk is updated with its own tokens only."""
+    read_mode: §4; write_rule: §3's WRITE_RULES; writes=False: read W, write nothing; checkpoint,
+    compile: §5's chunk_runner. Returns (outputs or None, new W, new S, surprise [B, H, T] detached),
+    nothing changed in place; a final partial chunk is updated with its own tokens only."""
+    check_inputs(weights, momentum, keys, values, queries, (lr, momentum_decay, forget))
     if chunk_size < 1 or read_mode not in READ_MODES:
         raise ValueError(f"chunk_size must be >= 1 and read_mode in {READ_MODES}: got {chunk_size}, {read_mode!r}")
     if read_mode == "in_chunk" and threshold is not None and relative:
@@ -469,14 +498,22 @@ class HeadLinear(nn.Module):
         return torch.einsum("bhti,hio->bhto", x, self.weight)
 
 
+# Where the rates start, by write rule: (θ / θ_max, η) at init, RateHeads' biases; α starts at σ(−6)
+# ≈ 0.0025 for every rule. The proximal rule starts at θ = 1 with momentum off (η ≈ 0.0025), so a
+# chunk's solved write lands at once instead of spread over 1/(1 − η) chunks, and its θ_max of 10
+# leaves the model room to fit a chunk almost exactly where recall asks for it (README: the write rules).
+RATE_START = {"titans": (0.5, 0.5), "proximal": (0.1, 0.0025), "longhorn": (0.5, 0.5)}
+
+
 class RateHeads(nn.Module):
     """Per-head, per-token θ = lr_max·σ(·)·(1 − η), η = σ(·), α = σ(·) from linear read-outs. (1 − η)
     offsets momentum's 1/(1 − η): whatever η, a token's write adds up to lr_max·σ(·) (deviation 7)."""
-    def __init__(self, heads, d, lr_max):
+    def __init__(self, heads, d, lr_max, write_rule):
         super().__init__()
         self.lr_max = lr_max
         self.weight = nn.Parameter(torch.randn(heads, d, 3) / math.sqrt(d))    # columns: θ, η, α
-        self.bias = nn.Parameter(torch.tensor([0.0, 0.0, -6.0]).repeat(heads, 1, 1))  # [H, 1, 3]
+        start = torch.logit(torch.tensor([*RATE_START[write_rule], 0.0025]))    # σ(bias) = the start
+        self.bias = nn.Parameter(start.repeat(heads, 1, 1))                      # [H, 1, 3]
 
     def forward(self, *feats):
         """θ, η, α, each [B, H, T], from feats [B, H, T, d]: one input for all, or one per rate (§8)."""
@@ -523,7 +560,7 @@ class NeuralMemory(MemoryLayer):
         H, d = config.heads, config.d_head
         self.to_query = HeadLinear(H, d, d)
         self.to_key_value = HeadLinear(H, d, 2 * d)
-        self.rates = RateHeads(H, d, config.lr_max)
+        self.rates = RateHeads(H, d, config.lr_max, config.write_rule)
         self.initial_weights = init_memory_weights(H, d, config.memory_depth, config.expansion)
 
     def queries(self, feats):
@@ -565,7 +602,8 @@ class SelfModifyingMemory(MemoryLayer):
         H, d, n = config.heads, config.d_head, len(SELF_MOD_COMPONENTS)
         # full-scale residual branches (with M(x) ≈ x, k ≈ v ≈ q: nothing to memorize)
         self.initial_weights = init_memory_weights(n * H, d, config.memory_depth, config.expansion, branch_scale=1.0)
-        self.rates = RateHeads(H, d, config.lr_max)  # w_lr, w_forget read-outs and η's linear map
+        # w_lr, w_forget read-outs and η's linear map
+        self.rates = RateHeads(H, d, config.lr_max, config.write_rule)
         # chunk-start reads in either read mode (step 1 needs that state); each chunk recomputed whole
         self.checkpoint, self.compile = self.settings.pop("checkpoint"), self.settings.pop("compile")
         self.settings["read_mode"] = "chunk_start"
@@ -628,7 +666,8 @@ class CMSLevel(nn.Module):
         self.heads, self.period, self.settings = H, period, update_settings(config)
         self.in_proj = nn.Linear(config.dim, H * d, bias=False)
         self.to_value = HeadLinear(H, d, d)
-        self.rates = RateHeads(H, d, config.lr_max if config.cms_lr_max is None else config.cms_lr_max)
+        self.rates = RateHeads(H, d, config.lr_max if config.cms_lr_max is None else config.cms_lr_max,
+                               config.write_rule)
         self.initial_weights = init_memory_weights(H, d, config.memory_depth, config.expansion)
         self.out_proj = nn.Linear(H * d, config.dim, bias=False)
 
@@ -884,13 +923,16 @@ def option(default, help, choices=None):
     return field(default=default, metadata={"help": help, **({"choices": choices} if choices else {})})
 
 
+# θ_max by write rule (README deviation 7). The Titans step grows with θ and with the chunk's key Gram
+# matrix, so its cap is small and falls as heads widen. The implicit rules solve for their write: for
+# a linear memory each direction's error shrinks by 1/(1 + 2θ̃λ) at any θ, and an MLP memory is
+# solved through its linearisation, so there θ_max sets how fully a chunk is fitted.
+LR_MAX = {"proximal": 10.0, "longhorn": 1.0}
+
+
 def default_lr_max(write_rule, d_head):
-    """θ_max by write rule (deviation 7). Titans: 0.02 at heads of 16, 0.02·√(16/d_head) wider (at heads of 64,
-    0.02 diverged within 20 steps). The implicit rules cannot overshoot, so θ_max only sets how fully a write fits."""
-    return 0.02 * (16 / d_head) ** 0.5 if write_rule == "titans" else LR_MAX[write_rule]
-
-
-LR_MAX = {"proximal": 1.0, "longhorn": 1.0}
+    """θ_max for a write rule: LR_MAX, or 0.02·√(16/d_head) for the Titans rule (None if unknown)."""
+    return 0.02 * (16 / d_head) ** 0.5 if write_rule == "titans" else LR_MAX.get(write_rule)
 
 
 @dataclass
