@@ -622,12 +622,13 @@ def load_data(cfg, model_cfg):
 
 @dataclass
 class Progress:
-    """What the loop carries from step to step; a checkpoint saves all of it but interval_time."""
+    """What the loop carries from step to step; a checkpoint saves all of it but interval_time and grad_norm."""
     step: int = 0
     elapsed: float = 0.0               # seconds since the run began, resumed runs included
     recent_losses: list = field(default_factory=list)   # train losses since the last evaluation
     val_loss_0: float = None           # the step-0 val loss: a later one above it stops the run
     interval_time: float = 0.0         # seconds spent in steps since the last evaluation
+    grad_norm: float = None            # the last step's gradient norm before clipping (logged)
 
 
 @dataclass
@@ -679,7 +680,10 @@ def train_model(model_cfg, cfg, checkpoint=None):
     progress = Progress() if checkpoint is None else restore(checkpoint, model, optimizer, device)
     forward = torch.compile(model) if cfg.compile else model
     if world > 1:                                # averages the gradients over the ranks in backward
-        forward = DistributedDataParallel(forward, device_ids=[device] if device.type == "cuda" else None)
+        # some HOPE parameters can sit a step out (a CMS level slower than the context never writes, nor
+        # does "CMS frozen"): DDP must be told to look for them, or the next step stops with an error
+        forward = DistributedDataParallel(forward, device_ids=[device] if device.type == "cuda" else None,
+                                          find_unused_parameters=model_cfg.model == "hope")
     val_batches = eval_batches(val_data, cfg.batch_size, model_cfg.seq_len, cfg.eval_batches)
     t = Trainer(model, optimizer, model_cfg, cfg, meta, unit, val_batches, device, autocast, rank, world)
     print_setup(t, bf16)
@@ -693,7 +697,7 @@ def train_model(model_cfg, cfg, checkpoint=None):
                                   disable=rank != 0) as bar:
         while progress.step < cfg.steps:
             t0 = time.perf_counter()
-            loss = train_step(t, forward, train_data, progress.step)
+            loss, progress.grad_norm = train_step(t, forward, train_data, progress.step)
             progress.step, dt = progress.step + 1, time.perf_counter() - t0
             progress.interval_time, run_time = progress.interval_time + dt, run_time + dt
             progress.recent_losses.append(loss)
@@ -712,7 +716,8 @@ def train_model(model_cfg, cfg, checkpoint=None):
 
 
 def train_step(t, forward, train_data, step):
-    """One optimizer step of grad_accum micro-batches; returns the loss (the mean over the ranks)."""
+    """One optimizer step of grad_accum micro-batches; returns the loss (the mean over the ranks) and
+    the gradient's norm before clipping (that of the mean gradient over micro-batches and ranks)."""
     cfg = t.cfg
     for group in t.optimizer.param_groups:
         group["lr"] = learning_rate(step, cfg)
@@ -733,7 +738,7 @@ def train_step(t, forward, train_data, step):
                             f"the last good checkpoint {t.ckpt_path} is intact")
     t.optimizer.step()
     t.optimizer.zero_grad(set_to_none=True)
-    return loss_sum
+    return loss_sum, grad_norm.item()
 
 
 def evaluate_log_save(t, progress):
@@ -749,8 +754,8 @@ def evaluate_log_save(t, progress):
     train_loss = sum(recent) / len(recent) if recent else None
     tokens_per_s = len(recent) * t.tokens_per_step / progress.interval_time if progress.interval_time else None
     record = dict(step=progress.step, train_loss=train_loss, val_loss=val_loss,
-                  lr=learning_rate(max(progress.step - 1, 0), t.cfg), tokens_per_s=tokens_per_s,
-                  elapsed=progress.elapsed)
+                  lr=learning_rate(max(progress.step - 1, 0), t.cfg), grad_norm=progress.grad_norm,
+                  tokens_per_s=tokens_per_s, elapsed=progress.elapsed)
     shown = "-" if train_loss is None else f"{train_loss:.4f}"
     recall = ""
     if "chance" in t.meta:
