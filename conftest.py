@@ -10,10 +10,10 @@ import torch
 from hypothesis import HealthCheck, settings
 
 # "dev" (the default: the quick loop) draws 10 new examples a test on every run and remembers failing
-# ones; "ci" draws 40, the same every run (derandomized, no example database). `.ci/run` sets CI. A
+# ones; "ci" draws 30, the same every run (derandomized, no example database). `.ci/run` sets CI. A
 # test over a grid of discrete cells takes a tenth of that in each cell (test_hope.CELL_EXAMPLES).
 settings.register_profile("dev", max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("ci", settings.get_profile("dev"), max_examples=40, derandomize=True, database=None,
+settings.register_profile("ci", settings.get_profile("dev"), max_examples=30, derandomize=True, database=None,
                           print_blob=True)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
 

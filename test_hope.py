@@ -338,11 +338,11 @@ def perturb(problem, gen, fields, start, stop=None, samples=slice(None)):
 # --- 1.2 the chunk form equals the token loop
 
 def examples(n):
-    """n Hypothesis examples under the ci profile (40 a test), a quarter of them under dev (10)."""
-    return max(1, n * settings.default.max_examples // 40)
+    """n Hypothesis examples under the ci profile (30 a test), a third of them under dev (10)."""
+    return max(1, n * settings.default.max_examples // 30)
 
 
-CELL_EXAMPLES = examples(4)      # in each discrete cell: the cells themselves all run
+CELL_EXAMPLES = examples(3)      # in each discrete cell: the cells themselves all run
 
 
 @pytest.mark.parametrize("cell", cells(queries_are_keys=(False, True)))
@@ -441,7 +441,7 @@ def online_loop(problem):
 
 @pytest.mark.parametrize("parallel", [False, True], ids=["sequential", "parallel"])
 @pytest.mark.parametrize("depth", DEPTHS)
-@settings(max_examples=examples(10))
+@settings(max_examples=examples(8))
 @given(st.data())
 def test_chunk_size_one_is_the_online_loop(depth, parallel, data):
     """With C = 1 the Titans rule equals the online recurrence (online_loop), at every depth; the
@@ -509,7 +509,7 @@ def test_only_the_proximal_write_never_overshoots(write_rule, overshoots):
 
 @pytest.mark.parametrize("parallel", [False, True], ids=["sequential", "parallel"])
 @pytest.mark.parametrize("depth", DEPTHS)
-@settings(max_examples=examples(10))
+@settings(max_examples=examples(8))
 @given(st.data())
 def test_proximal_at_chunk_size_one_is_longhorn(depth, parallel, data):
     """With one token a chunk, the proximal solve is a scalar: the proximal and the per-token
@@ -822,7 +822,7 @@ FLOAT32_RTOL = 1e-4    # float32 against float64 on O(1) numbers over up to 48 t
 
 @PATHS
 @pytest.mark.parametrize("write_rule", hope.WRITE_RULES)
-@settings(max_examples=examples(20))
+@settings(max_examples=examples(15))
 @given(st.integers(0, 2**32 - 1), st.integers(1, 48), st.integers(1, 52), st.sampled_from(DEPTHS),
        st.sampled_from(["low", "high", "mixed", "uniform"]), st.sampled_from(["low", "high", "mixed", "uniform"]))
 def test_float32_agrees_with_float64_and_stays_finite(write_rule, parallel, seed, T, C, depth, eta, forget):
@@ -982,7 +982,7 @@ def test_write_only_call_writes_what_a_reading_call_writes(cell, parallel, data)
 @PATHS
 @pytest.mark.parametrize("depth", DEPTHS)
 @pytest.mark.parametrize("write_rule", hope.WRITE_RULES)
-@settings(max_examples=examples(10))
+@settings(max_examples=examples(8))
 @given(st.data())
 def test_writes_off_reads_the_initial_weights_at_every_token(write_rule, depth, parallel, data):
     """writes=False (the frozen control): every output is M_{W⁰}(q_t) and every surprise
@@ -1016,12 +1016,13 @@ def compiled_and_counted(monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("write_rule", hope.WRITE_RULES)
+@pytest.mark.parametrize("write_rule", ["titans", "longhorn"])
 def test_compiled_memory_update_equals_eager(write_rule, monkeypatch):
     """compile=True at the memory level: each chunk step compiles (no graph falls back to eager) and
-    gives the eager outputs, state and gradients (float32, the dtype it compiles in, 1e-5 per element)."""
+    gives the eager outputs, state and gradients (float32, the dtype it compiles in, 1e-5 per element).
+    The proximal rule compiles in the model test of §2.4 (Full HOPE's default)."""
     outcomes = compiled_and_counted(monkeypatch)
-    problem = float32_problem(0, 13, 4, 2, "uniform", "uniform", write_rule)
+    problem = float32_problem(0, 12, 4, 2, "uniform", "uniform", write_rule)   # whole chunks: one shape
     eager = problem.run(True)
     projections = random_projections(problem, eager)
     leaves = leaf_copies(problem.tensors())
@@ -1389,8 +1390,8 @@ def test_compiled_chunk_steps_equal_eager(device, monkeypatch):
     1e-5 per element (float32, the dtype they compile in). It caught an Inductor bug: keys repeated
     for the six memories by torch.cat([k] * 6) got wrong gradients (errors of 100 %), so hope.py
     repeats them with expand."""
-    def loss_and_gradients(compile_chunks):
-        model = tiny_model(compile_chunks=compile_chunks).float().to(device)
+    def loss_and_gradients(compile_chunks):    # one layer and one CMS level: fewer graphs to compile
+        model = tiny_model(compile_chunks=compile_chunks, layers=1, cms_periods=(4,)).float().to(device)
         loss = model(tokens(length=32).to(device), tokens(length=32, seed=2).to(device))[1]
         loss.backward()
         return loss.item(), {name: p.grad.cpu() for name, p in model.named_parameters()}
@@ -1844,12 +1845,13 @@ def test_ddp_torchrun_two_ranks_equal_one_rank_with_grad_accum_2(corpus, tmp_pat
     """Rank r draws the batches of micro-steps r × grad_accum + micro: the same batches, the same
     averaged gradients (their logged norm before clipping, which AdamW and clipping hide from the
     weights: a gradient summed over ranks or micro-batches doubles it), the same weights, also
-    after --resume; rank 0 alone prints and saves."""
+    after --resume (HOPE); rank 0 alone prints and saves."""
     common = [*arch, "--batch-size", "2", "--steps", "3", "--eval-every", "1", "--device", "cpu"]
     assert_two_ranks_equal_one(tmp_path, flags(corpus, tmp_path, "one", *common, "--grad-accum", "2"),
                                flags(corpus, tmp_path, "two", *common))
-    resume = lambda out: ["--resume", "--out-dir", str(tmp_path / out), "--steps", "5"]
-    assert_two_ranks_equal_one(tmp_path, resume("one"), resume("two"))
+    if arch is HOPE:                                        # the resume path is the same for both models
+        resume = lambda out: ["--resume", "--out-dir", str(tmp_path / out), "--steps", "5"]
+        assert_two_ranks_equal_one(tmp_path, resume("one"), resume("two"))
 
 
 # --- 3.6 sampling
