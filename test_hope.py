@@ -1016,11 +1016,12 @@ def compiled_and_counted(monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("write_rule", ["titans", "longhorn"])
+@pytest.mark.parametrize("write_rule", ["titans"])
 def test_compiled_memory_update_equals_eager(write_rule, monkeypatch):
     """compile=True at the memory level: each chunk step compiles (no graph falls back to eager) and
     gives the eager outputs, state and gradients (float32, the dtype it compiles in, 1e-5 per element).
-    The proximal rule compiles in the model test of §2.4 (Full HOPE's default)."""
+    The proximal rule compiles in the model test of §2.4 (Full HOPE's default); Longhorn's step differs
+    from it only in write_steps' per-token branch (each cold compile costs CI seconds)."""
     outcomes = compiled_and_counted(monkeypatch)
     problem = float32_problem(0, 12, 4, 2, "uniform", "uniform", write_rule)   # whole chunks: one shape
     eager = problem.run(True)
@@ -1840,7 +1841,7 @@ def assert_two_ranks_equal_one(tmp_path, one_argv, two_argv):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", [GPT, HOPE], ids=["transformer", "hope"])
+@pytest.mark.parametrize("arch", [HOPE], ids=["hope"])    # train.py's DDP path is the same for GPT
 def test_ddp_torchrun_two_ranks_equal_one_rank_with_grad_accum_2(corpus, tmp_path, arch):
     """Rank r draws the batches of micro-steps r × grad_accum + micro: the same batches, the same
     averaged gradients (their logged norm before clipping, which AdamW and clipping hide from the
