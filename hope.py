@@ -180,7 +180,10 @@ def write_steps(rule, kernel, error, lr, momentum_decay):
     if rule == "longhorn":
         return step * error / (1 + long_run * kernel.diagonal(dim1=-2, dim2=-1)[..., None])
     eye = torch.eye(kernel.shape[-1], dtype=kernel.dtype, device=kernel.device)
-    return step * torch.linalg.solve(eye + kernel * long_run.transpose(-1, -2), error)   # B (I + G B̃)⁻¹ E
+    # I + G B̃ has eigenvalues ≥ 1 and so is invertible, unless a memory has already blown up (G past
+    # 1e7 in float32): solve_ex then gives NaN, which train.py stops on with one line, instead of raising.
+    solved, _ = torch.linalg.solve_ex(eye + kernel * long_run.transpose(-1, -2), error)
+    return step * solved                                                 # B (I + G B̃)⁻¹ E
 
 
 # === 4. The update rule, token by token (Titans Eqs. 9-15) ======================================

@@ -520,6 +520,18 @@ def test_proximal_at_chunk_size_one_is_longhorn(depth, parallel, data):
     assert_results_close(replace(problem, write_rule="proximal").run(parallel), longhorn, 1e-12)
 
 
+def test_a_blown_up_kernel_gives_nan_not_an_exception():
+    """A memory that has already blown up (G ≈ 1e13 · 11ᵀ in float32, as a diverging run reached)
+    makes I + G B̃ singular to working precision: the proximal write returns NaN, which training stops
+    on with one line (NonFiniteLoss), instead of raising LinAlgError from the solve."""
+    kernel = torch.full((2, 4, 4), 1e13)
+    error, lr, momentum_decay = torch.ones(2, 4, 3), torch.full((2, 4), 10.0), torch.zeros(2, 4)
+    steps = hope.write_steps("proximal", kernel, error, lr, momentum_decay)
+    assert steps.shape == error.shape and not torch.isfinite(steps).all()
+    tame = hope.write_steps("proximal", kernel / 1e13, error, lr, momentum_decay)
+    assert torch.isfinite(tame).all()
+
+
 def test_write_rule_is_checked():
     """An unknown write rule, and the proximal rule with in-chunk reads (its solve sees the whole
     chunk), are rejected by memory_update and by HOPEConfig."""
