@@ -593,9 +593,15 @@ class NeuralMemory(MemoryLayer):
 # values change as the sequence goes. Per chunk, from the chunk-start states of all six:
 #   1. generate k = M_k(x), v = M_v(x), q = M_q(x), θ = lr_max·σ(w_lr·M_lr(x)), α = σ(w_α·M_forget(x))
 #   2. self-generated targets v̂_□ = M_□(v) for every memory (NL Eq. 84)
-#   3. write all six with keys k, values v̂_□ and the same θ, η, α, through one memory_update call
+#   3. write all six with keys k, values v̂_□ and the same η, α, through one memory_update call; M_mem
+#      with θ, the five generators with GENERATOR_LR·θ (below)
 #   4. the layer's output is M_mem(q), read before the write (every write: §4's rule; NL's: DGD)
+# Two guards keep this loop stable (README: deviation 6). Everything generated is unit-norm, the rate
+# features too, so a growing M_lr cannot push θ to θ_max and write bigger still. And under the proximal
+# rule the generators write at a tenth of M_mem's θ: a solved write fits M_□(k) to a target M_□(v) that
+# moves with it, and at θ_max 10 that chase blew M_k and M_v up under MAL (gradient norms past 1e4).
 SELF_MOD_COMPONENTS = ("k", "v", "q", "lr", "forget", "mem")   # seed paper: m_k, m_v, m_q, m_η, m_α, m_memory
+GENERATOR_LR = {"titans": 1.0, "proximal": 0.1, "longhorn": 1.0}   # the generators' θ / M_mem's θ, by rule
 
 
 class SelfModifyingMemory(MemoryLayer):
@@ -607,6 +613,7 @@ class SelfModifyingMemory(MemoryLayer):
         self.initial_weights = init_memory_weights(n * H, d, config.memory_depth, config.expansion, branch_scale=1.0)
         # w_lr, w_forget read-outs and η's linear map
         self.rates = RateHeads(H, d, config.lr_max, config.write_rule)
+        self.lr_scale = [GENERATOR_LR[config.write_rule]] * (n - 1) * H + [1.0] * H   # M_k .. M_forget, M_mem
         # chunk-start reads in either read mode (step 1 needs that state); each chunk recomputed whole
         self.checkpoint, self.compile = self.settings.pop("checkpoint"), self.settings.pop("compile")
         self.settings["read_mode"] = "chunk_start"
@@ -623,6 +630,7 @@ class SelfModifyingMemory(MemoryLayer):
         """Step 1: k, v, q [B, H, n, d] and θ, η, α [B, H, n] from the memories at `weights`."""
         generators = tuple(W[:, :5] for W in self.by_component(weights))         # M_k .. M_forget
         k, v, q, lr_feats, forget_feats = memory_forward(generators, feats[:, None]).unbind(1)
+        lr_feats, forget_feats = F.normalize(lr_feats, dim=-1), F.normalize(forget_feats, dim=-1)
         lr, momentum_decay, forget = self.rates(lr_feats, feats, forget_feats)
         # v unit-norm too (deviation 6): a write multiplies M = I + A by (I − 2θ(k − v)kᵀ), unbounded if k·v > 1
         return F.normalize(k, dim=-1), F.normalize(v, dim=-1), F.normalize(q, dim=-1), lr, momentum_decay, forget
@@ -640,7 +648,8 @@ class SelfModifyingMemory(MemoryLayer):
         out = memory_forward(tuple(w[:, 5] for w in W), q) if read else None       # step 4
         targets = memory_forward(W, v[:, None]).flatten(1, 2)                     # step 2 [B, 6H, n, d]
         keys, lr, momentum_decay, forget = (t[:, None].expand(-1, len(SELF_MOD_COMPONENTS), *t.shape[1:]).flatten(1, 2)
-                                            for t in (k, lr, momentum_decay, forget))  # all 6 share k, θ, η, α
+                                            for t in (k, lr, momentum_decay, forget))  # all 6 share k, η, α (θ: scaled)
+        lr = lr * lr.new_tensor(self.lr_scale)[:, None]                         # the generators' θ: step 3
         _, weights, momentum, surprise = memory_update(                           # step 3
             weights, momentum, keys, targets, None, lr, momentum_decay, forget, self.chunk_size, **self.settings)
         return out, weights, momentum, surprise

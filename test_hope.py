@@ -1317,6 +1317,37 @@ def test_self_mod_chunk_one_changes_keys_generated_in_chunk_two(monkeypatch):
     assert not torch.allclose(keys_a, keys_b)
 
 
+@pytest.mark.parametrize("write_rule", ["titans", "proximal", "longhorn"])
+def test_self_mod_generators_write_at_their_share_of_the_memory_lr(write_rule, monkeypatch):
+    """Step 3's rates: the five generators take GENERATOR_LR·θ (a tenth under the proximal rule), M_mem
+    θ itself, and all six share η and α; the rate read-outs see unit-norm features, whatever the scale
+    of M_lr(x) and M_forget(x)."""
+    calls, rate_inputs = [], []
+    real_update = hope.memory_update
+
+    def spy(weights, momentum, keys, values, queries, lr, momentum_decay, forget, *args, **kwargs):
+        calls.append((lr.detach(), momentum_decay.detach(), forget.detach()))
+        return real_update(weights, momentum, keys, values, queries, lr, momentum_decay, forget, *args, **kwargs)
+
+    monkeypatch.setattr(hope, "memory_update", spy)
+    model = tiny_model("No CMS", "lmm", layers=1, write_rule=write_rule)
+    memory = model.blocks[0].mixer.memory
+    memory.rates.register_forward_pre_hook(lambda module, feats: rate_inputs.append(feats))
+    model(tokens(length=TINY["chunk_size"]))
+    (lr, momentum_decay, forget), = calls
+    H = TINY["dim"] // TINY["d_head"]
+    by_component = lambda t: t.unflatten(1, (len(hope.SELF_MOD_COMPONENTS), H))     # [B, 6, H, n]
+    lr, momentum_decay, forget = map(by_component, (lr, momentum_decay, forget))
+    share = hope.GENERATOR_LR[write_rule]
+    assert share == (0.1 if write_rule == "proximal" else 1.0)
+    for c in range(5):
+        torch.testing.assert_close(lr[:, c], share * lr[:, 5], rtol=1e-12, atol=0)
+        assert torch.equal(momentum_decay[:, c], momentum_decay[:, 5]) and torch.equal(forget[:, c], forget[:, 5])
+    lr_feats, _, forget_feats = rate_inputs[0]
+    for feats in (lr_feats, forget_feats):
+        torch.testing.assert_close(feats.norm(dim=-1), torch.ones_like(feats[..., 0]), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("period", [2, 4])
 def test_cms_level_weights_change_only_at_period_multiples(period):
     """A CMS level reads its memory at the state of the last multiple of its period: with the same
