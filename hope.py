@@ -599,7 +599,7 @@ class NeuralMemory(MemoryLayer):
 # Two guards keep this loop stable (README: deviation 6). Everything generated is unit-norm, the rate
 # features too, so a growing M_lr cannot push θ to θ_max and write bigger still. And under the proximal
 # rule the generators write at a tenth of M_mem's θ: a solved write fits M_□(k) to a target M_□(v) that
-# moves with it, and at θ_max 10 that chase blew M_k and M_v up under MAL (gradient norms past 1e4).
+# moves with it, and at the full θ that chase can blow M_k and M_v up (README: the stability table).
 SELF_MOD_COMPONENTS = ("k", "v", "q", "lr", "forget", "mem")   # seed paper: m_k, m_v, m_q, m_η, m_α, m_memory
 GENERATOR_LR = {"titans": 1.0, "proximal": 0.1, "longhorn": 1.0}   # the generators' θ / M_mem's θ, by rule
 
@@ -613,7 +613,7 @@ class SelfModifyingMemory(MemoryLayer):
         self.initial_weights = init_memory_weights(n * H, d, config.memory_depth, config.expansion, branch_scale=1.0)
         # w_lr, w_forget read-outs and η's linear map
         self.rates = RateHeads(H, d, config.lr_max, config.write_rule)
-        self.lr_scale = [GENERATOR_LR[config.write_rule]] * (n - 1) * H + [1.0] * H   # M_k .. M_forget, M_mem
+        self.generator_lr = GENERATOR_LR[config.write_rule]
         # chunk-start reads in either read mode (step 1 needs that state); each chunk recomputed whole
         self.checkpoint, self.compile = self.settings.pop("checkpoint"), self.settings.pop("compile")
         self.settings["read_mode"] = "chunk_start"
@@ -647,9 +647,10 @@ class SelfModifyingMemory(MemoryLayer):
         W = self.by_component(weights)
         out = memory_forward(tuple(w[:, 5] for w in W), q) if read else None       # step 4
         targets = memory_forward(W, v[:, None]).flatten(1, 2)                     # step 2 [B, 6H, n, d]
-        keys, lr, momentum_decay, forget = (t[:, None].expand(-1, len(SELF_MOD_COMPONENTS), *t.shape[1:]).flatten(1, 2)
-                                            for t in (k, lr, momentum_decay, forget))  # all 6 share k, η, α (θ: scaled)
-        lr = lr * lr.new_tensor(self.lr_scale)[:, None]                         # the generators' θ: step 3
+        keys, momentum_decay, forget = (t[:, None].expand(-1, len(SELF_MOD_COMPONENTS), *t.shape[1:]).flatten(1, 2)
+                                        for t in (k, momentum_decay, forget))     # all 6 share k, η, α
+        # θ for M_k .. M_forget, then M_mem's own: [B, 6H, n], component-major like the state
+        lr = torch.stack([self.generator_lr * lr] * 5 + [lr], dim=1).flatten(1, 2)
         _, weights, momentum, surprise = memory_update(                           # step 3
             weights, momentum, keys, targets, None, lr, momentum_decay, forget, self.chunk_size, **self.settings)
         return out, weights, momentum, surprise

@@ -1335,9 +1335,7 @@ def test_self_mod_generators_write_at_their_share_of_the_memory_lr(write_rule, m
     memory.rates.register_forward_pre_hook(lambda module, feats: rate_inputs.append(feats))
     model(tokens(length=TINY["chunk_size"]))
     (lr, momentum_decay, forget), = calls
-    H = TINY["dim"] // TINY["d_head"]
-    by_component = lambda t: t.unflatten(1, (len(hope.SELF_MOD_COMPONENTS), H))     # [B, 6, H, n]
-    lr, momentum_decay, forget = map(by_component, (lr, momentum_decay, forget))
+    lr, momentum_decay, forget = memory.by_component((lr, momentum_decay, forget))  # each [B, 6, H, n]
     share = hope.GENERATOR_LR[write_rule]
     assert share == (0.1 if write_rule == "proximal" else 1.0)
     for c in range(5):
