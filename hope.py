@@ -4,10 +4,10 @@ hope.py — HOPE (Nested Learning) on the Titans neural long-term memory, in one
 Read it top to bottom; each section builds on the ones before:
   1. Notation                 — what θ, η, α, C mean here
   2. Memory MLP               — a small network whose *weights* are the memory (Titans §3.1)
-  3. Inner loss and surprise  — what the memory learns in the forward pass, and the gate (Titans Eq. 12)
+  3. Inner loss and surprise  — what the memory learns as it runs, and the gate (Titans Eq. 12)
   4. Update rule, token loop  — gradient descent with momentum and forgetting (Titans Eqs. 9-15)
   5. Update rule, in chunks   — the same numbers, computed fast (Titans §3.2, Eqs. 16-18)
-  6. Plumbing                 — projections, causal conv, rate heads: what every memory layer shares
+  6. Plumbing                 — projections, causal conv, rate heads: what all memory layers share
   7. The Titans memory layer  — §5 behind projections (Titans §3.1, §4.4)
   8. Self-modification        — memories that generate their own keys, values, rates (NL §8)
   9. CMS                      — memories that update at different periods (NL §7)
@@ -32,11 +32,13 @@ from torch.utils.checkpoint import checkpoint as recompute_in_backward
 #   θ_t  learning rate   `lr`              in (0, lr_max)  how far one token moves the memory
 #   η_t  momentum decay  `momentum_decay`  in (0, 1)       how long a past surprise keeps pushing
 #   α_t  forget gate     `forget`          in (0, 1)       how much of the old memory is erased
-# C is the chunk size: a chunk's tokens take their gradients at (and by default read) the chunk-start
-# memory. Shapes: B batch (every sequence has its own memory), H heads, T tokens, d head width; inside
-# memory_update (§3-§5) B and H are one batch dim, BH: each product there is then one torch.bmm.
+# C is the chunk size: a chunk's tokens take their gradients at (and by default read) the
+# chunk-start memory. Shapes: B batch (every sequence has its own memory), H heads, T tokens, d head
+# width; inside memory_update (§3-§5) B and H are one batch dim, BH: each product there is then
+# one torch.bmm.
 GATE_EPS = 1e-6  # η and α are clamped to [GATE_EPS, 1 - GATE_EPS] so their logs stay finite
-compiled = functools.cache(torch.compile)  # torch.compile(step), once per step function (§5's chunk_runner)
+# torch.compile(step), once per step function (§5's chunk_runner)
+compiled = functools.cache(torch.compile)
 
 
 # === 2. Memory MLP (Titans §3.1; NL Eq. 89) =====================================================
@@ -53,25 +55,28 @@ def memory_forward(weights, x, layer_product=torch.matmul):
 
 
 def memory_shapes(d, depth, expansion):
-    """(d_in, d_out) of each layer: d -> h -> ... -> h -> d with h = expansion * d (depth 1: d -> d)."""
+    """(d_in, d_out) of each layer: d -> h -> ... -> h -> d with h = expansion * d
+    (depth 1: d -> d)."""
     h = expansion * d
     return [(d, d)] if depth == 1 else [(d, h)] + [(h, h)] * (depth - 2) + [(h, d)]
 
 
 def init_memory_weights(heads, d, depth, expansion, branch_scale=0.1):
-    """Learned initial weights W⁰ (the meta state), one [H, d_in, d_out] per layer. A residual
-    memory's last layer is scaled by branch_scale: 0.1 starts M(x) ≈ x (§8's generators use 1)."""
+    """Learned initial weights W⁰ (the meta state), one [H, d_in, d_out] per layer. A
+    residual memory's last layer is scaled by branch_scale: 0.1 starts M(x) ≈ x (§8's
+    generators use 1)."""
     weights = []
     for layer, (d_in, d_out) in enumerate(memory_shapes(d, depth, expansion)):
-        scale = branch_scale if depth > 1 and layer == depth - 1 else 1     # the branch's last layer
+        scale = branch_scale if depth > 1 and layer == depth - 1 else 1  # the branch's last layer
         weights.append(nn.Parameter(torch.randn(heads, d_in, d_out) / math.sqrt(d_in) * scale))
     return nn.ParameterList(weights)
 
 
 @dataclass
 class MemoryState:
-    """Per-sample weights W and momentum S (tuples of [B, H, d_in, d_out]), the causal conv's last
-    inputs (§6; None: zeros), and the surprise s_t [B, H, T] of the write that made it (§3; detached)."""
+    """Per-sample weights W and momentum S (tuples of [B, H, d_in, d_out]), the causal conv's
+    last inputs (§6; None: zeros), and the surprise s_t [B, H, T] of the write that made it
+    (§3; detached)."""
     weights: tuple
     momentum: tuple
     conv_tail: torch.Tensor = None
@@ -79,20 +84,23 @@ class MemoryState:
 
     @classmethod
     def start(cls, initial_weights, batch):
-        """The state a sequence starts from: the meta weights W⁰ per sample (a view), and S_0 = 0."""
+        """The state a sequence starts from: the meta weights W⁰ per sample (a view), and
+        S_0 = 0."""
         weights = tuple(W.unsqueeze(0).expand(batch, *W.shape) for W in initial_weights)
         return cls(weights, tuple(torch.zeros_like(w) for w in weights))
 
 
 # === 3. Inner loss and surprise, and the surprise gate (Titans Eq. 12; seed paper §2, §4.4) =====
-# The memory learns, inside the forward pass, to map keys to values: ℓ_t(W) = ‖M_W(k_t) − v_t‖², and
-# the surprise s_t is ℓ_t where the token's gradient is taken. Each layer's gradient is an outer
-# product x_tᵀ δ_t of its input and backpropagated error; we compute x and δ for all tokens at once,
-# by hand, so §5's sums of gradients become matmuls. The surprise gate (flag `surprise`): a token
-# whose score, s_t or s_t / its chunk's mean ("relative"), is below γ writes nothing (θ_t = 0).
+# The memory learns, inside the forward pass, to map keys to values:
+# ℓ_t(W) = ‖M_W(k_t) − v_t‖², and the surprise s_t is ℓ_t where the token's gradient is
+# taken. Each layer's gradient is an outer product x_tᵀ δ_t of its input and backpropagated
+# error; we compute x and δ for all tokens at once, by hand, so §5's sums of gradients become
+# matmuls. The surprise gate (flag `surprise`): a token whose score, s_t or s_t / its chunk's mean
+# ("relative"), is below γ writes nothing (θ_t = 0).
 def inner_loss_terms(weights, keys, values):
-    """For keys, values [BH, n, d]: the prediction M_W(k) and error M_W(k) − v [BH, n, d], the loss ℓ_t [BH, n]
-    (detached: only ever the surprise), and per layer its inputs x and pre-activations z [BH, n, ·]."""
+    """For keys, values [BH, n, d]: the prediction M_W(k) and error M_W(k) − v [BH, n, d], the
+    loss ℓ_t [BH, n] (detached: only ever the surprise), and per layer its inputs x and
+    pre-activations z [BH, n, ·]."""
     inputs, preacts, h = [], [], keys
     for layer, W in enumerate(weights):
         inputs.append(h)
@@ -100,7 +108,8 @@ def inner_loss_terms(weights, keys, values):
         h = preacts[-1] if layer == len(weights) - 1 else F.silu(preacts[-1])
     prediction = h if len(weights) == 1 else keys + h
     error = prediction - values                      # [BH, n, d]
-    loss = error.detach().pow(2).sum(-1)             # [BH, n]   Titans Eq. 12 (a statistic: detached)
+    # [BH, n]   Titans Eq. 12 (a statistic: detached)
+    loss = error.detach().pow(2).sum(-1)
     return prediction, error, loss, inputs, preacts
 
 
@@ -110,11 +119,13 @@ def silu_slope(z):
 
 
 def layer_deltas(weights, preacts, step):
-    """Back-propagate an output-space step [BH, n, d] through the memory: per layer δ [BH, n, ·] such
-    that the layer's write for token t is x_tᵀ δ_t. With step = 2 e_t this is ∇_W ℓ_t (the skip adds I)."""
+    """Back-propagate an output-space step [BH, n, d] through the memory: per layer δ [BH, n, ·]
+    such that the layer's write for token t is x_tᵀ δ_t. With step = 2 e_t this is ∇_W ℓ_t
+    (the skip adds I)."""
     deltas = [step]
     for layer in range(len(weights) - 1, 0, -1):     # back through each SiLU
-        deltas.insert(0, torch.bmm(deltas[0], weights[layer].transpose(-1, -2)) * silu_slope(preacts[layer - 1]))
+        through_layer = torch.bmm(deltas[0], weights[layer].transpose(-1, -2))
+        deltas.insert(0, through_layer * silu_slope(preacts[layer - 1]))
     return deltas
 
 
@@ -125,45 +136,58 @@ def relative_surprise(surprise):
 
 
 def surprise_gate(surprise, threshold, relative):
-    """Float mask [BH, n] for one chunk: 1 where the score reaches γ (may write), else 0; None: no gate."""
+    """Float mask [BH, n] for one chunk: 1 where the score reaches γ (may write), else 0;
+    None: no gate."""
     if threshold is None:
         return None
     score = relative_surprise(surprise) if relative else surprise
     return (score >= threshold).to(surprise.dtype)
 
 
-# --- What a chunk writes: the write rule -----------------------------------------------------------
-# A chunk takes every token's step at its start weights W_a. Each layer's step for token i is x_iᵀ δ_i,
-# with δ back-propagated (layer_deltas) from an output-space step ẽ_i; the rule is the choice of ẽ.
-# With E = M_{W_a}(K) − V the chunk's errors [n, d], B = diag(2θ) and G the kernel below:
-#   titans    ẽ = B E               θ ∇ℓ (Titans Eq. 12): each token as if alone, all at W_a. The C steps
-#                                   add up, so correlated keys overshoot once 2θ·λ_max(G) passes ~2.
-#   proximal  ẽ = B (I + G B̃)⁻¹ E   the implicit step, solved for the chunk at once (one n × n solve per
-#                                   chunk and head). Momentum applies a write again and again, θ/(1 − η)
-#                                   in all, so the solve takes those long-run rates, B̃ = B / (1 − η): W
-#                                   then heads for W∞ = W_a − Σ θ̃_i ∇ℓ_i(W∞). For a linear memory the
-#                                   errors left there are (I + G B̃)⁻¹ E: every direction shrinks by
-#                                   1/(1 + 2θ̃λ) ∈ (0, 1], so it never overshoots, whatever θ, C or the keys.
-#   longhorn  ẽ_i = 2θ_i e_i / (1 + 2θ̃_i G_ii)   the same implicit step for each token alone (at C = 1:
-#                                   Longhorn's closed form); bounded per token, not across a chunk.
-# G is the memory's Gauss–Newton (tangent) kernel between the chunk's tokens, averaged over its d outputs:
-# G_ij = (1/d) Σ_o ⟨∂M(k_i)_o/∂W, ∂M(k_j)_o/∂W⟩, how far a write at token j moves the read at token i
-# (G = KKᵀ for a linear memory; for the MLP the bound above holds to first order). θ = 0 (a gated token)
-# writes 0. The default is proximal (HOPEConfig.write_rule): its bound lets θ_max be 10 (§11's LR_MAX)
-# where the Titans rule's overshoot caps θ at 0.02 and the memory hardly stores what it reads (README:
-# deviation 7, the write-rule table; `python bench.py probe`).
+# --- What a chunk writes: the write rule ---------------------------------------------------------
+# A chunk takes every token's step at its start weights W_a. Each layer's step for token i is
+# x_iᵀ δ_i, with δ back-propagated (layer_deltas) from an output-space step ẽ_i; the rule is
+# the choice of ẽ. With E = M_{W_a}(K) − V the chunk's errors [n, d], B = diag(2θ) and G the
+# kernel below:
+#   titans    ẽ = B E               θ ∇ℓ (Titans Eq. 12): each token as if alone, all at W_a.
+#                                   The C steps add up, so correlated keys overshoot once
+#                                   2θ·λ_max(G) passes ~2.
+#   proximal  ẽ = B (I + G B̃)⁻¹ E   the implicit step, solved for the chunk at once (one
+#                                   n × n solve per chunk and head). Momentum applies a write
+#                                   again and again, θ/(1 − η) in all, so the solve takes
+#                                   those long-run rates, B̃ = B / (1 − η): W then heads for
+#                                   W∞ = W_a − Σ θ̃_i ∇ℓ_i(W∞). For a linear memory the
+#                                   errors left there are (I + G B̃)⁻¹ E: every direction
+#                                   shrinks by 1/(1 + 2θ̃λ) ∈ (0, 1], so it never
+#                                   overshoots, whatever θ, C or the keys.
+#   longhorn  ẽ_i = 2θ_i e_i / (1 + 2θ̃_i G_ii)
+#                                   the same implicit step for each token alone (at C = 1:
+#                                   Longhorn's closed form); bounded per token, not across a
+#                                   chunk.
+# G is the memory's Gauss–Newton (tangent) kernel between the chunk's tokens, averaged over its
+# d outputs: G_ij = (1/d) Σ_o ⟨∂M(k_i)_o/∂W, ∂M(k_j)_o/∂W⟩, how far a write at token j
+# moves the read at token i (G = KKᵀ for a linear memory; for the MLP the bound above holds to
+# first order). θ = 0 (a gated token) writes 0. The default is proximal (HOPEConfig.write_rule):
+# its bound lets θ_max be 10 (§11's LR_MAX) where the Titans rule's overshoot caps θ at 0.02 and
+# the memory hardly stores what it reads (README: deviation 7, the write-rule table;
+# `python bench.py probe`).
 WRITE_RULES = ("titans", "proximal", "longhorn")
 
 
 def token_kernel(weights, inputs, preacts):
-    """G [BH, n, n] from the forward pass (inner_loss_terms). Per layer l with input x and J_i the Jacobian
-    of M(k_i) w.r.t. the layer's output, G += (x_i · x_j) ⟨J_i, J_j⟩ / d; the last layer's J is I."""
-    kernel, d = torch.bmm(inputs[-1], inputs[-1].transpose(-1, -2)), weights[-1].shape[-1]   # [BH, n, n]
-    for layer in range(len(weights) - 2, -1, -1):                         # the hidden layers, top down
+    """G [BH, n, n] from the forward pass (inner_loss_terms). Per layer l with input x and J_i the
+    Jacobian of M(k_i) w.r.t. the layer's output, G += (x_i · x_j) ⟨J_i, J_j⟩ / d; the last
+    layer's J is I."""
+    kernel = torch.bmm(inputs[-1], inputs[-1].transpose(-1, -2))          # [BH, n, n]
+    d = weights[-1].shape[-1]
+    for layer in range(len(weights) - 2, -1, -1):                   # the hidden layers, top down
         slope = silu_slope(preacts[layer])                                # [BH, n, h]
-        if layer == len(weights) - 2:  # J_i = diag(σ'_i) W_last: ⟨J_i, J_j⟩ = Σ_a σ'_ia σ'_ja ‖W_last[a]‖²
-            overlap = torch.bmm(slope * weights[-1].pow(2).sum(-1)[:, None], slope.transpose(-1, -2))
-            jacobian = slope[..., None] * weights[-1][:, None] if layer else None   # [BH, n, h, d]: depth ≥ 3
+        if layer == len(weights) - 2:
+            # J_i = diag(σ'_i) W_last: ⟨J_i, J_j⟩ = Σ_a σ'_ia σ'_ja ‖W_last[a]‖²
+            row_norms = weights[-1].pow(2).sum(-1)                      # ‖W_last[a]‖²  [BH, h]
+            overlap = torch.bmm(slope * row_norms[:, None], slope.transpose(-1, -2))
+            # [BH, n, h, d], needed from depth 3 on
+            jacobian = slope[..., None] * weights[-1][:, None] if layer else None
         else:
             jacobian = slope[..., None] * (weights[layer + 1][:, None] @ jacobian)   # [BH, n, h, d]
             overlap = torch.einsum("bnad,bmad->bnm", jacobian, jacobian)
@@ -172,7 +196,8 @@ def token_kernel(weights, inputs, preacts):
 
 
 def write_steps(rule, kernel, error, lr, momentum_decay):
-    """ẽ [BH, n, d] for one chunk: G [BH, n, n] (None for titans), errors [BH, n, d], θ (0: no write), η [BH, n]."""
+    """ẽ [BH, n, d] for one chunk, from G [BH, n, n] (None for titans), the errors [BH, n, d],
+    θ (0: no write) and η [BH, n]."""
     step = 2 * lr[..., None]                                             # diag(B)  [BH, n, 1]
     if rule == "titans":
         return step * error
@@ -180,8 +205,9 @@ def write_steps(rule, kernel, error, lr, momentum_decay):
     if rule == "longhorn":
         return step * error / (1 + long_run * kernel.diagonal(dim1=-2, dim2=-1)[..., None])
     eye = torch.eye(kernel.shape[-1], dtype=kernel.dtype, device=kernel.device)
-    # I + G B̃ has eigenvalues ≥ 1 and so is invertible, unless a memory has already blown up (G past
-    # 1e7 in float32): solve_ex then gives NaN, which train.py stops on with one line, instead of raising.
+    # I + G B̃ has eigenvalues ≥ 1 and so is invertible, unless a memory has already blown up (G
+    # so large that float32 loses the I): solve_ex then gives NaN, which train.py stops on with one
+    # line, instead of raising.
     solved, _ = torch.linalg.solve_ex(eye + kernel * long_run.transpose(-1, -2), error)
     return step * solved                                                 # B (I + G B̃)⁻¹ E
 
@@ -190,30 +216,34 @@ def write_steps(rule, kernel, error, lr, momentum_decay):
 #     S_t = η_t S_{t−1} − u_t                        momentum of surprise        (Eqs. 10, 12)
 #     W_t = (1 − α_t) W_{t−1} + S_t                  forgetting + write          (Eq. 13)
 #     y_t = M_{W_a(t)}(q_t)                          read before write           (Eq. 15)
-# u_t is the token's write: θ_t ∇ℓ_t(W_a(t)) for the Titans rule, x_tᵀ δ_t(ẽ_t) for the write rules
-# above (their ẽ solved from the whole chunk at W_a). The anchor a(t) is the last token of the previous
-# chunk: a chunk's tokens take their steps at, and read, W_a (C = 1: the plain online rule). This loop
-# is the reference (autograd gradients, and the solve written apart); §5 gives the same numbers fast.
-# Read mode "in_chunk" (TTT's mini-batch form of Eq. 16) reads y_t = M_{W_{t−1}}(q_t), after the writes
-# of the tokens before t; not with the relative gate nor the proximal rule (both see later tokens).
+# u_t is the token's write: θ_t ∇ℓ_t(W_a(t)) for the Titans rule, x_tᵀ δ_t(ẽ_t) for the
+# write rules above (their ẽ solved from the whole chunk at W_a). The anchor a(t) is the last
+# token of the previous chunk: a chunk's tokens take their steps at, and read, W_a (C = 1: the plain
+# online rule). This loop is the reference (autograd gradients, and the solve written apart); §5
+# gives the same numbers fast. Read mode "in_chunk" (TTT's mini-batch form of Eq. 16) reads
+# y_t = M_{W_{t−1}}(q_t), after the writes of the tokens before t; not with the relative gate nor
+# the proximal rule (both see later tokens).
 READ_MODES = ("chunk_start", "in_chunk")
 
 
 def _token_gradient(weights, key, value, create_graph, step=None):
-    """∇_W ℓ(W) for one token (all samples and heads at once), by autograd: independent of §3's. With an
-    output-space step ẽ (the other write rules), the layers' step instead: ∇_W ⟨M_W(k), ẽ⟩ = x_tᵀ δ_t(ẽ)."""
+    """∇_W ℓ(W) for one token (all samples and heads at once), by autograd: independent of
+    §3's. With an output-space step ẽ (the other write rules), the layers' step instead:
+    ∇_W ⟨M_W(k), ẽ⟩ = x_tᵀ δ_t(ẽ)."""
     with torch.enable_grad():
-        # a view: its gradient counts the paths through M_W(k) only, not those through the step ẽ(W_a)
-        leaves = tuple(W.view_as(W) if (create_graph and W.requires_grad) else W.detach().requires_grad_()
-                       for W in weights)
+        # a view: its gradient counts the paths through M_W(k) only, not those through the
+        # step ẽ(W_a)
+        leaves = tuple(W.view_as(W) if (create_graph and W.requires_grad)
+                       else W.detach().requires_grad_() for W in weights)
         prediction = memory_forward(leaves, key)
         loss = (prediction - value).pow(2).sum() if step is None else (prediction * step).sum()
         return torch.autograd.grad(loss, leaves, create_graph=create_graph)
 
 
 def _reference_kernel(anchor, keys, create_graph):
-    """G for one chunk by autograd, apart from token_kernel: each token reads its own copy of the weights,
-    and one backward pass per output feature o gives every token's ∂M(k_i)_o/∂W at once."""
+    """G for one chunk by autograd, apart from token_kernel: each token reads its own copy of
+    the weights, and one backward pass per output feature o gives every token's ∂M(k_i)_o/∂W
+    at once."""
     n, d = keys.shape[1], anchor[-1].shape[-1]
     with torch.enable_grad():
         copies = tuple(W[:, None].repeat(1, n, 1, 1) if create_graph and W.requires_grad
@@ -221,22 +251,25 @@ def _reference_kernel(anchor, keys, create_graph):
         reads = memory_forward(copies, keys[:, :, None])                         # [BH, n, 1, d]
         kernel = 0
         for o in range(d):
-            grads = torch.autograd.grad(reads[..., o].sum(), copies, create_graph=create_graph, retain_graph=True)
-            flat = torch.cat([g.flatten(2) for g in grads], dim=-1)             # [BH, n, all weights]
+            grads = torch.autograd.grad(reads[..., o].sum(), copies, create_graph=create_graph,
+                                        retain_graph=True)
+            flat = torch.cat([g.flatten(2) for g in grads], dim=-1)         # [BH, n, all weights]
             kernel = kernel + flat @ flat.transpose(-1, -2) / d
     return kernel if create_graph else kernel.detach()
 
 
 def _reference_steps(rule, anchor, keys, values, lr, momentum_decay, create_graph):
-    """ẽ for one chunk of the proximal and longhorn rules, apart from write_steps: G by autograd, and the
-    solve as (1 − η)(I + B̃ G)⁻¹ B̃ E (the same identity, the other way round)."""
+    """ẽ for one chunk of the proximal and longhorn rules, apart from write_steps: G by autograd,
+    and the solve as (1 − η)(I + B̃ G)⁻¹ B̃ E (the same identity, the other way round)."""
     kernel = _reference_kernel(anchor, keys, create_graph)                      # [BH, n, n]
-    long_run, keep = 2 * lr / (1 - momentum_decay), (1 - momentum_decay)[..., None]     # B̃, 1 − η  [BH, n]
-    scaled_error = long_run[..., None] * (memory_forward(anchor, keys) - values)         # B̃ E  [BH, n, d]
+    long_run = 2 * lr / (1 - momentum_decay)                                    # B̃  [BH, n]
+    keep = (1 - momentum_decay)[..., None]                                    # 1 − η  [BH, n, 1]
+    scaled_error = long_run[..., None] * (memory_forward(anchor, keys) - values)  # B̃ E [BH, n, d]
     if rule == "longhorn":
-        return keep * scaled_error / (1 + long_run[..., None] * kernel.diagonal(dim1=-2, dim2=-1)[..., None])
-    return keep * torch.linalg.solve(torch.eye(kernel.shape[-1], dtype=kernel.dtype) + long_run[..., None] * kernel,
-                                     scaled_error)
+        diagonal = kernel.diagonal(dim1=-2, dim2=-1)[..., None]                 # G_ii  [BH, n, 1]
+        return keep * scaled_error / (1 + long_run[..., None] * diagonal)
+    eye = torch.eye(kernel.shape[-1], dtype=kernel.dtype)
+    return keep * torch.linalg.solve(eye + long_run[..., None] * kernel, scaled_error)
 
 
 def _memory_update_sequential(weights, momentum, keys, values, queries, lr, momentum_decay, forget,
@@ -247,12 +280,12 @@ def _memory_update_sequential(weights, momentum, keys, values, queries, lr, mome
     for start in range(0, T, chunk_size):
         anchor = weights                             # W_a: the weights at the chunk start
         chunk = slice(start, min(start + chunk_size, T))
-        surprises.append(inner_loss_terms(anchor, keys[:, chunk], values[:, chunk])[2])      # [BH, n]
+        surprises.append(inner_loss_terms(anchor, keys[:, chunk], values[:, chunk])[2])  # [BH, n]
         gate = surprise_gate(surprises[-1], threshold, relative)
-        chunk_lr = lr[:, chunk] if gate is None else lr[:, chunk] * gate                     # [BH, n]
+        chunk_lr = lr[:, chunk] if gate is None else lr[:, chunk] * gate                 # [BH, n]
         steps = None if write_rule == "titans" else \
             _reference_steps(write_rule, anchor, keys[:, chunk], values[:, chunk], chunk_lr,
-                             momentum_decay[:, chunk], create_graph)                           # [BH, n, d]
+                             momentum_decay[:, chunk], create_graph)                   # [BH, n, d]
         for i, t in enumerate(range(chunk.start, chunk.stop)):
             if queries is not None:                  # W_a(t), or W_{t−1} in the in-chunk mode
                 read_weights = weights if read_mode == "in_chunk" else anchor
@@ -261,7 +294,8 @@ def _memory_update_sequential(weights, momentum, keys, values, queries, lr, mome
                 grads = _token_gradient(anchor, keys[:, t:t + 1], values[:, t:t + 1], create_graph)
                 grads = tuple(chunk_lr[:, i, None, None] * g for g in grads)
             else:
-                grads = _token_gradient(anchor, keys[:, t:t + 1], None, create_graph, steps[:, i:i + 1])
+                grads = _token_gradient(anchor, keys[:, t:t + 1], None, create_graph,
+                                        steps[:, i:i + 1])
             decay_t, forget_t = (r[:, t, None, None] for r in (momentum_decay, forget))
             momentum = tuple(decay_t * S - g for S, g in zip(momentum, grads))
             weights = tuple((1 - forget_t) * W + S for W, S in zip(weights, momentum))
@@ -270,31 +304,37 @@ def _memory_update_sequential(weights, momentum, keys, values, queries, lr, mome
 
 
 # === 5. The update rule, one chunk at a time (Titans §3.2, Eqs. 16-18, with momentum) ===========
-# Unroll §4 over a chunk from the anchor (W_a, S_a), with u_i the token's step (θ_i ∇ℓ_i(W_a) for the
-# Titans rule, x_iᵀ δ_i(ẽ_i) for any write rule) and the decay products
-# E(t,i) = Π_{i<j≤t} η_j, A(t,i) = Π_{i<j≤t} (1 − α_j) and K(t,i) = Σ_{r=max(i,1)..t} A(t,r) E(r,i):
+# Unroll §4 over a chunk from the anchor (W_a, S_a), with u_i the token's step (θ_i ∇ℓ_i(W_a)
+# for the Titans rule, x_iᵀ δ_i(ẽ_i) for any write rule) and the decay products
+# E(t,i) = Π_{i<j≤t} η_j, A(t,i) = Π_{i<j≤t} (1 − α_j) and
+# K(t,i) = Σ_{r=max(i,1)..t} A(t,r) E(r,i):
 #     S_t = E(t,0) S_a − Σ_{i≤t} E(t,i) u_i
 #     W_t = A(t,0) W_a + K(t,0) S_a − Σ_{i≤t} K(t,i) u_i
 # Every step is an outer product x_iᵀ δ_i (§3), so at the chunk's end (t = n) Σ_i c_i u_i =
 # Xᵀ diag(c) Δ is one matmul. Decay products are masked sums of logs (never differences of
-# cumulative sums: −inf − (−inf) = NaN). In-chunk reads (§4) need no W_{t−1} either: for a layer's
-# input h_t,  h_t W_{t−1} = A(t−1,0) h_t W_a + K(t−1,0) h_t S_a − Σ_{i<t} K(t−1,i) (h_t · x_i) δ_i,
+# cumulative sums: −inf − (−inf) = NaN). In-chunk reads (§4) need no W_{t−1} either: for a
+# layer's input h_t,
+#     h_t W_{t−1} = A(t−1,0) h_t W_a + K(t−1,0) h_t S_a
+#                   − Σ_{i<t} K(t−1,i) (h_t · x_i) δ_i,
 # and over the chunk the last sum is one masked matmul ((H Xᵀ) ⊙ [K(t−1,i)]) Δ (TTT's dual
 # form). Lines marked "fast path" only save work; the tests hold them to §4's loop.
 def segment_sum(x):
-    """out[..., t, i] = Σ_{i<j≤t} x[..., j] for i ≤ t, −inf above the diagonal. x: [..., m]."""
-    x = x.unsqueeze(-1).expand(*x.shape, x.shape[-1])                             # [..., j, i] = x_j
+    """out[..., t, i] = Σ_{i<j≤t} x[..., j] for i ≤ t, −inf above the diagonal.
+    x: [..., m]."""
+    x = x.unsqueeze(-1).expand(*x.shape, x.shape[-1])                         # [..., j, i] = x_j
     below = torch.ones(x.shape[-2:], dtype=torch.bool, device=x.device).tril(-1)   # j > i
     sums = torch.cumsum(x.masked_fill(~below, 0), dim=-2)
-    return sums.masked_fill(below.T, -math.inf)                                          # i > t
+    return sums.masked_fill(below.T, -math.inf)                                    # i > t
 
 
 def chunk_coefficients(momentum_decay, forget, in_chunk_reads=False):
-    """The coefficients of the formulas above for chunks of rates [..., n]: state_coeffs [..., 3, 1, 1]
-    E(n,0), A(n,0), K(n,0); token_coeffs [..., n, 2] E(n,i), K(n,i). With in_chunk_reads also
-    read_state_coeffs [..., n, 2] A(t−1,0), K(t−1,0) and read_token_coeffs [..., n, n] K(t−1,i)."""
+    """The coefficients of the formulas above for chunks of rates [..., n]: state_coeffs
+    [..., 3, 1, 1] E(n,0), A(n,0), K(n,0); token_coeffs [..., n, 2] E(n,i), K(n,i). With
+    in_chunk_reads also read_state_coeffs [..., n, 2] A(t−1,0), K(t−1,0) and read_token_coeffs
+    [..., n, n] K(t−1,i)."""
     # Both decays in one batch; position 0 is the anchor, whose own factor is never used.
-    logs = F.pad(torch.stack([torch.log(momentum_decay), torch.log1p(-forget)]), (1, 0))  # [2, ..., n+1]
+    log_decays = torch.stack([torch.log(momentum_decay), torch.log1p(-forget)])    # [2, ..., n]
+    logs = F.pad(log_decays, (1, 0))                                               # [2, ..., n+1]
     E, A = segment_sum(logs).exp().unbind(0)                  # each [..., n+1, n+1]
     E_last, A_last = E[..., -1, :], A[..., -1, :]             # E(n, i), A(n, r)   [..., n+1]
     # K[i] = Σ_{r=1..n} A(n,r) E(r,i): E(r,i) = 0 for r < i, so the sum runs over r ≥ max(i, 1)
@@ -311,51 +351,60 @@ def chunk_coefficients(momentum_decay, forget, in_chunk_reads=False):
     return state_coeffs, token_coeffs, read_state_coeffs, read_token_coeffs
 
 
-def _read_in_chunk(weights, momentum, queries, inputs, deltas, read_state_coeffs, read_token_coeffs):
+def _read_in_chunk(weights, momentum, queries, inputs, deltas, read_state_coeffs,
+                   read_token_coeffs):
     """y_t = M_{W_{t−1}}(q_t) for every token t of a chunk, no W_{t−1} built (Titans Eq. 16)."""
     weight_keep, momentum_into_weight = read_state_coeffs[..., None].unbind(-2)   # each [BH, n, 1]
     def product_with_read_weights(h, layer):
         W, S, x, delta = layer                                # h: [BH, n, d_in]
         earlier_writes = (h @ x.transpose(-1, -2)) * read_token_coeffs    # [BH, n, n]
         return weight_keep * (h @ W) + momentum_into_weight * (h @ S) - earlier_writes @ delta
-    return memory_forward(tuple(zip(weights, momentum, inputs, deltas)), queries, product_with_read_weights)
+    layers = tuple(zip(weights, momentum, inputs, deltas))
+    return memory_forward(layers, queries, product_with_read_weights)
 
 
-def _chunk_step(weights, momentum, keys, values, queries, lr, momentum_decay, coefficients, threshold, relative,
-                write_rule):
-    """Advance (W, S) over one chunk, read before write (W_{t−1} if `coefficients` has read terms)."""
+def _chunk_step(weights, momentum, keys, values, queries, lr, momentum_decay, coefficients,
+                threshold, relative, write_rule):
+    """Advance (W, S) over one chunk, read before write (W_{t−1} if `coefficients` has read
+    terms)."""
     state_coeffs, token_coeffs, *read_coeffs = coefficients  # [BH, 3, 1, 1], [BH, n, 2]
     momentum_keep, weight_keep, momentum_into_weight = state_coeffs.unbind(1)
     prediction, error, surprise, inputs, preacts = inner_loss_terms(weights, keys, values)
     gate = surprise_gate(surprise, threshold, relative)
     lr = lr if gate is None else lr * gate                    # gated tokens write nothing (§3)
     kernel = None if write_rule == "titans" else token_kernel(weights, inputs, preacts)
-    deltas = layer_deltas(weights, preacts, write_steps(write_rule, kernel, error, lr, momentum_decay))
+    steps = write_steps(write_rule, kernel, error, lr, momentum_decay)     # ẽ  [BH, n, d]
+    deltas = layer_deltas(weights, preacts, steps)
     outputs = None
     if read_coeffs:                                           # read W_{t−1}
         outputs = _read_in_chunk(weights, momentum, queries, inputs, deltas, *read_coeffs)
     elif queries is not None:                                 # read at the chunk-start weights
-        outputs = prediction if queries is keys else memory_forward(weights, queries, torch.bmm)  # fast path
+        # fast path: reading the keys is the prediction already made
+        outputs = prediction if queries is keys else memory_forward(weights, queries, torch.bmm)
     new_weights, new_momentum = [], []
     for W, S, x, delta in zip(weights, momentum, inputs, deltas):
         # Σ_i c_i x_iᵀ δ_i for both coefficient sets in one matmul: Xᵀ [c_S·Δ ‖ c_W·Δ]
         weighted = (token_coeffs[..., None] * delta[..., None, :]).flatten(-2)  # [BH, n, 2·d_out]
-        sum_S, sum_W = torch.bmm(x.transpose(-1, -2), weighted).chunk(2, dim=-1)  # [BH, d_in, d_out]
+        # each [BH, d_in, d_out]
+        sum_S, sum_W = torch.bmm(x.transpose(-1, -2), weighted).chunk(2, dim=-1)
         new_momentum.append(momentum_keep * S - sum_S)
         new_weights.append(weight_keep * W + momentum_into_weight * S - sum_W)
     return outputs, tuple(new_weights), tuple(new_momentum), surprise
 
 
 def compiles(compile, device):
-    """Whether chunk steps run compiled: as asked, or (None) on CUDA only (a CPU compiles a minute to save 29 %)."""
+    """Whether chunk steps run compiled: as asked, or (None) on CUDA only. On a CPU a cold compile
+    takes longer to repay than a preset's run, and eager steps reproduce the README's CPU results
+    exactly (README: Quickstart, `--compile-chunks`)."""
     return compile if compile is not None else device.type == "cuda"
 
 
 def chunk_runner(step, checkpoint, compile, device):
-    """The per-chunk `step` as it runs: recomputed in backward if checkpoint (only the chunk states kept), under
-    torch.compile if compiles() (speed: one small graph for every chunk; eager where compiling fails)."""
+    """The per-chunk `step` as it runs: recomputed in backward if checkpoint (only the chunk
+    states kept), under torch.compile if compiles() (speed: one small graph for every chunk;
+    eager where compiling fails)."""
     if compiles(compile, device):
-        torch._dynamo.config.suppress_errors = True           # dynamo warns and runs the step eagerly
+        torch._dynamo.config.suppress_errors = True     # dynamo warns and runs the step eagerly
         step = compiled(step)
     if not (checkpoint and torch.is_grad_enabled()):
         return step
@@ -363,13 +412,15 @@ def chunk_runner(step, checkpoint, compile, device):
 
 
 def _memory_update_parallel(weights, momentum, keys, values, queries, lr, momentum_decay, forget,
-                            chunk_size, threshold, relative, write_rule, checkpoint, read_mode, compile):
+                            chunk_size, threshold, relative, write_rule, checkpoint, read_mode,
+                            compile):
     T, rates = keys.shape[1], (momentum_decay, forget)
     in_chunk_reads = read_mode == "in_chunk" and queries is not None
     # fast path: the coefficients do not depend on the memory, so all full chunks get theirs at once
     n_full, split = T // chunk_size, T // chunk_size * chunk_size
     full_chunks = (r[:, :split].unflatten(1, (n_full, chunk_size)) for r in rates)
-    blocks = list(zip(*(c.unbind(1) for c in chunk_coefficients(*full_chunks, in_chunk_reads))))  # per chunk
+    full_coefficients = chunk_coefficients(*full_chunks, in_chunk_reads)
+    blocks = list(zip(*(c.unbind(1) for c in full_coefficients)))              # one per chunk
     if split < T:                                                        # a final partial chunk
         blocks.append(chunk_coefficients(*(r[:, split:] for r in rates), in_chunk_reads))
     outputs, surprises, step = [], [], chunk_runner(_chunk_step, checkpoint, compile, keys.device)
@@ -377,10 +428,10 @@ def _memory_update_parallel(weights, momentum, keys, values, queries, lr, moment
     chunk_queries = chunk_keys if queries is keys else \
         queries.split(chunk_size, dim=1) if queries is not None else [None] * len(blocks)
     chunk_rates = zip(lr.split(chunk_size, dim=1), momentum_decay.split(chunk_size, dim=1))
-    for k, v, q, (chunk_lr, chunk_decay), coefficients in zip(chunk_keys, chunk_values, chunk_queries, chunk_rates,
-                                                              blocks):
-        out, weights, momentum, surprise = step(weights, momentum, k, v, q, chunk_lr, chunk_decay, coefficients,
-                                                threshold, relative, write_rule)
+    chunks = zip(chunk_keys, chunk_values, chunk_queries, chunk_rates, blocks)
+    for k, v, q, (chunk_lr, chunk_decay), coefficients in chunks:
+        out, weights, momentum, surprise = step(weights, momentum, k, v, q, chunk_lr, chunk_decay,
+                                                coefficients, threshold, relative, write_rule)
         outputs.append(out)
         surprises.append(surprise)
     outputs = torch.cat(outputs, dim=1) if queries is not None else None
@@ -388,21 +439,26 @@ def _memory_update_parallel(weights, momentum, keys, values, queries, lr, moment
 
 
 def check_inputs(weights, momentum, keys, values, queries, rates):
-    """One ValueError naming the argument whose shape or dtype does not fit memory_update's contract."""
+    """One ValueError naming the argument whose shape or dtype does not fit memory_update's
+    contract."""
     def fail(name, tensor, expected):
-        raise ValueError(f"memory_update: {name} must be {expected}, got {tuple(tensor.shape)} {tensor.dtype}")
+        got = f"{tuple(tensor.shape)} {tensor.dtype}"
+        raise ValueError(f"memory_update: {name} must be {expected}, got {got}")
     if keys.dim() != 4 or not keys.is_floating_point():
         fail("keys", keys, "a floating-point [B, H, T, d]")
     B, H, T, d = keys.shape
     widths = [d]
     for i, W in enumerate(weights):
         if W.dim() != 4 or W.shape[:3] != (B, H, widths[-1]) or not W.is_floating_point():
-            fail(f"weights[{i}]", W, f"floating-point [{B}, {H}, {widths[-1]}, d_out] (layers chain from d = {d})")
+            expected = f"floating-point [{B}, {H}, {widths[-1]}, d_out] (layers chain from d = {d})"
+            fail(f"weights[{i}]", W, expected)
         widths.append(W.shape[-1])
     if widths[-1] != d:
-        fail(f"weights[{len(weights) - 1}]", weights[-1], f"[{B}, {H}, ·, {d}] (the memory maps d to d)")
+        fail(f"weights[{len(weights) - 1}]", weights[-1],
+             f"[{B}, {H}, ·, {d}] (the memory maps d to d)")
     if len(momentum) != len(weights):
-        raise ValueError(f"memory_update: momentum must hold one tensor per layer ({len(weights)}), got {len(momentum)}")
+        raise ValueError(f"memory_update: momentum must hold one tensor per layer "
+                         f"({len(weights)}), got {len(momentum)}")
     for i, (S, W) in enumerate(zip(momentum, weights)):
         if S.shape != W.shape or not S.is_floating_point():
             fail(f"momentum[{i}]", S, f"floating-point {tuple(W.shape)}, as weights[{i}]")
@@ -414,43 +470,52 @@ def check_inputs(weights, momentum, keys, values, queries, rates):
             fail(name, rate, f"floating-point [{B}, {H}, {T}]")
 
 
-def memory_update(weights, momentum, keys, values, queries, lr, momentum_decay, forget, chunk_size, parallel=True,
-                  threshold=None, relative=False, checkpoint=False, read_mode="chunk_start", writes=True,
-                  compile=False, write_rule="titans"):
-    """Read and write a neural memory over a sequence: the functional core. weights, momentum: W, S as
-    tuples of [B, H, d_in, d_out]; keys, values (k_t -> v_t), queries (None: write only): [B, H, T, d];
-    lr, momentum_decay, forget: θ, η, α [B, H, T]; parallel: §5 (else §4); threshold γ, relative: §3;
-    read_mode: §4; write_rule: §3's WRITE_RULES; writes=False: read W, write nothing; checkpoint,
-    compile: §5's chunk_runner. Returns (outputs or None, new W, new S, surprise [B, H, T] detached),
-    nothing changed in place; a final partial chunk is updated with its own tokens only."""
+def memory_update(weights, momentum, keys, values, queries, lr, momentum_decay, forget, chunk_size,
+                  parallel=True, threshold=None, relative=False, checkpoint=False,
+                  read_mode="chunk_start", writes=True, compile=False, write_rule="titans"):
+    """Read and write a neural memory over a sequence: the functional core. weights, momentum:
+    W, S as tuples of [B, H, d_in, d_out]; keys, values (k_t -> v_t), queries (None: write
+    only): [B, H, T, d]; lr, momentum_decay, forget: θ, η, α [B, H, T]; parallel: §5 (else
+    §4); threshold γ, relative: §3; read_mode: §4; write_rule: §3's WRITE_RULES; writes=False:
+    read W, write nothing; checkpoint, compile: §5's chunk_runner. Returns (outputs or None,
+    new W, new S, surprise [B, H, T] detached), nothing changed in place; a final partial chunk
+    is updated with its own tokens only."""
     check_inputs(weights, momentum, keys, values, queries, (lr, momentum_decay, forget))
     if chunk_size < 1 or read_mode not in READ_MODES:
-        raise ValueError(f"chunk_size must be >= 1 and read_mode in {READ_MODES}: got {chunk_size}, {read_mode!r}")
+        raise ValueError(f"chunk_size must be >= 1 and read_mode in {READ_MODES}: "
+                         f"got {chunk_size}, {read_mode!r}")
     if read_mode == "in_chunk" and threshold is not None and relative:
-        raise ValueError("read_mode 'in_chunk' takes no relative surprise gate (its chunk mean sees later tokens)")
+        raise ValueError("read_mode 'in_chunk' takes no relative surprise gate "
+                         "(its chunk mean sees later tokens)")
     if write_rule not in WRITE_RULES:
         raise ValueError(f"unknown write_rule {write_rule!r} ({', '.join(WRITE_RULES)})")
     if read_mode == "in_chunk" and write_rule == "proximal":
-        raise ValueError("read_mode 'in_chunk' takes no proximal write rule (its chunk solve sees later tokens)")
+        raise ValueError("read_mode 'in_chunk' takes no proximal write rule "
+                         "(its chunk solve sees later tokens)")
     with torch.autocast(keys.device.type, enabled=False):    # the memory always runs in fp32+
-        (B, H), dtype, read_keys = keys.shape[:2], torch.promote_types(keys.dtype, torch.float32), queries is keys
-        memories = lambda t: t if t is None else t.flatten(0, 1).to(dtype)   # [B, H, ...] -> [BH, ...]
+        B, H = keys.shape[:2]
+        dtype = torch.promote_types(keys.dtype, torch.float32)
+        read_keys = queries is keys
+        # [B, H, ...] -> [BH, ...]
+        memories = lambda t: t if t is None else t.flatten(0, 1).to(dtype)
         weights, momentum = (tuple(map(memories, ts)) for ts in (weights, momentum))
         keys, values, queries, lr = map(memories, (keys, values, queries, lr))
         queries = keys if read_keys else queries              # fast path: keeps `queries is keys`
-        momentum_decay, forget = (memories(t).clamp(GATE_EPS, 1 - GATE_EPS) for t in (momentum_decay, forget))
-        args = (weights, momentum, keys, values, queries, lr, momentum_decay, forget, chunk_size, threshold, relative,
-                write_rule)
+        momentum_decay, forget = (memories(t).clamp(GATE_EPS, 1 - GATE_EPS)
+                                  for t in (momentum_decay, forget))
+        args = (weights, momentum, keys, values, queries, lr, momentum_decay, forget, chunk_size,
+                threshold, relative, write_rule)
         if not writes:                                        # a control: the memory stays as it is
-            result = (memory_forward(weights, queries, torch.bmm) if queries is not None else None, weights,
-                      momentum, inner_loss_terms(weights, keys, values)[2])
+            reads = memory_forward(weights, queries, torch.bmm) if queries is not None else None
+            result = (reads, weights, momentum, inner_loss_terms(weights, keys, values)[2])
         elif parallel:
             result = _memory_update_parallel(*args, checkpoint, read_mode, compile)
         else:
             result = _memory_update_sequential(*args, read_mode)
     per_sample = lambda t: t if t is None else t.unflatten(0, (B, H))   # [BH, ...] -> [B, H, ...]
     outputs, weights, momentum, surprise = result
-    return per_sample(outputs), tuple(map(per_sample, weights)), tuple(map(per_sample, momentum)), per_sample(surprise)
+    return (per_sample(outputs), tuple(map(per_sample, weights)), tuple(map(per_sample, momentum)),
+            per_sample(surprise))
 
 
 # === 6. Plumbing: what every memory layer shares ================================================
@@ -458,15 +523,19 @@ def memory_update(weights, momentum, keys, values, queries, lr, momentum_decay, 
 # (Titans §4.4), per-head linear maps and the per-token rates θ, η, α.
 def update_settings(config):
     """memory_update's keyword arguments that the config sets (gate, read mode, path, recompute)."""
-    return dict(threshold=config.surprise_threshold if config.surprise else None, read_mode=config.read_mode,
+    return dict(threshold=config.surprise_threshold if config.surprise else None,
+                read_mode=config.read_mode,
                 write_rule=config.write_rule,
-                relative=config.surprise and config.surprise_mode == "relative", parallel=config.parallel,
-                checkpoint=config.checkpoint, writes=config.writes, compile=config.compile_chunks)
+                relative=config.surprise and config.surprise_mode == "relative",
+                parallel=config.parallel,
+                checkpoint=config.checkpoint,
+                writes=config.writes,
+                compile=config.compile_chunks)
 
 
 class CausalConv(nn.Module):
-    """Depthwise causal conv, y_t = b + Σ_j w_j ⊙ x_{t−window+1+j}; its state: the last window − 1 inputs.
-    Speed: shifted multiply-adds beat nn.Conv1d on a CPU."""
+    """Depthwise causal conv, y_t = b + Σ_j w_j ⊙ x_{t−window+1+j}; its state: the last
+    window − 1 inputs. Speed: shifted multiply-adds beat nn.Conv1d on a CPU."""
     def __init__(self, channels, window=4):
         super().__init__()
         self.window = window
@@ -477,9 +546,12 @@ class CausalConv(nn.Module):
     def forward(self, x, tail=None):
         """x: [B, T, channels]; tail: [B, window-1, channels] or None (zeros). Returns (y, tail)."""
         tail = x.new_zeros(x.shape[0], self.window - 1, x.shape[2]) if tail is None else tail
-        padded, T, y = torch.cat([tail, x], dim=1), x.shape[1], self.bias     # [B, window-1+T, channels]
+        padded = torch.cat([tail, x], dim=1)                        # [B, window-1+T, channels]
+        T = x.shape[1]
+        y = self.bias
         for j in range(self.window):
-            y = torch.addcmul(y, padded[:, j:j + T], self.weight[j])    # y + x_{t−window+1+j} · w_j
+            # y + x_{t−window+1+j} · w_j
+            y = torch.addcmul(y, padded[:, j:j + T], self.weight[j])
         return y, padded[:, -(self.window - 1):]
 
 
@@ -501,33 +573,39 @@ class HeadLinear(nn.Module):
         return torch.einsum("bhti,hio->bhto", x, self.weight)
 
 
-# Where the rates start, by write rule: (θ / θ_max, η) at init, RateHeads' biases; α starts at σ(−6)
-# ≈ 0.0025 for every rule. The proximal rule starts at θ = 1 with momentum off (η ≈ 0.0025), so a
-# chunk's solved write lands at once instead of spread over 1/(1 − η) chunks, and its θ_max of 10
-# leaves the model room to fit a chunk almost exactly where recall asks for it (README: the write rules).
+# Where the rates start, by write rule: (θ / θ_max, η) at init, RateHeads' biases; α starts at
+# σ(−6) ≈ 0.0025 for every rule. The proximal rule starts at θ = 1 with momentum off
+# (η ≈ 0.0025), so a chunk's solved write lands at once instead of spread over 1/(1 − η)
+# chunks, and its θ_max of 10 leaves the model room to fit a chunk almost exactly where recall
+# asks for it (README: the write rules).
 RATE_START = {"titans": (0.5, 0.5), "proximal": (0.1, 0.0025), "longhorn": (0.5, 0.5)}
 
 
 class RateHeads(nn.Module):
-    """Per-head, per-token θ = lr_max·σ(·)·(1 − η), η = σ(·), α = σ(·) from linear read-outs. (1 − η)
-    offsets momentum's 1/(1 − η): whatever η, a token's write adds up to lr_max·σ(·) (deviation 7)."""
+    """Per-head, per-token θ = lr_max·σ(·)·(1 − η), η = σ(·), α = σ(·) from linear
+    read-outs. (1 − η) offsets momentum's 1/(1 − η): whatever η, a token's write adds up to
+    lr_max·σ(·) (deviation 7)."""
     def __init__(self, heads, d, lr_max, write_rule):
         super().__init__()
         self.lr_max = lr_max
         self.weight = nn.Parameter(torch.randn(heads, d, 3) / math.sqrt(d))    # columns: θ, η, α
-        start = torch.logit(torch.tensor([*RATE_START[write_rule], 0.0025]))    # σ(bias) = the start
+        start = torch.logit(torch.tensor([*RATE_START[write_rule], 0.0025]))  # σ(bias) = the start
         self.bias = nn.Parameter(start.repeat(heads, 1, 1))                      # [H, 1, 3]
 
     def forward(self, *feats):
-        """θ, η, α, each [B, H, T], from feats [B, H, T, d]: one input for all, or one per rate (§8)."""
-        weights = [self.weight] if len(feats) == 1 else self.weight.split(1, dim=-1)    # all three, or one each
-        logits = torch.cat([torch.einsum("bhtd,hdr->bhtr", f, w) for f, w in zip(feats, weights)], dim=-1)
+        """θ, η, α, each [B, H, T], from feats [B, H, T, d]: one input for all, or one per rate
+        (§8)."""
+        # all three, or one each
+        weights = [self.weight] if len(feats) == 1 else self.weight.split(1, dim=-1)
+        logits = torch.cat([torch.einsum("bhtd,hdr->bhtr", f, w) for f, w in zip(feats, weights)],
+                           dim=-1)
         lr, momentum_decay, forget = torch.sigmoid(logits + self.bias).unbind(-1)
         return self.lr_max * lr * (1 - momentum_decay), momentum_decay, forget
 
 
 class MemoryLayer(nn.Module):
-    """x [B, T, dim] -> projection, causal conv -> features [B, H, T, d] -> memory -> [B, T, dim]."""
+    """x [B, T, dim] -> projection, causal conv -> features [B, H, T, d] -> memory ->
+    [B, T, dim]."""
     def __init__(self, config):
         super().__init__()
         H, d = config.heads, config.d_head
@@ -541,10 +619,11 @@ class MemoryLayer(nn.Module):
 
     def features(self, x, conv_tail):
         feats, conv_tail = self.conv(self.in_proj(x), conv_tail)         # x [B, T, dim]
-        return split_heads(feats, self.heads), conv_tail                 # [B, H, T, d], the new conv tail
+        return split_heads(feats, self.heads), conv_tail         # [B, H, T, d], the new conv tail
 
     def output(self, memory_out, dtype):
-        return self.out_proj(merge_heads(memory_out.to(dtype)))     # reads [B, H, T, d] -> [B, T, dim]
+        # reads [B, H, T, d] -> [B, T, dim]
+        return self.out_proj(merge_heads(memory_out.to(dtype)))
 
     def forward(self, x, state):
         """Read before write over x: [B, T, dim]. Returns (y [B, T, dim], the new state)."""
@@ -554,8 +633,9 @@ class MemoryLayer(nn.Module):
 
 
 # === 7. The Titans memory layer (Titans §3.1, §4.4) =============================================
-# q, k, v = SiLU of per-head linear maps of the conv's features (q, k unit-norm), θ, η, α from RateHeads;
-# read M(q), then write k -> v with §5. The state carries over calls: a long sequence can come in pieces.
+# q, k, v = SiLU of per-head linear maps of the conv's features (q, k unit-norm), θ, η, α from
+# RateHeads; read M(q), then write k -> v with §5. The state carries over calls: a long sequence
+# can come in pieces.
 class NeuralMemory(MemoryLayer):
     """Titans neural long-term memory: read before write, chunk-parallel, state carried."""
     def __init__(self, config):
@@ -574,7 +654,8 @@ class NeuralMemory(MemoryLayer):
         return F.normalize(k, dim=-1), v
 
     def read_write(self, feats, state, read=True):
-        """Read M_W(q) (if read) before writing every k -> v (Titans Eqs. 9-15): (reads or None, state)."""
+        """Read M_W(q) (if read) before writing every k -> v (Titans Eqs. 9-15): (reads or None,
+        state)."""
         k, v = self.keys_values(feats)
         out, weights, momentum, surprise = memory_update(
             state.weights, state.momentum, k, v, self.queries(feats) if read else None,
@@ -586,73 +667,109 @@ class NeuralMemory(MemoryLayer):
         return self.output(memory_forward(state.weights, self.queries(feats)), feats.dtype)
 
 
-# === 8. Self-modification (NL §8.1-8.2, Eqs. 76-93) — flag `self_mod` ===========================
+# === 8. Self-modification (NL §8.1-8.2, Eqs. 76-93) — flag `self_mod` ========================
 # With self_mod off, keys, values, queries and rates come from fixed linear maps (§7). With it on,
-# each head holds six memories M_k, M_v, M_q, M_lr, M_forget, M_mem; the first five *generate* what
-# M_mem needs (NL Eqs. 80-88), and all six are written in context: the maps that make the keys and
-# values change as the sequence goes. Per chunk, from the chunk-start states of all six:
-#   1. generate k = M_k(x), v = M_v(x), q = M_q(x), θ = lr_max·σ(w_lr·M_lr(x)), α = σ(w_α·M_forget(x))
+# each head holds six memories M_k, M_v, M_q, M_lr, M_forget, M_mem; the first five *generate*
+# what M_mem needs (NL Eqs. 80-88), and all six are written in context: the maps that make the
+# keys and values change as the sequence goes. Per chunk, from the chunk-start states of all six:
+#   1. generate k = M_k(x), v = M_v(x), q = M_q(x), θ = lr_max·σ(w_lr·M_lr(x)),
+#      α = σ(w_α·M_forget(x))
 #   2. self-generated targets v̂_□ = M_□(v) for every memory (NL Eq. 84)
-#   3. write all six with keys k, values v̂_□ and the same η, α, through one memory_update call; M_mem
-#      with θ, the five generators with GENERATOR_LR·θ (below)
+#   3. write all six with keys k, values v̂_□ and the same η, α, through one memory_update
+#      call; M_mem with θ, the five generators with GENERATOR_LR·θ (below)
 #   4. the layer's output is M_mem(q), read before the write (every write: §4's rule; NL's: DGD)
-# Two guards keep this loop stable (README: deviation 6). Everything generated is unit-norm, the rate
-# features too, so a growing M_lr cannot push θ to θ_max and write bigger still. And under the proximal
-# rule the generators write at a tenth of M_mem's θ: a solved write fits M_□(k) to a target M_□(v) that
-# moves with it, and at the full θ that chase can blow M_k and M_v up (README: the stability table).
-SELF_MOD_COMPONENTS = ("k", "v", "q", "lr", "forget", "mem")   # seed paper: m_k, m_v, m_q, m_η, m_α, m_memory
-GENERATOR_LR = {"titans": 1.0, "proximal": 0.1, "longhorn": 1.0}   # the generators' θ / M_mem's θ, by rule
+# Two guards keep this loop stable (README: deviation 6). Everything generated is unit-norm, the
+# rate features too, so a growing M_lr cannot push θ to θ_max and write bigger still. And under
+# the proximal rule the generators write at a tenth of M_mem's θ: a solved write fits M_□(k) to
+# a target M_□(v) that moves with it, and at the full θ that chase can blow M_k and M_v up
+# (README: the stability table).
+# The six memories, in the order the state stacks them (seed paper: m_k, m_v, m_q, m_η, m_α,
+# m_memory). The code reaches each by name: component(weights, "q"), generators(weights).
+SELF_MOD_COMPONENTS = ("k", "v", "q", "lr", "forget", "mem")
+# M_k .. M_forget, which generate M_mem's inputs (step 1); they come first in the state
+GENERATORS = tuple(name for name in SELF_MOD_COMPONENTS if name != "mem")
+# the generators' θ / M_mem's θ, by rule
+GENERATOR_LR = {"titans": 1.0, "proximal": 0.1, "longhorn": 1.0}
+
+
+def component(weights, name):
+    """The memory `name` of SELF_MOD_COMPONENTS, from by_component's weights: per layer
+    [B, H, d_in, d_out]."""
+    return tuple(W[:, SELF_MOD_COMPONENTS.index(name)] for W in weights)
+
+
+def generators(weights):
+    """The GENERATORS, from by_component's weights: per layer [B, 5, H, d_in, d_out] (they come
+    first, so one slice of the state)."""
+    return tuple(W[:, :len(GENERATORS)] for W in weights)
 
 
 class SelfModifyingMemory(MemoryLayer):
-    """Six stacked per-head memories; the state is [B, 6·H, d_in, d_out] per layer, component-major."""
+    """Six stacked per-head memories; the state is [B, 6·H, d_in, d_out] per layer,
+    component-major."""
     def __init__(self, config):
         super().__init__(config)
         H, d, n = config.heads, config.d_head, len(SELF_MOD_COMPONENTS)
         # full-scale residual branches (with M(x) ≈ x, k ≈ v ≈ q: nothing to memorize)
-        self.initial_weights = init_memory_weights(n * H, d, config.memory_depth, config.expansion, branch_scale=1.0)
+        self.initial_weights = init_memory_weights(n * H, d, config.memory_depth, config.expansion,
+                                                   branch_scale=1.0)
         # w_lr, w_forget read-outs and η's linear map
         self.rates = RateHeads(H, d, config.lr_max, config.write_rule)
         self.generator_lr = GENERATOR_LR[config.write_rule]
-        # chunk-start reads in either read mode (step 1 needs that state); each chunk recomputed whole
-        self.checkpoint, self.compile = self.settings.pop("checkpoint"), self.settings.pop("compile")
+        # chunk-start reads in either read mode (step 1 needs that state); each chunk recomputed
+        # whole
+        self.checkpoint = self.settings.pop("checkpoint")
+        self.compile = self.settings.pop("compile")
         self.settings["read_mode"] = "chunk_start"
 
     def features(self, x, conv_tail):
-        """Unit-norm features: a fixed input scale keeps the generators' recurrence from exploding."""
+        """Unit-norm features: a fixed input scale keeps the generators' recurrence from
+        exploding."""
         feats, conv_tail = super().features(x, conv_tail)
         return F.normalize(feats, dim=-1), conv_tail
 
     def by_component(self, weights):
-        return tuple(W.unflatten(1, (len(SELF_MOD_COMPONENTS), self.heads)) for W in weights)  # [B, 6, H, ...]
+        """The state's six memories apart: per layer [B, 6, H, ...], in SELF_MOD_COMPONENTS
+        order."""
+        return tuple(W.unflatten(1, (len(SELF_MOD_COMPONENTS), self.heads)) for W in weights)
 
     def generate(self, feats, weights):
         """Step 1: k, v, q [B, H, n, d] and θ, η, α [B, H, n] from the memories at `weights`."""
-        generators = tuple(W[:, :5] for W in self.by_component(weights))         # M_k .. M_forget
-        k, v, q, lr_feats, forget_feats = memory_forward(generators, feats[:, None]).unbind(1)
-        lr_feats, forget_feats = F.normalize(lr_feats, dim=-1), F.normalize(forget_feats, dim=-1)
+        outputs = memory_forward(generators(self.by_component(weights)), feats[:, None])
+        generated = dict(zip(GENERATORS, outputs.unbind(1)))          # name -> [B, H, n, d]
+        lr_feats = F.normalize(generated["lr"], dim=-1)
+        forget_feats = F.normalize(generated["forget"], dim=-1)
         lr, momentum_decay, forget = self.rates(lr_feats, feats, forget_feats)
-        # v unit-norm too (deviation 6): a write multiplies M = I + A by (I − 2θ(k − v)kᵀ), unbounded if k·v > 1
-        return F.normalize(k, dim=-1), F.normalize(v, dim=-1), F.normalize(q, dim=-1), lr, momentum_decay, forget
+        # v unit-norm too (deviation 6): a write multiplies M = I + A by (I − 2θ(k − v)kᵀ),
+        # unbounded if k·v > 1
+        k, v, q = (F.normalize(generated[name], dim=-1) for name in ("k", "v", "q"))
+        return k, v, q, lr, momentum_decay, forget
 
     def read(self, feats, state):
         """M_mem(M_q(x)) at the given state for every token (no write). Returns [B, T, dim]."""
         W = self.by_component(state.weights)
-        q = F.normalize(memory_forward(tuple(w[:, 2] for w in W), feats), dim=-1)
-        return self.output(memory_forward(tuple(w[:, 5] for w in W), q), feats.dtype)
+        q = F.normalize(memory_forward(component(W, "q"), feats), dim=-1)
+        return self.output(memory_forward(component(W, "mem"), q), feats.dtype)
 
     def _chunk(self, feats, weights, momentum, read):
-        """One chunk [B, H, n, d] of steps 1-4; returns (M_mem(q) or None, weights, momentum, surprise)."""
+        """One chunk [B, H, n, d] of steps 1-4; returns (M_mem(q) or None, weights, momentum,
+        surprise)."""
         k, v, q, lr, momentum_decay, forget = self.generate(feats, weights)
         W = self.by_component(weights)
-        out = memory_forward(tuple(w[:, 5] for w in W), q) if read else None       # step 4
-        targets = memory_forward(W, v[:, None]).flatten(1, 2)                     # step 2 [B, 6H, n, d]
-        keys, momentum_decay, forget = (t[:, None].expand(-1, len(SELF_MOD_COMPONENTS), *t.shape[1:]).flatten(1, 2)
-                                        for t in (k, momentum_decay, forget))     # all 6 share k, η, α
-        # θ for M_k .. M_forget, then M_mem's own: [B, 6H, n], component-major like the state
-        lr = torch.stack([self.generator_lr * lr] * 5 + [lr], dim=1).flatten(1, 2)
+        out = memory_forward(component(W, "mem"), q) if read else None             # step 4
+        targets = memory_forward(W, v[:, None]).flatten(1, 2)                 # step 2 [B, 6H, n, d]
+        # all six share k, η, α: [B, 6H, n, ·]
+        keys, momentum_decay, forget = (
+            t[:, None].expand(-1, len(SELF_MOD_COMPONENTS), *t.shape[1:]).flatten(1, 2)
+            for t in (k, momentum_decay, forget))
+        # θ for each memory, [B, 6H, n] component-major like the state: the generators'
+        # GENERATOR_LR·θ, and M_mem's own
+        generator_lr = self.generator_lr * lr
+        rates = [lr if name == "mem" else generator_lr for name in SELF_MOD_COMPONENTS]
+        lr = torch.stack(rates, dim=1).flatten(1, 2)
         _, weights, momentum, surprise = memory_update(                           # step 3
-            weights, momentum, keys, targets, None, lr, momentum_decay, forget, self.chunk_size, **self.settings)
+            weights, momentum, keys, targets, None, lr, momentum_decay, forget, self.chunk_size,
+            **self.settings)
         return out, weights, momentum, surprise
 
     def read_write(self, feats, state, read=True):
@@ -667,10 +784,11 @@ class SelfModifyingMemory(MemoryLayer):
         return (torch.cat(outs, 2) if read else None), state
 
 
-# === 9. CMS, the Continuum Memory System (NL §7, Eqs. 70-74) — flag `cms` =======================
-# CMS replaces the feed-forward by memories that keep learning in context at their own pace: a level
-# of period p is a per-head memory of chunk size p (p = 8, 32), keyed by its input, valued by a learned
-# projection of it. A per-token softmax gate mixes the levels (seed paper §2; NL chains them).
+# === 9. CMS, the Continuum Memory System (NL §7, Eqs. 70-74) — flag `cms` ====================
+# CMS replaces the feed-forward by memories that keep learning in context at their own pace: a
+# level of period p is a per-head memory of chunk size p (p = 8, 32), keyed by its input, valued
+# by a learned projection of it. A per-token softmax gate mixes the levels (seed paper §2; NL
+# chains them).
 class CMSLevel(nn.Module):
     """One level: a per-head memory of chunk size `period`, read with its own keys."""
     def __init__(self, config, period):
@@ -679,20 +797,23 @@ class CMSLevel(nn.Module):
         self.heads, self.period, self.settings = H, period, update_settings(config)
         self.in_proj = nn.Linear(config.dim, H * d, bias=False)
         self.to_value = HeadLinear(H, d, d)
-        self.rates = RateHeads(H, d, config.lr_max if config.cms_lr_max is None else config.cms_lr_max,
-                               config.write_rule)
+        lr_max = config.lr_max if config.cms_lr_max is None else config.cms_lr_max
+        self.rates = RateHeads(H, d, lr_max, config.write_rule)
         self.initial_weights = init_memory_weights(H, d, config.memory_depth, config.expansion)
         self.out_proj = nn.Linear(H * d, config.dim, bias=False)
 
-    initial_state = MemoryLayer.initial_state                                      # W⁰ per sample, S = 0
+    initial_state = MemoryLayer.initial_state                            # W⁰ per sample, S = 0
 
     def forward(self, x, state):
-        feats = split_heads(self.in_proj(x), self.heads)                           # [B, H, T, d]
-        keys = F.normalize(feats, dim=-1)                                          # also the queries
-        values = F.normalize(self.to_value(feats), dim=-1)                         # raw ones: NaN in training
+        feats = split_heads(self.in_proj(x), self.heads)                  # [B, H, T, d]
+        keys = F.normalize(feats, dim=-1)                                 # also the queries
+        # unit-norm: raw ones went NaN in training (README: deviation 8)
+        values = F.normalize(self.to_value(feats), dim=-1)
         out, weights, momentum, surprise = memory_update(
-            state.weights, state.momentum, keys, values, keys, *self.rates(feats), self.period, **self.settings)
-        return self.out_proj(merge_heads(out.to(x.dtype))), MemoryState(weights, momentum, surprise=surprise)
+            state.weights, state.momentum, keys, values, keys, *self.rates(feats), self.period,
+            **self.settings)
+        state = MemoryState(weights, momentum, surprise=surprise)
+        return self.out_proj(merge_heads(out.to(x.dtype))), state
 
 
 class CMS(nn.Module):
@@ -729,19 +850,21 @@ class MLP(nn.Module):
 # Attention has rotary position embeddings (RoPE: models run past their training length) and N_p
 # persistent tokens, learned inputs prepended to every context (Titans §3.3). Mixers (each with
 # initial_state(batch) and a small state type of its own) combine the memory with attention:
-#   mac  memory as context: attention over [persistent ‖ memory read ‖ segment]      (Titans §4.1)
-#   mag  memory as gate: sliding-window attention ⊗ σ(memory)                         (Titans §4.2)
-#   mal  memory as layer: memory, then sliding-window attention                       (Titans §4.3)
+#   mac  memory as context: attention over [persistent ‖ memory read ‖ segment] (Titans §4.1)
+#   mag  memory as gate: sliding-window attention ⊗ σ(memory)                   (Titans §4.2)
+#   mal  memory as layer: memory, then sliding-window attention                 (Titans §4.3)
 #   lmm  memory only (NL's HOPE has no attention)
 def rope(x, rotation):
-    """Rotate feature pairs of x [B, T, heads, d] (token-major: faster on a CPU) by rotation()'s (cos, sin)."""
+    """Rotate feature pairs of x [B, T, heads, d] (token-major: faster on a CPU) by rotation()'s
+    (cos, sin)."""
     (cos, sin), (x1, x2) = rotation, x.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
 class Attention(nn.Module):
-    """Causal attention with RoPE, an optional sliding window and persistent tokens (the GPT mixer); its
-    state: a cache of earlier (keys, values). Speed: keys_values uses qkv's k, v rows alone (MAC's h)."""
+    """Causal attention with RoPE, an optional sliding window and persistent tokens (the GPT
+    mixer); its state: a cache of earlier (keys, values). Speed: keys_values uses qkv's k, v rows
+    alone (MAC's h)."""
     def __init__(self, config, window=None, persistent_tokens=0):
         super().__init__()
         self.dim, self.heads, self.window = config.dim, config.heads, window
@@ -761,32 +884,38 @@ class Attention(nn.Module):
         return angles.cos(), angles.sin()
 
     def project(self, x, rotation):
-        """q, k, v [B, h, T, dh] of x [B, T, dim]; q and k rotated (rotation: rotation()'s (cos, sin))."""
+        """q, k, v [B, h, T, dh] of x [B, T, dim]; q and k rotated (rotation: rotation()'s
+        (cos, sin))."""
         q_k, v = self.qkv(x).unflatten(-1, (3 * self.heads, -1)).split(2 * self.heads, dim=2)
         q, k = rope(q_k, rotation).transpose(1, 2).chunk(2, dim=1)              # [B, h, T, dh] each
         return q, k, v.transpose(1, 2)
 
     def keys_values(self, x, rotation=None):
-        """k, v [B, h, T, dh] of x [B, T, dim] without the queries; k rotated unless rotation is None."""
-        k, v = F.linear(x, self.qkv.weight[self.dim:]).unflatten(-1, (2 * self.heads, -1)).chunk(2, dim=2)
+        """k, v [B, h, T, dh] of x [B, T, dim] without the queries; k rotated unless rotation is
+        None."""
+        keys_values = F.linear(x, self.qkv.weight[self.dim:])                 # [B, T, 2·dim]
+        k, v = keys_values.unflatten(-1, (2 * self.heads, -1)).chunk(2, dim=2)
         k = k if rotation is None else rope(k, rotation)
         return k.transpose(1, 2), v.transpose(1, 2)
 
     def persistent_keys_values(self, batch, dtype):
         """Keys and values [B, h, N_p, dh] of the persistent tokens (no position), or None."""
         if self.persistent is not None:
-            return tuple(t.expand(batch, -1, -1, -1) for t in self.keys_values(self.persistent.to(dtype)[None]))
+            keys_values = self.keys_values(self.persistent.to(dtype)[None])   # each [1, h, N_p, dh]
+            return tuple(t.expand(batch, -1, -1, -1) for t in keys_values)
 
     @staticmethod
     def prepend(persistent, k, v, visible):
-        """[persistent ‖ k], [persistent ‖ v], and the mask visible [Tq, Tk] with every query seeing them."""
+        """[persistent ‖ k], [persistent ‖ v], and the mask visible [Tq, Tk] with every query
+        seeing them."""
         if persistent is None:
             return k, v, visible
         return (torch.cat([persistent[0], k], 2), torch.cat([persistent[1], v], 2),
                 F.pad(visible, (persistent[0].shape[2], 0), value=True))
 
     def attend(self, q, k, v, mask):
-        """softmax(q kᵀ/√d + mask) v, heads merged and projected. mask: bool [Tq, Tk] or None (causal)."""
+        """softmax(q kᵀ/√d + mask) v, heads merged and projected. mask: bool [Tq, Tk] or None
+        (causal)."""
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         return self.out(merge_heads(y))
 
@@ -796,11 +925,15 @@ class Attention(nn.Module):
         q, k, v = self.project(x, self.rotation(positions, x.dtype))
         if cache is not None:
             k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
-        new_cache = (k, v) if self.window is None else (k[:, :, -self.window:], v[:, :, -self.window:])
+        if self.window is None:
+            new_cache = (k, v)
+        else:
+            new_cache = (k[:, :, -self.window:], v[:, :, -self.window:])
         if self.persistent is None and cache is None and self.window is None:
             return self.attend(q, k, v, None), new_cache                # plain causal: fused kernel
         # One mask over all keys: the window limits what a query sees, not the cost (O(T²)).
-        back = positions[:, None] - torch.arange(position + T - k.shape[2], position + T, device=x.device)
+        key_positions = torch.arange(position + T - k.shape[2], position + T, device=x.device)
+        back = positions[:, None] - key_positions
         visible = (back >= 0) & (back < (self.window or position + T))                 # [T, Tk]
         persistent = self.persistent_keys_values(x.shape[0], x.dtype)
         return self.attend(q, *self.prepend(persistent, k, v, visible)), new_cache
@@ -812,9 +945,10 @@ class MACState(NamedTuple):
 
 
 class MACMixer(nn.Module):
-    """Memory as context (Titans Eqs. 21-25), per segment, from its start state: h = M(q) of the inputs;
-    y = attention over [persistent ‖ h ‖ segment] (h_i seen from j ≥ i); write y into M; output
-    y ⊗ σ(M(y)). Speed: keep_state=False (training) skips the last segment's unread write."""
+    """Memory as context (Titans Eqs. 21-25), per segment, from its start state: h = M(q) of
+    the inputs; y = attention over [persistent ‖ h ‖ segment] (h_i seen from j ≥ i); write y
+    into M; output y ⊗ σ(M(y)). Speed: keep_state=False (training) skips the last segment's
+    unread write."""
     def __init__(self, config):
         super().__init__()
         self.segment_len = config.segment_len
@@ -828,20 +962,24 @@ class MACMixer(nn.Module):
         """Attention of the segment's q [B, h, L, dh] over [persistent ‖ h ‖ segment keys]."""
         k_h, v_h = self.attention.keys_values(retrieved, rotation)   # h_i sits at position i
         causal = torch.ones(q.shape[2], q.shape[2], dtype=torch.bool, device=q.device).tril()
-        k, v, visible = self.attention.prepend(persistent, torch.cat([k_h, k], 2), torch.cat([v_h, v], 2),
-                                               torch.cat([causal, causal], dim=1))   # [L, 2L]: h, segment
+        keys, values = torch.cat([k_h, k], 2), torch.cat([v_h, v], 2)
+        mask = torch.cat([causal, causal], dim=1)                       # [L, 2L]: h, segment
+        k, v, visible = self.attention.prepend(persistent, keys, values, mask)
         return self.attention.attend(q, k, v, visible)
 
     def forward(self, x, state, position, keep_state=True):
         T = x.shape[1]
-        # what depends on x alone is computed for the whole sequence; the loop carries the memory state
-        cos, sin = self.attention.rotation(torch.arange(position, position + T, device=x.device), x.dtype)
+        # what depends on x alone is computed for the whole sequence; the loop carries the memory
+        # state
+        positions = torch.arange(position, position + T, device=x.device)
+        cos, sin = self.attention.rotation(positions, x.dtype)
         query_feats, query_tail = self.memory.features(x, state.query_tail)      # [B, H, T, d]
         q, k, v = self.attention.project(x, (cos, sin))                           # [B, h, T, dh]
         persistent = self.attention.persistent_keys_values(x.shape[0], x.dtype)
         memory, outs, written = state.memory, [], []
         L, last = self.segment_len, (T - 1) // self.segment_len
-        segments = zip(*(t.split(L, dim=2) for t in (query_feats, q, k, v)), cos.split(L), sin.split(L))
+        streams = (t.split(L, dim=2) for t in (query_feats, q, k, v))
+        segments = zip(*streams, cos.split(L), sin.split(L))
         for index, (feats, q_s, k_s, v_s, cos_s, sin_s) in enumerate(segments):
             retrieved = self.memory.read(feats, memory)                           # h  [B, L, dim]
             y = self.attend_segment(q_s, k_s, v_s, retrieved, (cos_s, sin_s), persistent)
@@ -852,7 +990,9 @@ class MACMixer(nn.Module):
                 written.append(memory.surprise)
             memory = replace(memory, conv_tail=conv_tail)
             outs.append(y * torch.sigmoid(gate))
-        state = MACState(replace(memory, surprise=torch.cat(written, -1)), query_tail) if keep_state else None
+        state = None
+        if keep_state:
+            state = MACState(replace(memory, surprise=torch.cat(written, -1)), query_tail)
         return torch.cat(outs, 1), state
 
 
@@ -880,7 +1020,8 @@ class LMMMixer(nn.Module):
 
 
 class MAGMixer(LMMMixer):
-    """Memory as gate: LayerNormed sliding-window attention y and memory read, y ⊗ σ(M(x)) (Eqs. 26-28)."""
+    """Memory as gate: LayerNormed sliding-window attention y and memory read, y ⊗ σ(M(x))
+    (Eqs. 26-28)."""
     window_attention = True
 
     def __init__(self, config):
@@ -890,11 +1031,13 @@ class MAGMixer(LMMMixer):
     def forward(self, x, state, position, keep_state=True):
         y, cache = self.attention(x, state.cache, position)
         m, memory = self.memory(x, state.memory)
-        return self.norm_attention(y) * torch.sigmoid(self.norm_memory(m)), WindowState(memory, cache)
+        gated = self.norm_attention(y) * torch.sigmoid(self.norm_memory(m))
+        return gated, WindowState(memory, cache)
 
 
 class MALMixer(LMMMixer):
-    """Memory as layer: the memory's output goes through sliding-window attention (Titans Eqs. 29-31)."""
+    """Memory as layer: the memory's output goes through sliding-window attention (Titans
+    Eqs. 29-31)."""
     window_attention = True
 
     def forward(self, x, state, position, keep_state=True):
@@ -932,58 +1075,71 @@ class Block(nn.Module):
 
 # === 11. Models: the configuration, and the language model (HOPE, its ablations and GPT) ========
 def option(default, help, choices=None):
-    """A config field with the help and choices of its command-line flag (train.py makes the flags)."""
-    return field(default=default, metadata={"help": help, **({"choices": choices} if choices else {})})
+    """A config field with the help and choices of its command-line flag (train.py makes the
+    flags)."""
+    metadata = {"help": help, **({"choices": choices} if choices else {})}
+    return field(default=default, metadata=metadata)
 
 
-# θ_max by write rule (README deviation 7). The Titans step grows with θ and with the chunk's key Gram
-# matrix, so its cap is small and falls as heads widen. The implicit rules solve for their write: for
-# a linear memory each direction's error shrinks by 1/(1 + 2θ̃λ) at any θ, and an MLP memory is
-# solved through its linearisation, so there θ_max sets how fully a chunk is fitted.
+# θ_max by write rule (README deviation 7). The Titans step grows with θ and with the chunk's key
+# Gram matrix, so its cap is small and falls as heads widen. The implicit rules solve for their
+# write: for a linear memory each direction's error shrinks by 1/(1 + 2θ̃λ) at any θ, and an MLP
+# memory is solved through its linearisation, so there θ_max sets how fully a chunk is fitted.
 LR_MAX = {"proximal": 10.0, "longhorn": 1.0}
 
 
 def default_lr_max(write_rule, d_head):
-    """θ_max for a write rule: LR_MAX, or 0.02·√(16/d_head) for the Titans rule (None if unknown)."""
+    """θ_max for a write rule: LR_MAX, or 0.02·√(16/d_head) for the Titans rule (None if
+    unknown)."""
     return 0.02 * (16 / d_head) ** 0.5 if write_rule == "titans" else LR_MAX.get(write_rule)
 
 
 @dataclass
 class HOPEConfig:
-    model: str = option("hope", "hope, or transformer for the GPT baseline", ("hope", "transformer"))
+    model: str = option("hope", "hope, or transformer for the GPT baseline",
+                        ("hope", "transformer"))
     vocab_size: int = option(256, "token vocabulary (set by the tokenizer or the recall task)")
     dim: int = option(256, "model width")
     layers: int = option(6, "blocks")
     heads: int = option(None, "memory and attention heads (default: dim / d_head)")
-    d_head: int = option(None, "memory head width (default: dim / heads if heads is given, else 64)")
+    d_head: int = option(None, "memory head width (default: dim / heads if heads is given, "
+                               "else 64)")
     mixer: str = option("mac", "how memory and attention combine (§10)", tuple(MIXERS))
     cms: bool = option(True, "continuum memory levels instead of the MLP (§9, NL Eqs. 70-74)")
-    self_mod: bool = option(True, "self-modifying memories instead of linear maps (§8, NL Eqs. 76-93)")
+    self_mod: bool = option(True, "self-modifying memories instead of linear maps "
+                                  "(§8, NL Eqs. 76-93)")
     surprise: bool = option(True, "surprise-gated memory writes (§3)")
-    writes: bool = option(True, "memories write in context (§4); off: every memory reads W⁰ forever, a control")
+    writes: bool = option(True, "memories write in context (§4); off: every memory reads W⁰ "
+                                "forever, a control")
     surprise_threshold: float = option(0.02, "γ, the surprise gate's threshold")
-    surprise_mode: str = option("absolute", "gate on s_t, or on s_t / chunk mean", ("absolute", "relative"))
+    surprise_mode: str = option("absolute", "gate on s_t, or on s_t / chunk mean",
+                                ("absolute", "relative"))
     chunk_size: int = option(16, "C, tokens per memory chunk")
     read_mode: str = option("chunk_start", "the weights a token reads (§4)", READ_MODES)
-    write_rule: str = option("proximal", "how a chunk's tokens write (§3): solved at once, Titans' θ∇ℓ, or one by one",
+    write_rule: str = option("proximal", "how a chunk's tokens write (§3): solved at once, "
+                                         "Titans' θ∇ℓ, or one by one",
                              WRITE_RULES)
     parallel: bool = option(True, "the memory update's chunk form (§5); off: the token loop (§4)")
     segment_len: int = option(64, "MAC segment, MAG/MAL attention window")
     persistent_tokens: int = option(4, "N_p, learned tokens prepended to every attention context")
     memory_depth: int = option(2, "layers of the memory MLP")
     expansion: int = option(2, "memory MLP hidden width = expansion x d_head")
-    lr_max: float = option(None, "θ_max, the largest inner learning rate (default: by write rule, default_lr_max)")
-    cms_lr_max: float = option(None, "θ_max of the CMS levels (default: lr_max; 0 freezes CMS alone)")
+    lr_max: float = option(None, "θ_max, the largest inner learning rate (default: by write "
+                                 "rule, default_lr_max)")
+    cms_lr_max: float = option(None, "θ_max of the CMS levels (default: lr_max; 0 freezes CMS "
+                                     "alone)")
     mlp_hidden: int = option(None, "hidden width of the plain MLP feed-forward (default: 4 x dim)")
     cms_periods: tuple = option((8, 32), "CMS level periods, e.g. 8,32")
     seq_len: int = option(512, "training context (RoPE lets models run past it)")
     checkpoint: bool = option(False, "recompute each memory chunk in backward (memory ∝ T/C)")
-    compile_chunks: bool = option(None, "torch.compile each memory chunk's step, one graph for all (None: CUDA)")
+    compile_chunks: bool = option(None, "torch.compile each memory chunk's step, one graph for "
+                                        "all (None: CUDA)")
     embed_std: float = option(1.0, "token embedding init ~ N(0, x²)")
     init_std: float = option(None, "linear maps init ~ N(0, x²) (default: PyTorch's own init)")
     tied_head: bool = option(False, "output head = the token embedding (transposed)")
 
-    MAY_BE_ZERO = ("surprise_threshold", "persistent_tokens", "lr_max", "cms_lr_max")  # not a field; others > 0
+    # not a field; the other numbers must be > 0
+    MAY_BE_ZERO = ("surprise_threshold", "persistent_tokens", "lr_max", "cms_lr_max")
 
     def __post_init__(self):
         """Fill in what None leaves open; a given heads or d_head is kept as it is."""
@@ -1001,19 +1157,27 @@ class HOPEConfig:
             value, zero_ok = getattr(self, f.name), f.name in self.MAY_BE_ZERO
             if "choices" in f.metadata and value not in f.metadata["choices"]:
                 raise ValueError(f"unknown {f.name} '{value}' ({', '.join(f.metadata['choices'])})")
-            if f.type in (int, float) and value is not None and not (value >= 0 if zero_ok else value > 0):
-                raise ValueError(f"{f.name} must be {'>= 0' if zero_ok else 'positive'}, got {value}")
-        for ok, message in [  # every number is valid by now, so heads and chunk_size are not 0
-                (self.dim % self.heads == 0, f"dim {self.dim} is not divisible by heads {self.heads}"),
+            numeric = f.type in (int, float) and value is not None
+            if numeric and not (value >= 0 if zero_ok else value > 0):
+                bound = ">= 0" if zero_ok else "positive"
+                raise ValueError(f"{f.name} must be {bound}, got {value}")
+        # every number is valid by now, so heads and chunk_size are not 0
+        for ok, message in [
+                (self.dim % self.heads == 0,
+                 f"dim {self.dim} is not divisible by heads {self.heads}"),
                 (self.d_head % 2 == 0, f"head width {self.d_head} must be even (RoPE)"),
                 (self.segment_len % self.chunk_size == 0,
-                 f"segment_len {self.segment_len} must be a multiple of chunk size {self.chunk_size}"),
-                (min(self.cms_periods, default=0) > 0, f"CMS periods must be positive, got {self.cms_periods}"),
-                (not (self.read_mode == "in_chunk" and self.surprise and self.surprise_mode == "relative"),
-                 "read mode in_chunk takes no relative surprise gate (its chunk mean sees later tokens)"),
+                 f"segment_len {self.segment_len} must be a multiple of chunk size "
+                 f"{self.chunk_size}"),
+                (min(self.cms_periods, default=0) > 0,
+                 f"CMS periods must be positive, got {self.cms_periods}"),
+                (not (self.read_mode == "in_chunk" and self.surprise
+                      and self.surprise_mode == "relative"),
+                 "read mode in_chunk takes no relative surprise gate (its chunk mean sees later "
+                 "tokens)"),
                 (not (self.read_mode == "in_chunk" and self.write_rule == "proximal"),
-                 "read mode in_chunk takes no proximal write rule (its chunk solve sees later tokens): use "
-                 "--write-rule longhorn or titans")]:
+                 "read mode in_chunk takes no proximal write rule (its chunk solve sees later "
+                 "tokens): use --write-rule longhorn or titans")]:
             if not ok:
                 raise ValueError(message)
         return self
@@ -1021,7 +1185,8 @@ class HOPEConfig:
     @property
     def period(self):
         """Tokens between states that every chunk, segment and CMS level agree on (1 for GPT)."""
-        segment, cms = self.segment_len if self.mixer == "mac" else 1, self.cms_periods if self.cms else ()
+        segment = self.segment_len if self.mixer == "mac" else 1
+        cms = self.cms_periods if self.cms else ()
         return 1 if self.model == "transformer" else math.lcm(self.chunk_size, segment, *cms)
 
 
@@ -1032,15 +1197,17 @@ class ModelState(NamedTuple):
 
 
 class LanguageModel(nn.Module):
-    """Token embedding -> blocks -> norm -> output head: HOPE, its ablations and GPT. Init: README,
-    "Training recipe" (GPT-2's N(0, 0.02) and tied head leave every model here on a plateau at MQAR)."""
+    """Token embedding -> blocks -> norm -> output head: HOPE, its ablations and GPT. Init:
+    README, "Training recipe" (GPT-2's N(0, 0.02) and tied head leave every model here on a
+    plateau at MQAR)."""
     def __init__(self, config):
         super().__init__()
         self.config = config.validate()
         self.embed = nn.Embedding(config.vocab_size, config.dim)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.layers))
         self.norm = nn.LayerNorm(config.dim)
-        self.head = None if config.tied_head else nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.head = (None if config.tied_head
+                     else nn.Linear(config.dim, config.vocab_size, bias=False))
         self.apply(lambda module: self._init_weights(module, config))
 
     @staticmethod
@@ -1059,8 +1226,9 @@ class LanguageModel(nn.Module):
         return ModelState(0, [block.initial_state(batch) for block in self.blocks])
 
     def advance(self, idx, state, keep_state=True):
-        """Process idx [B, T] as the continuation of `state`, which sits on a multiple of config.period.
-        Returns (logits [B, T, V], new state); keep_state=False (training) lets MAC skip a write."""
+        """Process idx [B, T] as the continuation of `state`, which sits on a multiple of
+        config.period. Returns (logits [B, T, V], new state); keep_state=False (training) lets
+        MAC skip a write."""
         if state.position % self.config.period:
             raise ValueError(f"state at position {state.position} is not on a period boundary")
         x, layers = self.embed(idx), []
@@ -1072,9 +1240,10 @@ class LanguageModel(nn.Module):
         return logits, ModelState(state.position + idx.shape[1], layers) if keep_state else None
 
     def forward(self, idx, targets=None):
-        """Fresh memory per sequence. Returns (logits [B, T, V], the mean cross-entropy over the targets
-        that are not -100 (recall tasks score only the answers), or None)."""
+        """Fresh memory per sequence. Returns (logits [B, T, V], the mean cross-entropy over the
+        targets that are not -100 (recall tasks score only the answers), or None)."""
         logits, _ = self.advance(idx, self.initial_state(idx.shape[0]), keep_state=False)
         if targets is None:
             return logits, None
-        return logits, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        return logits, loss
