@@ -171,13 +171,22 @@ def surprise_gate(surprise, threshold, relative):
 # its bound lets θ_max be 10 (§11's LR_MAX) where the Titans rule's overshoot caps θ at 0.02 and
 # the memory hardly stores what it reads (README: deviation 7, the write-rule table;
 # `python bench.py probe`).
+#   The MLP memory's hidden layers write at HIDDEN_LR·θ under both implicit rules: the step is
+# taken in a metric that weighs a hidden layer's change 1/HIDDEN_LR, so G weighs that layer's
+# term by HIDDEN_LR too and the bound above is kept. A hidden layer's write moves the features
+# through which every stored pair is read, and does so nonlinearly (the solve sees it only to first
+# order), so a large one there blurs what earlier chunks stored; the output layer, written at the
+# full θ, then stores each chunk almost as a linear memory would, over features that move slowly
+# (README: the write-rule table, 32 pairs).
 WRITE_RULES = ("titans", "proximal", "longhorn")
+# a hidden layer's θ / the output layer's θ, by rule
+HIDDEN_LR = {"titans": 1.0, "proximal": 0.1, "longhorn": 0.1}
 
 
-def token_kernel(weights, inputs, preacts):
+def token_kernel(weights, inputs, preacts, hidden_share=1.0):
     """G [BH, n, n] from the forward pass (inner_loss_terms). Per layer l with input x and J_i the
-    Jacobian of M(k_i) w.r.t. the layer's output, G += (x_i · x_j) ⟨J_i, J_j⟩ / d; the last
-    layer's J is I."""
+    Jacobian of M(k_i) w.r.t. the layer's output, G += (x_i · x_j) ⟨J_i, J_j⟩ / d, times
+    hidden_share for the hidden layers (HIDDEN_LR); the last layer's J is I."""
     kernel = torch.bmm(inputs[-1], inputs[-1].transpose(-1, -2))          # [BH, n, n]
     d = weights[-1].shape[-1]
     for layer in range(len(weights) - 2, -1, -1):                   # the hidden layers, top down
@@ -191,7 +200,8 @@ def token_kernel(weights, inputs, preacts):
         else:
             jacobian = slope[..., None] * (weights[layer + 1][:, None] @ jacobian)   # [BH, n, h, d]
             overlap = torch.einsum("bnad,bmad->bnm", jacobian, jacobian)
-        kernel = kernel + torch.bmm(inputs[layer], inputs[layer].transpose(-1, -2)) * overlap / d
+        inner = torch.bmm(inputs[layer], inputs[layer].transpose(-1, -2))         # [BH, n, n]
+        kernel = kernel + hidden_share * inner * overlap / d
     return kernel
 
 
@@ -240,10 +250,10 @@ def _token_gradient(weights, key, value, create_graph, step=None):
         return torch.autograd.grad(loss, leaves, create_graph=create_graph)
 
 
-def _reference_kernel(anchor, keys, create_graph):
+def _reference_kernel(anchor, keys, create_graph, hidden_share):
     """G for one chunk by autograd, apart from token_kernel: each token reads its own copy of
     the weights, and one backward pass per output feature o gives every token's ∂M(k_i)_o/∂W
-    at once."""
+    at once; a hidden layer's gradients count hidden_share times in the inner products."""
     n, d = keys.shape[1], anchor[-1].shape[-1]
     with torch.enable_grad():
         copies = tuple(W[:, None].repeat(1, n, 1, 1) if create_graph and W.requires_grad
@@ -253,7 +263,9 @@ def _reference_kernel(anchor, keys, create_graph):
         for o in range(d):
             grads = torch.autograd.grad(reads[..., o].sum(), copies, create_graph=create_graph,
                                         retain_graph=True)
-            flat = torch.cat([g.flatten(2) for g in grads], dim=-1)         # [BH, n, all weights]
+            # √share for the hidden layers, 1 for the output layer
+            weighs = [hidden_share ** 0.5] * (len(grads) - 1) + [1.0]
+            flat = torch.cat([w * g.flatten(2) for w, g in zip(weighs, grads)], -1)   # [BH, n, ·]
             kernel = kernel + flat @ flat.transpose(-1, -2) / d
     return kernel if create_graph else kernel.detach()
 
@@ -261,7 +273,7 @@ def _reference_kernel(anchor, keys, create_graph):
 def _reference_steps(rule, anchor, keys, values, lr, momentum_decay, create_graph):
     """ẽ for one chunk of the proximal and longhorn rules, apart from write_steps: G by autograd,
     and the solve as (1 − η)(I + B̃ G)⁻¹ B̃ E (the same identity, the other way round)."""
-    kernel = _reference_kernel(anchor, keys, create_graph)                      # [BH, n, n]
+    kernel = _reference_kernel(anchor, keys, create_graph, HIDDEN_LR[rule])    # [BH, n, n]
     long_run = 2 * lr / (1 - momentum_decay)                                    # B̃  [BH, n]
     keep = (1 - momentum_decay)[..., None]                                    # 1 − η  [BH, n, 1]
     scaled_error = long_run[..., None] * (memory_forward(anchor, keys) - values)  # B̃ E [BH, n, d]
@@ -296,6 +308,8 @@ def _memory_update_sequential(weights, momentum, keys, values, queries, lr, mome
             else:
                 grads = _token_gradient(anchor, keys[:, t:t + 1], None, create_graph,
                                         steps[:, i:i + 1])
+                share = HIDDEN_LR[write_rule]                   # the hidden layers' θ (§3)
+                grads = tuple(g * share for g in grads[:-1]) + grads[-1:]
             decay_t, forget_t = (r[:, t, None, None] for r in (momentum_decay, forget))
             momentum = tuple(decay_t * S - g for S, g in zip(momentum, grads))
             weights = tuple((1 - forget_t) * W + S for W, S in zip(weights, momentum))
@@ -372,9 +386,12 @@ def _chunk_step(weights, momentum, keys, values, queries, lr, momentum_decay, co
     prediction, error, surprise, inputs, preacts = inner_loss_terms(weights, keys, values)
     gate = surprise_gate(surprise, threshold, relative)
     lr = lr if gate is None else lr * gate                    # gated tokens write nothing (§3)
-    kernel = None if write_rule == "titans" else token_kernel(weights, inputs, preacts)
+    share = HIDDEN_LR[write_rule]                             # the hidden layers' θ (§3)
+    kernel = None if write_rule == "titans" else token_kernel(weights, inputs, preacts, share)
     steps = write_steps(write_rule, kernel, error, lr, momentum_decay)     # ẽ  [BH, n, d]
     deltas = layer_deltas(weights, preacts, steps)
+    if share != 1:
+        deltas = [share * delta for delta in deltas[:-1]] + deltas[-1:]
     outputs = None
     if read_coeffs:                                           # read W_{t−1}
         outputs = _read_in_chunk(weights, momentum, queries, inputs, deltas, *read_coeffs)
