@@ -77,6 +77,10 @@ ABLATION_ROWS = {
     # Two rows that pull apart what "No CMS" mixes, in-context learning and capacity:
     "CMS frozen": dict(model="hope", cms=True, self_mod=True, surprise=True, cms_lr_max=0.0),
     "No CMS (matched MLP)": dict(model="hope", cms=False, self_mod=True, surprise=True),
+    # NL's own HOPE: no attention, a self-modifying memory, CMS levels chained, no surprise gate
+    # (it writes with our default write rule, not NL's DGD: README, deviation 2)
+    "NL's HOPE": dict(model="hope", mixer="lmm", cms=True, cms_arrangement="chained", self_mod=True,
+                      surprise=False),
 }
 
 

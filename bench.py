@@ -960,7 +960,8 @@ STABILITY_ROWS = {"Full HOPE": [], "No CMS": ["--no-cms"], "No Self-Mod": ["--no
                   "No Surprise": ["--no-surprise"], "Titans": ["--no-self-mod", "--no-surprise"],
                   "Transformer": ["--model", "transformer"], "Transformer (matched)": ["--model", "transformer"],
                   "Full HOPE, mag": ["--mixer", "mag"], "Full HOPE, mal": ["--mixer", "mal"],
-                  "Full HOPE, lmm": ["--mixer", "lmm"]}
+                  "Full HOPE, lmm": ["--mixer", "lmm"],
+                  "NL's HOPE": ["--mixer", "lmm", "--cms-arrangement", "chained", "--no-surprise"]}
 
 
 def memory_states(state):

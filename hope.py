@@ -804,8 +804,14 @@ class SelfModifyingMemory(MemoryLayer):
 # === 9. CMS, the Continuum Memory System (NL §7, Eqs. 70-74) — flag `cms` ====================
 # CMS replaces the feed-forward by memories that keep learning in context at their own pace: a
 # level of period p is a per-head memory of chunk size p (p = 8, 32), keyed by its input, valued
-# by a learned projection of it. A per-token softmax gate mixes the levels (seed paper §2; NL
-# chains them).
+# by a learned projection of it. Two arrangements (`cms_arrangement`): "parallel", every level
+# reads the block's input and a per-token softmax gate mixes their outputs (the seed paper's
+# "combined via learned gating"); "chained", NL's y = M_(p_K)(… M_(p_1)(x)) (NL §7): each
+# level reads the output of the one before, fastest first, and the last one's output is the
+# block's.
+CMS_ARRANGEMENTS = ("parallel", "chained")
+
+
 class CMSLevel(nn.Module):
     """One level: a per-head memory of chunk size `period`, read with its own keys."""
     def __init__(self, config, period):
@@ -834,16 +840,23 @@ class CMSLevel(nn.Module):
 
 
 class CMS(nn.Module):
-    """The levels, mixed per token by a softmax gate; the state is one MemoryState per level."""
+    """The levels, gated side by side or chained; the state is one MemoryState per level."""
     def __init__(self, config):
         super().__init__()
         self.levels = nn.ModuleList(CMSLevel(config, p) for p in config.cms_periods)
-        self.gate = nn.Linear(config.dim, len(config.cms_periods))
+        self.chained = config.cms_arrangement == "chained"
+        self.gate = None if self.chained else nn.Linear(config.dim, len(config.cms_periods))
 
     def initial_state(self, batch):
         return [level.initial_state(batch) for level in self.levels]
 
     def forward(self, x, states):
+        if self.chained:                                      # NL §7: level k reads level k-1
+            new_states = []
+            for level, state in zip(self.levels, states):
+                x, state = level(x, state)                                          # [B, T, dim]
+                new_states.append(state)
+            return x, new_states
         outs, states = zip(*(level(x, s) for level, s in zip(self.levels, states)))
         mix = torch.softmax(self.gate(x), dim=-1)                                   # [B, T, levels]
         return sum(mix[..., i:i + 1] * out for i, out in enumerate(outs)), list(states)
@@ -1147,6 +1160,9 @@ class HOPEConfig:
                                      "alone)")
     mlp_hidden: int = option(None, "hidden width of the plain MLP feed-forward (default: 4 x dim)")
     cms_periods: tuple = option((8, 32), "CMS level periods, e.g. 8,32")
+    cms_arrangement: str = option("parallel", "CMS levels side by side behind a gate (seed paper), "
+                                              "or chained as NL's HOPE has them (§9)",
+                                  CMS_ARRANGEMENTS)
     seq_len: int = option(512, "training context (RoPE lets models run past it)")
     checkpoint: bool = option(False, "recompute each memory chunk in backward (memory ∝ T/C)")
     compile_chunks: bool = option(None, "torch.compile each memory chunk's step, one graph for "

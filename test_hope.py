@@ -1160,7 +1160,7 @@ MEMORY_ROWS = ["Full HOPE", "No CMS", "No Self-Mod", "No Surprise", "Titans", "C
 
 
 CASES = [(row, mixer) for row in MEMORY_ROWS for mixer in hope.MIXERS] + \
-        [("Transformer", "mac"), ("Transformer (matched)", "mac")]
+        [("NL's HOPE", "lmm"), ("Transformer", "mac"), ("Transformer (matched)", "mac")]   # NL's: lmm alone
 
 
 def tiny_model(row="Full HOPE", mixer="mac", seed=0, **overrides):
@@ -1246,7 +1246,8 @@ def test_batch_independence(row, mixer):
     assert not torch.allclose(a[1], b[1])
 
 
-@pytest.mark.parametrize("row,mixer", [("Full HOPE", mixer) for mixer in hope.MIXERS] + [("No Self-Mod", "mac")])
+@pytest.mark.parametrize("row,mixer", [("Full HOPE", mixer) for mixer in hope.MIXERS] + [("No Self-Mod", "mac"),
+                                                                                     ("NL's HOPE", "lmm")])
 def test_token_loop_model_equals_chunk_form(row, mixer):
     """parallel=False (every memory by §4's token loop) gives the logits, loss and parameter gradients
     of the chunk form to 1e-9 per element (float64): Full HOPE (its self-modifying memories and CMS
@@ -1374,6 +1375,30 @@ def test_self_mod_generators_write_at_their_share_of_the_memory_lr(write_rule, m
     lr_feats, _, forget_feats = rate_inputs[0]
     for feats in (lr_feats, forget_feats):
         torch.testing.assert_close(feats.norm(dim=-1), torch.ones_like(feats[..., 0]), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("arrangement", hope.CMS_ARRANGEMENTS)
+def test_cms_levels_are_gated_side_by_side_or_chained(arrangement):
+    """Parallel: every level reads the block's input, a softmax gate mixes their outputs. Chained (NL's
+    HOPE): the slow level reads the fast level's output, and the block returns the slow level's; no gate.
+    Both computed here level by level, by hand, and compared with CMS.forward (states too)."""
+    torch.manual_seed(0)
+    cms = hope.CMS(hope.HOPEConfig(**TINY, cms_arrangement=arrangement)).double()
+    x = torch.randn(2, 12, TINY["dim"], dtype=torch.float64)
+    out, states = cms(x, cms.initial_state(2))
+    fast, slow = cms.levels
+    fast_out, fast_state = fast(x, fast.initial_state(2))
+    if arrangement == "chained":
+        assert cms.gate is None
+        expected, slow_state = slow(fast_out, slow.initial_state(2))
+    else:
+        slow_out, slow_state = slow(x, slow.initial_state(2))
+        mix = torch.softmax(cms.gate(x), dim=-1)
+        expected = mix[..., :1] * fast_out + mix[..., 1:] * slow_out
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    for state, by_hand in zip(states, (fast_state, slow_state)):
+        for W, W_by_hand in zip(state.weights, by_hand.weights):
+            torch.testing.assert_close(W, W_by_hand, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("period", [2, 4])
