@@ -1634,6 +1634,17 @@ def test_mqar_batches_ask_for_the_stored_values():
         assert all(target[t] == stored[seq[t]] for t in answers)
 
 
+def test_mqar_context_guess_is_what_no_recall_scores():
+    """Two pairs over two values, worked by hand: both values equal (probability 1/2) is answered
+    right every time; two different values make the bag guess a coin flip (3/4 in all), and ruling
+    out the first answered leaves the second certain (7/8). One value only: always right."""
+    bag, eliminating = train.MQAR(2, 2, 2).context_guess()
+    assert abs(bag - 0.75) < 0.03 and abs(eliminating - 0.875) < 0.03, (bag, eliminating)
+    assert train.MQAR(4, 8, 1).context_guess() == (1.0, 1.0)
+    bag, eliminating = train.MQAR(32, 32, 32).context_guess()
+    assert 1 / 32 < bag < eliminating < 0.3
+
+
 def test_passkey_batches_ask_for_the_code_at_the_given_distance():
     task = train.Passkey(digits=3, distance=20)
     x, y = task.batch(np.random.default_rng(0), 32, task.default_seq_len)

@@ -340,6 +340,10 @@ def load_data(cfg, model_cfg):
         task = recall_task(cfg, model_cfg.segment_len)
         print(f"data: {task}, generated on the fly, {model_cfg.seq_len} tokens a sequence; "
               f"loss and accuracy on the answers only, chance accuracy {task.chance:.3f}")
+        if isinstance(task, MQAR):
+            bag, eliminating = task.context_guess()
+            print(f"      without recall, guessing the value the context holds most often scores {bag:.3f}, "
+                  f"{eliminating:.3f} if it also rules out the values already answered")
         return task, task, {"chance": task.chance}, "nats/answer"
     train_data, val_data, meta = get_data(cfg.data, cfg.tokenizer, cfg.max_tokens, cfg.data_dir)
     if min(len(train_data), len(val_data)) <= model_cfg.seq_len:
@@ -594,6 +598,20 @@ class MQAR(RecallTask):
 
     def __str__(self):
         return f"mqar recall ({self.pairs} pairs, {self.keys} keys, {self.values} values)"
+
+    def context_guess(self, trials=1000):
+        """The accuracy of answering without recall: guess the value the context holds most often
+        (ties split), and the same among the values not yet answered. A model whose accuracy sits
+        between the two has learnt the context's values, not which key holds which."""
+        rng, N, bag, eliminating = np.random.default_rng(0), self.pairs, 0.0, 0.0
+        for _ in range(trials):
+            values, left = rng.integers(0, self.values, N), np.zeros(self.values, int)
+            np.add.at(left, values, 1)
+            bag += np.mean((left[values] == left.max()) / (left == left.max()).sum())
+            for v in values[rng.permutation(N)]:                  # the queries, in random order
+                eliminating += (left[v] == left.max()) / (left == left.max()).sum() / N
+                left[v] -= 1
+        return bag / trials, eliminating / trials
 
     def sequences(self, rng, n, length):
         N = self.pairs
