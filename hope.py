@@ -177,7 +177,7 @@ def surprise_gate(surprise, threshold, relative):
 # through which every stored pair is read, and does so nonlinearly (the solve sees it only to first
 # order), so a large one there blurs what earlier chunks stored; the output layer, written at the
 # full θ, then stores each chunk almost as a linear memory would, over features that move slowly
-# (README: the write-rule table, 32 pairs).
+# (README: `python bench.py probe`, and the write-rule table).
 WRITE_RULES = ("titans", "proximal", "longhorn")
 # a hidden layer's θ / the output layer's θ, by rule
 HIDDEN_LR = {"titans": 1.0, "proximal": 0.1, "longhorn": 0.1}

@@ -359,7 +359,7 @@ def load_data(cfg, model_cfg):
 def print_setup(t, bf16):
     m, cfg = t.model_cfg, t.cfg
     flags = "" if m.model == "transformer" else (
-        f" {m.mixer}, cms={m.cms}, self_mod={m.self_mod}, surprise={m.surprise},"
+        f" {m.mixer}, cms={m.cms and m.cms_arrangement}, self_mod={m.self_mod}, surprise={m.surprise},"
         f" writes {m.write_rule} θ_max {m.lr_max:.3g},")
     chunks = m.model != "transformer" and t.model.config.compile_chunks
     print(f"model: {m.model}{flags} dim {m.dim}, {m.layers} layers, {t.model.num_params():,} params, "
