@@ -1160,8 +1160,21 @@ def probe_recall(weights, keys, values):
     return accuracy.item(), ((reads - values).norm(dim=-1) / values.norm(dim=-1)).mean().item()
 
 
+@contextlib.contextmanager
+def hidden_layer_lr(rule, share):
+    """hope.HIDDEN_LR[rule] = share for the block (the probe's comparison row: the hidden layer at
+    the full θ, as before the share), restored after."""
+    kept = hope.HIDDEN_LR[rule]
+    hope.HIDDEN_LR[rule] = share
+    try:
+        yield
+    finally:
+        hope.HIDDEN_LR[rule] = kept
+
+
 def probe_group(geometry, d, n, lr_maxes, dtype, device):
-    """The rows of one (geometry, d, N): no write, then each rule (and θ_max) on the same pairs."""
+    """The rows of one (geometry, d, N): no write, then each rule (and θ_max) on the same pairs, and
+    the proximal rule once more with its hidden layer written at the full θ."""
     mix = torch.randn(PROBE_TRIALS, 1, d, d) / math.sqrt(d)           # a Linear-scale map per trial
     to = lambda ts: tuple(t.to(device, dtype) for t in ts)
     keys, values = to(probe_pairs(geometry, mix, n))
@@ -1171,14 +1184,16 @@ def probe_group(geometry, d, n, lr_maxes, dtype, device):
     common = dict(geometry=geometry, d_head=d, pairs=n)
     accuracy, rel_error = probe_recall(start[0], keys, values)
     rows = [dict(common, rule="no write", accuracy=accuracy, rel_error=rel_error)]
-    for rule in hope.WRITE_RULES:
+    for rule, hidden_lr in [(rule, hope.HIDDEN_LR[rule]) for rule in hope.WRITE_RULES] + [("proximal", 1.0)]:
         for lr_max in lr_maxes or [hope.default_lr_max(rule, d)]:
-            weights, momentum, _, lr = probe_write(start, keys, values, lr_max, rule)
+            with hidden_layer_lr(rule, hidden_lr):
+                weights, momentum, _, lr = probe_write(start, keys, values, lr_max, rule)
+                next_weights, next_momentum, surprise, _ = probe_write((weights, momentum), next_keys,
+                                                                       next_values, lr_max, rule)  # [B, 1, 8·C]
             accuracy, rel_error = probe_recall(weights, keys, values)
-            next_weights, next_momentum, surprise, _ = probe_write((weights, momentum), next_keys, next_values,
-                                                                   lr_max, rule)     # surprise [B, 1, 8·C]
             states = (*weights, *momentum, *next_weights, *next_momentum, surprise)
-            rows.append(dict(common, rule=rule, lr_max=lr_max, lr=lr, accuracy=accuracy,
+            label = rule if hidden_lr == hope.HIDDEN_LR[rule] else f"{rule}, hidden ×{hidden_lr:g}"
+            rows.append(dict(common, rule=label, hidden_lr=hidden_lr, lr_max=lr_max, lr=lr, accuracy=accuracy,
                              rel_error=rel_error, max_next_loss_per_d=surprise.max().item() / d,
                              finite=all(t.isfinite().all().item() for t in states)))
     return rows
@@ -1196,7 +1211,9 @@ def bench_probe(args, device):
     print(f"memory: init_memory_weights(1 head, d, depth 2, expansion 2, branch_scale 0.1), momentum 0; "
           f"{PROBE_TRIALS} trials (batch), C {PROBE_CHUNK}; one memory_update over the N pairs, then M_W(k_i) "
           f"for each\nθ, η, α as RateHeads starts them (hope.RATE_START: θ_max/4 and η 0.5 for titans "
-          f"and longhorn, θ ≈ θ_max/10 and η ≈ 0 for proximal), α = σ(−6); θ_max "
+          f"and longhorn, θ ≈ θ_max/10 and η ≈ 0 for proximal), α = σ(−6); the hidden layer at θ times "
+          + ", ".join(f"{share:g} ({rule})" for rule, share in hope.HIDDEN_LR.items())
+          + " (hope.HIDDEN_LR; the row 'proximal, hidden ×1' writes it at the full θ); θ_max "
           + (f"{args.lr_max} (--lr-max)" if args.lr_max else "hope.default_lr_max(rule, d)"))
     torch.manual_seed(args.seed)
     with torch.no_grad():
