@@ -599,19 +599,25 @@ class MQAR(RecallTask):
     def __str__(self):
         return f"mqar recall ({self.pairs} pairs, {self.keys} keys, {self.values} values)"
 
-    def context_guess(self, trials=1000):
+    def context_guess(self, trials=10000):
         """The accuracy of answering without recall: guess the value the context holds most often
         (ties split), and the same among the values not yet answered. A model whose accuracy sits
         between the two has learnt the context's values, not which key holds which."""
-        rng, N, bag, eliminating = np.random.default_rng(0), self.pairs, 0.0, 0.0
-        for _ in range(trials):
-            values, left = rng.integers(0, self.values, N), np.zeros(self.values, int)
-            np.add.at(left, values, 1)
-            bag += np.mean((left[values] == left.max()) / (left == left.max()).sum())
-            for v in values[rng.permutation(N)]:                  # the queries, in random order
-                eliminating += (left[v] == left.max()) / (left == left.max()).sum() / N
-                left[v] -= 1
-        return bag / trials, eliminating / trials
+        rng, N, rows = np.random.default_rng(0), self.pairs, np.arange(trials)[:, None]
+        values = rng.integers(0, self.values, (trials, N))                   # one context a row
+        left = np.zeros((trials, self.values), int)
+        np.add.at(left, (rows, values), 1)                                    # each value's count
+
+        def hit(answers):            # P(the guess is the answer): a most frequent value, ties split
+            top = left.max(-1, keepdims=True)
+            return (np.take_along_axis(left, answers, -1) == top) / (left == top).sum(-1, keepdims=True)
+
+        bag = hit(values).mean()
+        eliminating = 0.0
+        for answer in np.take_along_axis(values, rng.random((trials, N)).argsort(-1), -1).T:
+            eliminating += hit(answer[:, None]).mean() / N                   # the queries in turn
+            left[rows[:, 0], answer] -= 1
+        return float(bag), float(eliminating)
 
     def sequences(self, rng, n, length):
         N = self.pairs
