@@ -164,23 +164,34 @@ def surprise_gate(surprise, threshold, relative):
 #                                   the same implicit step for each token alone (at C = 1:
 #                                   Longhorn's closed form); bounded per token, not across a
 #                                   chunk.
+#   delta     ẽ = (1 − η) (I + B̃ tril(G))⁻¹ B̃ E
+#                                   the implicit step token by token, in order: token i solves
+#                                   for its own write after tokens 1..i−1 of the chunk have
+#                                   written (lower triangle of G: how their writes moved its
+#                                   read). DeltaNet's chunk form, with Longhorn's step: for a
+#                                   linear memory (η, α → 0) it is exactly the token loop, each
+#                                   token's error shrinking by 1/(1 + 2θ̃‖k‖²), so it never
+#                                   overshoots at any θ or C; and token i's write sees no
+#                                   later token, so tokens may read inside their chunk (§4).
 # G is the memory's Gauss–Newton (tangent) kernel between the chunk's tokens, averaged over its
 # d outputs: G_ij = (1/d) Σ_o ⟨∂M(k_i)_o/∂W, ∂M(k_j)_o/∂W⟩, how far a write at token j
 # moves the read at token i (G = KKᵀ for a linear memory; for the MLP the bound above holds to
 # first order). θ = 0 (a gated token) writes 0. The default is proximal (HOPEConfig.write_rule):
 # its bound lets θ_max be 10 (§11's LR_MAX) where the Titans rule's overshoot caps θ at 0.02 and
 # the memory hardly stores what it reads (README: deviation 7, the write-rule table;
-# `python bench.py probe`).
-#   The MLP memory's hidden layers write at HIDDEN_LR·θ under both implicit rules: the step is
+# `python bench.py probe`). The delta rule is as stable and causal inside a chunk, but it fits
+# the tokens in turn, so where keys share a direction the later ones write over part of what the
+# earlier ones stored; the proximal solve fits the chunk's pairs together and recalls more.
+#   The MLP memory's hidden layers write at HIDDEN_LR·θ under the implicit rules: the step is
 # taken in a metric that weighs a hidden layer's change 1/HIDDEN_LR, so G weighs that layer's
 # term by HIDDEN_LR too and the bound above is kept. A hidden layer's write moves the features
 # through which every stored pair is read, and does so nonlinearly (the solve sees it only to first
 # order), so a large one there blurs what earlier chunks stored; the output layer, written at the
 # full θ, then stores each chunk almost as a linear memory would, over features that move slowly
 # (README: `python bench.py probe`, and the write-rule table).
-WRITE_RULES = ("titans", "proximal", "longhorn")
+WRITE_RULES = ("titans", "proximal", "longhorn", "delta")
 # a hidden layer's θ / the output layer's θ, by rule
-HIDDEN_LR = {"titans": 1.0, "proximal": 0.1, "longhorn": 0.1}
+HIDDEN_LR = {"titans": 1.0, "proximal": 0.1, "longhorn": 0.1, "delta": 0.1}
 
 
 def token_kernel(weights, inputs, preacts, hidden_share=1.0):
@@ -215,6 +226,10 @@ def write_steps(rule, kernel, error, lr, momentum_decay):
     if rule == "longhorn":
         return step * error / (1 + long_run * kernel.diagonal(dim1=-2, dim2=-1)[..., None])
     eye = torch.eye(kernel.shape[-1], dtype=kernel.dtype, device=kernel.device)
+    if rule == "delta":                          # row i of B̃ tril(G): B̃_i G_ij for j ≤ i
+        system = eye + long_run * kernel.tril()                         # [BH, n, n], diagonal ≥ 1
+        solved = torch.linalg.solve_triangular(system, long_run * error, upper=False)
+        return (1 - momentum_decay[..., None]) * solved          # (1 − η)(I + B̃ tril G)⁻¹ B̃ E
     # I + G B̃ has eigenvalues ≥ 1 and so is invertible, unless a memory has already blown up (G
     # so large that float32 loses the I): solve_ex then gives NaN, which train.py stops on with one
     # line, instead of raising.
@@ -227,12 +242,13 @@ def write_steps(rule, kernel, error, lr, momentum_decay):
 #     W_t = (1 − α_t) W_{t−1} + S_t                  forgetting + write          (Eq. 13)
 #     y_t = M_{W_a(t)}(q_t)                          read before write           (Eq. 15)
 # u_t is the token's write: θ_t ∇ℓ_t(W_a(t)) for the Titans rule, x_tᵀ δ_t(ẽ_t) for the
-# write rules above (their ẽ solved from the whole chunk at W_a). The anchor a(t) is the last
-# token of the previous chunk: a chunk's tokens take their steps at, and read, W_a (C = 1: the plain
-# online rule). This loop is the reference (autograd gradients, and the solve written apart); §5
-# gives the same numbers fast. Read mode "in_chunk" (TTT's mini-batch form of Eq. 16) reads
+# write rules above (their ẽ solved at W_a, from the whole chunk or, under the delta rule, from
+# the chunk's tokens up to t). The anchor a(t) is the last token of the previous chunk: a
+# chunk's tokens take their steps at, and read, W_a (C = 1: the plain online rule). This loop
+# is the reference (autograd gradients, and the solve written apart); §5 gives the same numbers
+# fast. Read mode "in_chunk" (TTT's mini-batch form of Eq. 16) reads
 # y_t = M_{W_{t−1}}(q_t), after the writes of the tokens before t; not with the relative gate nor
-# the proximal rule (both see later tokens).
+# the proximal rule (both see later tokens: the chunk's mean surprise, the whole chunk's solve).
 READ_MODES = ("chunk_start", "in_chunk")
 
 
@@ -271,15 +287,26 @@ def _reference_kernel(anchor, keys, create_graph, hidden_share):
 
 
 def _reference_steps(rule, anchor, keys, values, lr, momentum_decay, create_graph):
-    """ẽ for one chunk of the proximal and longhorn rules, apart from write_steps: G by autograd,
-    and the solve as (1 − η)(I + B̃ G)⁻¹ B̃ E (the same identity, the other way round)."""
+    """ẽ for one chunk of the proximal, longhorn and delta rules, apart from write_steps: G by
+    autograd, the solve as (1 − η)(I + B̃ G)⁻¹ B̃ E (the same identity, the other way round), and
+    the delta rule's token by token."""
     kernel = _reference_kernel(anchor, keys, create_graph, HIDDEN_LR[rule])    # [BH, n, n]
     long_run = 2 * lr / (1 - momentum_decay)                                    # B̃  [BH, n]
     keep = (1 - momentum_decay)[..., None]                                    # 1 − η  [BH, n, 1]
     scaled_error = long_run[..., None] * (memory_forward(anchor, keys) - values)  # B̃ E [BH, n, d]
+    diagonal = kernel.diagonal(dim1=-2, dim2=-1)[..., None]                     # G_ii  [BH, n, 1]
     if rule == "longhorn":
-        diagonal = kernel.diagonal(dim1=-2, dim2=-1)[..., None]                 # G_ii  [BH, n, 1]
         return keep * scaled_error / (1 + long_run[..., None] * diagonal)
+    if rule == "delta":
+        # token i's long-run write ũ_i = B̃_i (e_i − Σ_{j<i} G_ij ũ_j − G_ii ũ_i): its own
+        # implicit step, taken after the chunk's earlier tokens have written (to first order)
+        writes = []
+        for i in range(keys.shape[1]):
+            moved = sum((kernel[:, i, j, None] * writes[j] for j in range(i)),
+                        torch.zeros_like(scaled_error[:, i]))                # [BH, d]
+            rate = long_run[:, i, None]                                        # [BH, 1]
+            writes.append((scaled_error[:, i] - rate * moved) / (1 + rate * diagonal[:, i]))
+        return keep * torch.stack(writes, dim=1)
     eye = torch.eye(kernel.shape[-1], dtype=kernel.dtype)
     return keep * torch.linalg.solve(eye + long_run[..., None] * kernel, scaled_error)
 
@@ -595,7 +622,8 @@ class HeadLinear(nn.Module):
 # (η ≈ 0.0025), so a chunk's solved write lands at once instead of spread over 1/(1 − η)
 # chunks, and its θ_max of 10 leaves the model room to fit a chunk almost exactly where recall
 # asks for it (README: the write rules).
-RATE_START = {"titans": (0.5, 0.5), "proximal": (0.1, 0.0025), "longhorn": (0.5, 0.5)}
+RATE_START = {"titans": (0.5, 0.5), "proximal": (0.1, 0.0025), "longhorn": (0.5, 0.5),
+              "delta": (0.1, 0.0025)}
 
 
 class RateHeads(nn.Module):
@@ -706,7 +734,7 @@ SELF_MOD_COMPONENTS = ("k", "v", "q", "lr", "forget", "mem")
 # M_k .. M_forget, which generate M_mem's inputs (step 1); they come first in the state
 GENERATORS = tuple(name for name in SELF_MOD_COMPONENTS if name != "mem")
 # the generators' θ / M_mem's θ, by rule
-GENERATOR_LR = {"titans": 1.0, "proximal": 0.1, "longhorn": 1.0}
+GENERATOR_LR = {"titans": 1.0, "proximal": 0.1, "longhorn": 1.0, "delta": 0.1}
 
 
 def component(weights, name):
@@ -1115,7 +1143,7 @@ def option(default, help, choices=None):
 # Gram matrix, so its cap is small and falls as heads widen. The implicit rules solve for their
 # write: for a linear memory each direction's error shrinks by 1/(1 + 2θ̃λ) at any θ, and an MLP
 # memory is solved through its linearisation, so there θ_max sets how fully a chunk is fitted.
-LR_MAX = {"proximal": 10.0, "longhorn": 1.0}
+LR_MAX = {"proximal": 10.0, "longhorn": 1.0, "delta": 10.0}
 
 
 def default_lr_max(write_rule, d_head):
@@ -1146,8 +1174,8 @@ class HOPEConfig:
                                 ("absolute", "relative"))
     chunk_size: int = option(16, "C, tokens per memory chunk")
     read_mode: str = option("chunk_start", "the weights a token reads (§4)", READ_MODES)
-    write_rule: str = option("proximal", "how a chunk's tokens write (§3): solved at once, "
-                                         "Titans' θ∇ℓ, or one by one",
+    write_rule: str = option("proximal", "how a chunk's tokens write (§3): Titans' θ∇ℓ, solved "
+                                         "at once, each alone, or solved in order",
                              WRITE_RULES)
     parallel: bool = option(True, "the memory update's chunk form (§5); off: the token loop (§4)")
     segment_len: int = option(64, "MAC segment, MAG/MAL attention window")
@@ -1210,7 +1238,7 @@ class HOPEConfig:
                  "tokens)"),
                 (not (self.read_mode == "in_chunk" and self.write_rule == "proximal"),
                  "read mode in_chunk takes no proximal write rule (its chunk solve sees later "
-                 "tokens): use --write-rule longhorn or titans")]:
+                 "tokens): use --write-rule delta, longhorn or titans")]:
             if not ok:
                 raise ValueError(message)
         return self
