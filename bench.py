@@ -1145,7 +1145,8 @@ def probe_write(state, keys, values, lr_max, rule):
     """One memory_update over the pairs (C = PROBE_CHUNK, no reads) at the rates RateHeads gives at its
     init bias (input term 0; hope.RATE_START by rule). (W, S, surprise, θ at init)."""
     B, _, T, _ = keys.shape
-    rates = hope.RateHeads(1, 1, lr_max, rule).to(keys)(keys.new_zeros(B, 1, T, 1))    # θ, η, α [B, 1, T]
+    with torch.random.fork_rng(devices=[]):        # its weight's draw leaves the next pairs as they are
+        rates = hope.RateHeads(1, 1, lr_max, rule).to(keys)(keys.new_zeros(B, 1, T, 1))  # θ, η, α [B, 1, T]
     return (*hope.memory_update(*state, keys, values, None, *rates, PROBE_CHUNK, write_rule=rule)[1:],
             rates[0].mean().item())
 
@@ -1211,7 +1212,7 @@ def bench_probe(args, device):
     print(f"memory: init_memory_weights(1 head, d, depth 2, expansion 2, branch_scale 0.1), momentum 0; "
           f"{PROBE_TRIALS} trials (batch), C {PROBE_CHUNK}; one memory_update over the N pairs, then M_W(k_i) "
           f"for each\nθ, η, α as RateHeads starts them (hope.RATE_START: θ_max/4 and η 0.5 for titans "
-          f"and longhorn, θ ≈ θ_max/10 and η ≈ 0 for proximal), α = σ(−6); the hidden layer at θ times "
+          f"and longhorn, θ ≈ θ_max/10 and η ≈ 0 for proximal and delta), α = σ(−6); the hidden layer at θ times "
           + ", ".join(f"{share:g} ({rule})" for rule, share in hope.HIDDEN_LR.items())
           + " (hope.HIDDEN_LR; the row 'proximal, hidden ×1' writes it at the full θ); θ_max "
           + (f"{args.lr_max} (--lr-max)" if args.lr_max else "hope.default_lr_max(rule, d)"))
