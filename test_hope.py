@@ -2115,6 +2115,35 @@ def test_analyze_measures_the_gate_of_every_memory(row, names):
         assert abs(rate - sum(per_layer) / len(per_layer)) < 1e-12
 
 
+def test_analyze_counts_the_sequences_whose_fast_state_blew_up(monkeypatch):
+    """fast_vs_meta's mean ‖fast‖/‖meta‖ can be one sequence's blow-up: it also reports the median and
+    how many sequences grew past 10x the meta norm. With one sequence's fast state in layer 0 scaled
+    1000x after reading, that count is 1 for every layer-0 component, and the median stays below 10."""
+    model = tiny_model("Full HOPE", "mac")
+    x = tokens(batch=3, length=TINY["seq_len"])
+    honest = analyze.fast_vs_meta(model, x)
+    real_advance = model.advance
+
+    def one_blown_up(x, state):
+        logits, state = real_advance(x, state)
+        memory = state.layers[0].mixer.memory
+        scale = torch.ones(x.shape[0], dtype=torch.float64).index_fill(0, torch.tensor([1]), 1000.0)
+        blown = tuple(W * scale.view(-1, *[1] * (W.dim() - 1)) for W in memory.weights)
+        state.layers[0] = state.layers[0]._replace(mixer=state.layers[0].mixer._replace(
+            memory=dataclasses.replace(memory, weights=blown)))
+        return logits, state
+
+    monkeypatch.setattr(model, "advance", one_blown_up)
+    blown = analyze.fast_vs_meta(model, x)
+    for name, v in honest.items():
+        assert v["sequences_past_10x"] == 0 and v["sequences"] == 3, name
+        layer0 = name.startswith("L0.")
+        assert blown[name]["sequences_past_10x"] == (1 if layer0 else 0), name
+        # the median is one of the two untouched sequences' ratios; the mean is the blown one's third
+        assert blown[name]["fast_over_meta_norm_median"] < 10, name
+        assert (blown[name]["fast_over_meta_norm"] > 100) == layer0, name
+
+
 @pytest.mark.slow
 def test_ablate_a_crashing_row_loses_no_other_row(tmp_path, monkeypatch):
     """One row's failure is recorded in the table; the other rows still train and report."""
