@@ -531,7 +531,7 @@ def param_table():
     return "\n".join(lines)
 
 
-def main(argv=None):
+def build_arg_parser():
     p = train.OneLineParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="cpu", help="cpu (tiny scale) | paper (Small + Scaled, GPU) | smoke (tests)")
     p.add_argument("--rows", default=None, help=f"comma-separated subset of: {', '.join(ABLATION_ROWS)}")
@@ -547,7 +547,11 @@ def main(argv=None):
     p.add_argument("--params", action="store_true", help="print parameter counts of every row and exit")
     p.add_argument("--out-dir", default=None, help="default: ablation_<preset>")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = build_arg_parser().parse_args(argv)
     try:
         if args.params:
             print(param_table())

@@ -434,13 +434,17 @@ def analyze(run_dir, sequences=64, seq_len=None, out_dir=None):
     return results, out
 
 
-def main(argv=None):
+def build_arg_parser():
     p = train.OneLineParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", help="a train.py --out-dir with snapshot checkpoints (--save-every)")
     p.add_argument("--sequences", type=int, default=64, help="held-out sequences to read")
     p.add_argument("--seq-len", type=int, default=None, help="their length (default: the training context)")
     p.add_argument("--out-dir", default=None, help="where to write (default: RUN_DIR/analysis)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = build_arg_parser().parse_args(argv)
     train.fast_cpu_math()
     try:
         if not Path(args.run_dir).is_dir():
