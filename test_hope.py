@@ -2301,12 +2301,10 @@ def documented_commands(text):
     (`python X.py …`, `torchrun … X.py …`; commands joined by && apart, comments dropped)."""
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         for line in block.splitlines():
-            words = shlex.split(line, comments=True)
-            while words:
-                command, words = (words[:words.index("&&")], words[words.index("&&") + 1:]) \
-                    if "&&" in words else (words, [])
+            for joint, command in itertools.groupby(shlex.split(line, comments=True), lambda w: w == "&&"):
+                command = list(command)
                 script = next((w for w in command if w.endswith(".py")), None)
-                if script is not None and command[0] in ("python", "torchrun"):
+                if not joint and script is not None and command[0] in ("python", "torchrun"):
                     yield script, command[command.index(script) + 1:]
 
 
