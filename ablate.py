@@ -408,26 +408,39 @@ PASSKEY_VARIANTS = [*with_frozen_twin("passkey: Titans", PASSKEY),
 RECALL_LABELS = [label for label, _ in RECALL_VARIANTS + PASSKEY_VARIANTS]
 
 
-def recall_runs(variants, seeds, seed, out_dir, device, extra=None):
-    """{label: [result per seed]} of recall variants, each on RECALL_BASE plus its overrides."""
+NOT_RUN = {"error": "not run"}
+
+
+def recall_runs(variants, seeds, seed, out_dir, device, extra=None, train_missing=True):
+    """{label: [result per seed]} of recall variants, each on RECALL_BASE plus its overrides. With
+    train_missing False, a run not finished before reads NOT_RUN instead of being trained."""
     results = {}
     for label, overrides in variants:
         for s in range(seed, seed + seeds):
-            print(f"== recall · {label} · seed {s}", flush=True)
             settings = {**RECALL_BASE, **overrides, **(extra or {})}
             model_cfg, cfg = configs(settings, settings["data"], "byte", None, s, out_dir, device, label=label)
-            results.setdefault(label, []).append(run_once(model_cfg, cfg))
+            finished = Path(cfg.out_dir) / "result.json"
+            if train_missing:
+                print(f"== recall · {label} · seed {s}", flush=True)
+                result = run_once(model_cfg, cfg)
+            else:
+                result = json.loads(finished.read_text()) if finished.exists() else NOT_RUN
+            results.setdefault(label, []).append(result)
     return results
 
 
 def accuracy_cell(runs):
-    """mean ± std of the finished runs' accuracy, or why none finished ("diverged at step N")."""
+    """mean ± std of the finished runs' accuracy (and how many seeds, where some are not run), or
+    why none finished ("diverged at step N", "not run")."""
     values = [r["accuracy"] for r in runs if "error" not in r]
+    ran = [r for r in runs if r is not NOT_RUN]
     mean, std = mean_std(values)
     if mean is not None:
-        return fmt(mean, std)
-    steps = [m.group(1) for r in runs if (m := re.search(r"non-finite \w+ at step (\d+)", r["error"]))]
-    return f"diverged at step {', '.join(steps)}" if len(steps) == len(runs) else "failed"
+        return fmt(mean, std) + (f" ({len(values)} of {len(runs)} seeds)" if len(ran) < len(runs) else "")
+    if not ran:
+        return "not run"
+    steps = [m.group(1) for r in ran if (m := re.search(r"non-finite \w+ at step (\d+)", r["error"]))]
+    return f"diverged at step {', '.join(steps)}" if len(steps) == len(ran) else "failed"
 
 
 def brief(result):
@@ -435,15 +448,15 @@ def brief(result):
     return {k: v for k, v in result.items() if k not in ("traceback", "curve")}
 
 
-def recall(seeds=2, seed=1337, out_dir=None, device="auto", rows=None):
+def recall(seeds=2, seed=1337, out_dir=None, device="auto", rows=None, cached=False):
     """MQAR accuracy of every memory with writes on and frozen; passkey accuracy against distance.
     rows: a subset of RECALL_LABELS to train (e.g. one half per process); only a run of all the
-    rows writes the table."""
+    rows writes the table. cached: train nothing, write the table of the runs finished so far."""
     out_dir = Path(out_dir or "ablation_recall")
     chosen = lambda variants: [v for v in variants if rows is None or v[0] in rows]
-    passkey = {d: recall_runs(chosen(PASSKEY_VARIANTS), seeds, seed, out_dir, device, dict(passkey_distance=d))
-               for d in PASSKEY_DISTANCES}
-    mqar = recall_runs(chosen(RECALL_VARIANTS), seeds, seed, out_dir, device)
+    collect = lambda variants, **extra: recall_runs(variants, seeds, seed, out_dir, device, extra, not cached)
+    passkey = {d: collect(chosen(PASSKEY_VARIANTS), passkey_distance=d) for d in PASSKEY_DISTANCES}
+    mqar = collect(chosen(RECALL_VARIANTS))
     if rows is not None:
         return f"trained {len(rows)} recall rows; run without --rows for the table", out_dir
     lines = [f"### Recall (MQAR, {RECALL_BASE['steps']} steps, mean ± std over {seeds} seeds)", "",
@@ -544,6 +557,8 @@ def build_arg_parser():
     p.add_argument("--recall", action="store_true", help="the recall table (MQAR, passkey) instead; "
                    "--rows then takes recall labels (a subset to train, e.g. one per process)")
     p.add_argument("--recipe", action="store_true", help="the init-recipe table (recall and language) instead")
+    p.add_argument("--cached", action="store_true", help="with --recall: train nothing, write the table of "
+                   "the runs finished so far (a cell without one reads 'not run')")
     p.add_argument("--params", action="store_true", help="print parameter counts of every row and exit")
     p.add_argument("--out-dir", default=None, help="default: ablation_<preset>")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
@@ -562,6 +577,8 @@ def main(argv=None):
             raise train.UserError("--seeds must be >= 1 and --seed >= 0")
         if args.steps is not None and (args.steps < 1 or args.recall or args.recipe or args.sweep):
             raise train.UserError("--steps must be >= 1, and applies to the ablation table only")
+        if args.cached and (not args.recall or args.rows):
+            raise train.UserError("--cached writes the recall table: use it with --recall and without --rows")
         rows = [r.strip() for r in args.rows.split(";" if args.recall else ",")] if args.rows else None
         known = RECALL_LABELS if args.recall else list(ABLATION_ROWS)
         unknown = [r for r in rows or [] if r not in known]
@@ -570,7 +587,7 @@ def main(argv=None):
         if args.recipe:
             md, out = recipe(args.seed, args.out_dir, args.device)
         elif args.recall:
-            md, out = recall(args.seeds or 2, args.seed, args.out_dir, args.device, rows)
+            md, out = recall(args.seeds or 2, args.seed, args.out_dir, args.device, rows, args.cached)
         elif args.sweep:
             md, out = sweep(args.preset, args.seed, args.out_dir, args.device)
         else:

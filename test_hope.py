@@ -2163,8 +2163,38 @@ def test_ablate_a_crashing_row_loses_no_other_row(tmp_path, monkeypatch):
     assert "| Transformer | failed |" in md
 
 
+def test_recall_table_from_the_runs_finished_so_far(tmp_path, monkeypatch):
+    """ablate.py --recall --cached trains nothing and writes the table of the finished runs: a cell
+    with one of two seeds says so, a cell with none reads 'not run', a diverged run says where."""
+    def no_training(*args, **kwargs):
+        raise AssertionError("--cached trained a run")
+    monkeypatch.setattr(train, "train_model", no_training)
+
+    def finish(label, seed, result, **extra):
+        overrides = dict(dict(ablate.RECALL_VARIANTS + ablate.PASSKEY_VARIANTS)[label], **extra)
+        settings = {**ablate.RECALL_BASE, **overrides}
+        _, cfg = ablate.configs(settings, settings["data"], "byte", None, seed, tmp_path, "cpu", label=label)
+        (Path(cfg.out_dir)).mkdir(parents=True)
+        (Path(cfg.out_dir) / "result.json").write_text(json.dumps(result))
+    finish("Titans", 1337, dict(accuracy=0.998, val_loss=0.01, params=40000))
+    finish("Titans, frozen", 1337, dict(accuracy=0.05, val_loss=3.3, params=40000))
+    finish("Titans, frozen", 1338, dict(accuracy=0.07, val_loss=3.3, params=40000))
+    finish("Self-Mod", 1338, {"error": "NonFiniteLoss: non-finite loss at step 12"})
+    finish("passkey: Titans", 1337, dict(accuracy=0.996, val_loss=0.02, params=40000), passkey_distance=256)
+    md, _ = ablate.recall(seeds=2, out_dir=tmp_path, device="cpu", cached=True)
+    rows = {line.split(" | ")[0][2:]: line for line in md.splitlines() if line.startswith("| ")}
+    assert "| 0.998 (1 of 2 seeds) |" in rows["Titans"]
+    assert "| 0.060 ± 0.014 |" in rows["Titans, frozen"]
+    assert "| diverged at step 12 |" in rows["Self-Mod"]
+    assert "| not run |" in rows["Full HOPE"] and "| not run |" in rows["Transformer (calibration)"]
+    assert rows["passkey: Titans"].endswith("| 0.996 (1 of 2 seeds) | not run |")
+    assert json.loads((tmp_path / "recall.json").read_text())["mqar"]["Full HOPE"]["runs"] == [{"error": "not run"}] * 2
+
+
 @pytest.mark.parametrize("script,argv", [("ablate", ["--preset", "nope"]), ("ablate", ["--rows", "Full HOPE,Nope"]),
-                                         ("ablate", ["--seeds", "0"]), ("analyze", ["missing"]), ("analyze", ["."])])
+                                         ("ablate", ["--seeds", "0"]), ("ablate", ["--cached"]),
+                                         ("ablate", ["--recall", "--cached", "--rows", "Titans"]),
+                                         ("analyze", ["missing"]), ("analyze", ["."])])
 def test_ablate_and_analyze_bad_input_exit_2(tmp_path, capsys, script, argv):
     main = {"ablate": ablate.main, "analyze": analyze.main}[script]
     with pytest.raises(SystemExit) as exit_info:
