@@ -2316,7 +2316,7 @@ def test_ablation_run_directory_is_claimed_by_one_live_process(tmp_path):
     assert (run_dir / "training.lock").read_text() == str(os.getpid())
 
 
-# --- 4. the documentation: every relative link resolves, every documented command parses
+# --- 4. the documentation: every relative link and its anchor resolve, every documented command parses
 
 DOCS = [Path(__file__).parent / "README.md", *sorted((Path(__file__).parent / "docs").glob("*.md"))]
 # what parses each script's command line, without running it
@@ -2356,11 +2356,66 @@ def test_documented_commands_parse():
     assert found >= 10, f"only {found} documented commands found: is the extractor still reading the README?"
 
 
+def heading_anchor(heading):
+    """The anchor GitHub gives a heading, by its rule kept simple: a link's text stands for the link,
+    the text is lowercased, every character but a letter, digit, underscore, hyphen or space is
+    dropped (backticks, *, punctuation, —), and each space becomes a hyphen."""
+    text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading.strip()).lower()
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def heading_anchors(text):
+    """Every anchor a markdown text's headings give (outside ``` blocks); a repeated heading's second
+    anchor ends in -1, its third in -2, as on GitHub."""
+    anchors, seen = set(), {}
+    for heading in re.findall(r"^#{1,6} +(.+?) *$", re.sub(r"```.*?```", "", text, flags=re.S), re.M):
+        anchor = heading_anchor(heading)
+        anchors.add(anchor if anchor not in seen else f"{anchor}-{seen[anchor]}")
+        seen[anchor] = seen.get(anchor, 0) + 1
+    return anchors
+
+
+def broken_links(doc, text):
+    """What is wrong with the relative links and images of `text`, a markdown file at `doc`: a target
+    file that does not exist, or an anchor (`file.md#heading`, `#heading`) that no heading of the
+    target markdown file gives."""
+    problems = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if target.startswith(("http://", "https://", "mailto:")):
+            continue
+        name, _, anchor = target.partition("#")
+        path = (doc.parent / name).resolve() if name else doc
+        if name and not path.exists():
+            problems.append(f"{doc.name}: link to {target}, which does not exist")
+        elif anchor and path.suffix == ".md":
+            if anchor not in heading_anchors(path.read_text() if name else text):
+                problems.append(f"{doc.name}: link to {target}, whose anchor no heading of {path.name} gives")
+    return problems
+
+
+def test_documented_anchors_follow_githubs_rule():
+    """The slug rule on headings like the docs' own (code, apostrophes, commas, Greek, dashes, links),
+    repeats numbered, headings inside ``` blocks ignored."""
+    assert heading_anchor("The headline command at dim 512") == "the-headline-command-at-dim-512"
+    assert heading_anchor("NL's HOPE on language") == "nls-hope-on-language"
+    assert heading_anchor("2,000 steps, two seeds (Titans-rule era)") == "2000-steps-two-seeds-titans-rule-era"
+    assert heading_anchor("Language: `python train.py`") == "language-python-trainpy"
+    assert heading_anchor("θ_max — the [cap](docs/x.md)") == "θ_max--the-cap"
+    text = "# A\n## B b\n```bash\n# not a heading\n```\n### B b\n### B b\n"
+    assert heading_anchors(text) == {"a", "b-b", "b-b-1", "b-b-2"}
+
+
 def test_documented_links_resolve():
-    """Every relative link and image in the README and docs/ names a file of the repository."""
+    """Every relative link and image in the README and docs/ names a file of the repository, and every
+    anchor in them names a heading of its file. The checker itself is held to a hand-written page with
+    one good and two broken anchors and one missing file."""
+    page = Path(__file__).parent / "docs" / "page.md"
+    text = ("# Top\n## Good part\n[a](#good-part) [b](#bad-part) [c](../README.md#tests) "
+            "[d](../README.md#no-such-heading) [e](missing.md)\n")
+    assert broken_links(page, text) == [
+        "page.md: link to #bad-part, whose anchor no heading of page.md gives",
+        "page.md: link to ../README.md#no-such-heading, whose anchor no heading of README.md gives",
+        "page.md: link to missing.md, which does not exist"]
     for doc in DOCS:
-        for target in re.findall(r"\]\(([^)\s]+)\)", doc.read_text()):
-            if target.startswith(("http://", "https://", "mailto:", "#")):
-                continue
-            path = (doc.parent / target.split("#")[0]).resolve()
-            assert path.exists(), f"{doc.name}: link to {target}, which does not exist"
+        problems = broken_links(doc, doc.read_text())
+        assert not problems, "\n".join(problems)
