@@ -78,7 +78,7 @@ ABLATION_ROWS = {
     "CMS frozen": dict(model="hope", cms=True, self_mod=True, surprise=True, cms_lr_max=0.0),
     "No CMS (matched MLP)": dict(model="hope", cms=False, self_mod=True, surprise=True),
     # NL's own HOPE: no attention, a self-modifying memory, CMS levels chained, no surprise gate
-    # (it writes with our default write rule, not NL's DGD: README, deviation 2)
+    # (it writes with our default write rule, not NL's DGD: docs/deviations.md 2)
     "NL's HOPE": dict(model="hope", mixer="lmm", cms=True, cms_arrangement="chained", self_mod=True,
                       surprise=False),
 }
@@ -380,7 +380,7 @@ RECALL_BASE = dict(dim=64, layers=2, d_head=16, chunk_size=16, segment_len=64, b
                    surprise=False, data="mqar", tokenizer="byte")
 FROZEN = dict(lr_max=0.0)
 MAC16 = dict(mixer="mac", chunk_size=8, segment_len=16)    # attention sees 16 tokens: not the pairs
-# heads of 16 hold too few pairs from the initial state (README: `python bench.py probe`): one of 64
+# heads of 16 hold too few pairs from the initial state (docs/benchmarks.md, what one write stores): one of 64
 PAIRS32, PAIRS64 = dict(mqar_pairs=32, d_head=64), dict(mqar_pairs=64, mqar_keys=64, d_head=64)
 
 

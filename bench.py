@@ -953,8 +953,8 @@ STABILITY_SIZES = {"tiny": [], "dim 256, 6 layers": ["--dim", "256", "--layers",
                    # the inner memory's settings at the edges of the head shapes users pick
                    "tiny, 1 head of 64": ["--d-head", "64"], "tiny, 12 layers": ["--layers", "12"]}
 # A run whose gradient norm (before clipping) passes this has diverged, whatever its loss: clipping
-# only hides it (the rows that pass stay orders of magnitude below it: README, `python bench.py
-# stability`).
+# only hides it (the rows that pass stay orders of magnitude below it: docs/benchmarks.md,
+# Stability).
 STABILITY_GRAD_LIMIT = 1e4
 STABILITY_ROWS = {"Full HOPE": [], "No CMS": ["--no-cms"], "No Self-Mod": ["--no-self-mod"],
                   "No Surprise": ["--no-surprise"], "Titans": ["--no-self-mod", "--no-surprise"],

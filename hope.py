@@ -15,7 +15,7 @@ Read it top to bottom; each section builds on the ones before:
  11. Models                   — HOPEConfig, the language model (HOPE and the GPT baseline)
 
 Papers: Titans (Behrouz et al. 2024), Nested Learning (2025, "NL") and the seed paper that dissects
-HOPE. The README lists every departure from them ("deviation N" below).
+HOPE. docs/deviations.md lists every departure from them ("deviation N" below).
 """
 import functools
 import math
@@ -178,8 +178,8 @@ def surprise_gate(surprise, threshold, relative):
 # moves the read at token i (G = KKᵀ for a linear memory; for the MLP the bound above holds to
 # first order). θ = 0 (a gated token) writes 0. The default is proximal (HOPEConfig.write_rule):
 # its bound lets θ_max be 10 (§11's LR_MAX) where the Titans rule's overshoot caps θ at 0.02 and
-# the memory hardly stores what it reads (README: deviation 7, the write-rule table;
-# `python bench.py probe`). The delta rule is as stable and causal inside a chunk, but it fits
+# the memory hardly stores what it reads (docs/deviations.md 7; the write-rule table in
+# docs/results.md; `python bench.py probe`). The delta rule is as stable and causal inside a chunk, but it fits
 # the tokens in turn, so where keys share a direction the later ones write over part of what the
 # earlier ones stored; the proximal solve fits the chunk's pairs together and recalls more.
 #   The MLP memory's hidden layers write at HIDDEN_LR·θ under the implicit rules: the step is
@@ -188,7 +188,7 @@ def surprise_gate(surprise, threshold, relative):
 # through which every stored pair is read, and does so nonlinearly (the solve sees it only to first
 # order), so a large one there blurs what earlier chunks stored; the output layer, written at the
 # full θ, then stores each chunk almost as a linear memory would, over features that move slowly
-# (README: `python bench.py probe`, and the write-rule table).
+# (docs/benchmarks.md, what one write stores; docs/results.md, the write-rule table).
 WRITE_RULES = ("titans", "proximal", "longhorn", "delta")
 # a hidden layer's θ / the output layer's θ, by rule
 HIDDEN_LR = {"titans": 1.0, "proximal": 0.1, "longhorn": 0.1, "delta": 0.1}
@@ -229,7 +229,7 @@ def write_steps(rule, kernel, error, lr, momentum_decay):
     if rule == "delta":                          # row i of B̃ tril(G): B̃_i G_ij for j ≤ i
         system = eye + long_run * kernel.tril()                         # [BH, n, n], diagonal ≥ 1
         solved = torch.linalg.solve_triangular(system, long_run * error, upper=False)
-        return (1 - momentum_decay[..., None]) * solved          # (1 − η)(I + B̃ tril G)⁻¹ B̃ E
+        return (1 - momentum_decay[..., None]) * solved        # (1 − η)(I + B̃ tril G)⁻¹ B̃ E
     # I + G B̃ has eigenvalues ≥ 1 and so is invertible, unless a memory has already blown up (G
     # so large that float32 loses the I): solve_ex then gives NaN, which train.py stops on with one
     # line, instead of raising.
@@ -438,8 +438,8 @@ def _chunk_step(weights, momentum, keys, values, queries, lr, momentum_decay, co
 
 def compiles(compile, device):
     """Whether chunk steps run compiled: as asked, or (None) on CUDA only. On a CPU a cold compile
-    takes longer to repay than a preset's run, and eager steps reproduce the README's CPU results
-    exactly (README: Quickstart, `--compile-chunks`)."""
+    takes longer to repay than a preset's run, and eager steps reproduce the documented CPU results
+    exactly (docs/benchmarks.md, Compilation)."""
     return compile if compile is not None else device.type == "cuda"
 
 
@@ -621,7 +621,7 @@ class HeadLinear(nn.Module):
 # σ(−6) ≈ 0.0025 for every rule. The proximal rule starts at θ = 1 with momentum off
 # (η ≈ 0.0025), so a chunk's solved write lands at once instead of spread over 1/(1 − η)
 # chunks, and its θ_max of 10 leaves the model room to fit a chunk almost exactly where recall
-# asks for it (README: the write rules).
+# asks for it (docs/results.md, the write-rule table).
 RATE_START = {"titans": (0.5, 0.5), "proximal": (0.1, 0.0025), "longhorn": (0.5, 0.5),
               "delta": (0.1, 0.0025)}
 
@@ -723,11 +723,11 @@ class NeuralMemory(MemoryLayer):
 #   3. write all six with keys k, values v̂_□ and the same η, α, through one memory_update
 #      call; M_mem with θ, the five generators with GENERATOR_LR·θ (below)
 #   4. the layer's output is M_mem(q), read before the write (every write: §4's rule; NL's: DGD)
-# Two guards keep this loop stable (README: deviation 6). Everything generated is unit-norm, the
+# Two guards keep this loop stable (docs/deviations.md 6). Everything generated is unit-norm, the
 # rate features too, so a growing M_lr cannot push θ to θ_max and write bigger still. And under
 # the proximal rule the generators write at a tenth of M_mem's θ: a solved write fits M_□(k) to
 # a target M_□(v) that moves with it, and at the full θ that chase can blow M_k and M_v up
-# (README: the stability table).
+# (docs/benchmarks.md, Stability).
 # The six memories, in the order the state stacks them (seed paper: m_k, m_v, m_q, m_η, m_α,
 # m_memory). The code reaches each by name: component(weights, "q"), generators(weights).
 SELF_MOD_COMPONENTS = ("k", "v", "q", "lr", "forget", "mem")
@@ -858,7 +858,7 @@ class CMSLevel(nn.Module):
     def forward(self, x, state):
         feats = split_heads(self.in_proj(x), self.heads)                  # [B, H, T, d]
         keys = F.normalize(feats, dim=-1)                                 # also the queries
-        # unit-norm: raw ones went NaN in training (README: deviation 8)
+        # unit-norm: raw ones went NaN in training (docs/deviations.md 8)
         values = F.normalize(self.to_value(feats), dim=-1)
         out, weights, momentum, surprise = memory_update(
             state.weights, state.momentum, keys, values, keys, *self.rates(feats), self.period,
@@ -1139,7 +1139,7 @@ def option(default, help, choices=None):
     return field(default=default, metadata=metadata)
 
 
-# θ_max by write rule (README deviation 7). The Titans step grows with θ and with the chunk's key
+# θ_max by write rule (docs/deviations.md 7). The Titans step grows with θ and with the chunk's key
 # Gram matrix, so its cap is small and falls as heads widen. The implicit rules solve for their
 # write: for a linear memory each direction's error shrinks by 1/(1 + 2θ̃λ) at any θ, and an MLP
 # memory is solved through its linearisation, so there θ_max sets how fully a chunk is fitted.
@@ -1259,8 +1259,8 @@ class ModelState(NamedTuple):
 
 class LanguageModel(nn.Module):
     """Token embedding -> blocks -> norm -> output head: HOPE, its ablations and GPT. Init:
-    README, "Training recipe" (GPT-2's N(0, 0.02) and tied head leave every model here on a
-    plateau at MQAR)."""
+    docs/results.md, "The training recipe" (GPT-2's N(0, 0.02) and tied head leave every model
+    here on a plateau at MQAR)."""
     def __init__(self, config):
         super().__init__()
         self.config = config.validate()

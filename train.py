@@ -46,7 +46,7 @@ import hope
 # A preset sets model fields (hope.HOPEConfig) and training fields (TrainConfig); flags given
 # on the command line override it (§4). `small` and `scaled` are the seed paper's §3 settings
 # (context 512, batch 8, AdamW 3e-4, 2,000 steps); `tiny` is sized for Full HOPE to train on a
-# 2-core CPU in minutes (README: `python train.py`).
+# 2-core CPU in minutes (README, Quickstart).
 
 PRESETS = {
     "tiny": dict(dim=64, layers=2, d_head=16, seq_len=128, chunk_size=16, segment_len=64,
@@ -319,10 +319,10 @@ def make_optimizer(model, cfg, device):
 # and compiled chunk steps save enough per step to break even within a long run:
 # COMPILE_CHUNKS_AFTER is that break-even step count (measured on an H200), rounded up, so chunk
 # steps compile by default on CUDA for runs with at least that many steps to go. On a CPU a cold
-# compile costs more than a preset's run saves, and the README's CPU results are eager ones. The
+# compile costs more than a preset's run saves, and the documented CPU results are eager ones. The
 # Transformer compiled whole saves too little per step to repay its compile within a preset's run,
-# so --compile is off unless asked. The measurements: README, Quickstart ("Compilation pays for
-# itself") and the speed section (`python bench.py models --compile`).
+# so --compile is off unless asked. The measurements, with the
+# commands that took them: docs/benchmarks.md, Compilation.
 COMPILE_CHUNKS_AFTER = 1000                      # steps left to run in this process
 
 
@@ -764,7 +764,7 @@ def width_scaled_lr(preset, dim):
     """The peak learning rate when --dim changes the preset's width and --lr is not given:
     lr = preset lr × preset dim / dim, inverse in width as μP sets it for hidden matrices (tiny:
     4e-3 at dim 64 -> 5e-4 at dim 512, which trains where the preset's lr unchanged diverges;
-    README: Quickstart, "Learning rate", and the headline command at dim 512).
+    docs/results.md, "The headline command at dim 512").
     --heads and --d-head split dim between the heads: they leave the width and the lr as they are."""
     return PRESETS[preset]["lr"] * PRESETS[preset]["dim"] / dim
 
