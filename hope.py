@@ -179,9 +179,10 @@ def surprise_gate(surprise, threshold, relative):
 # first order). θ = 0 (a gated token) writes 0. The default is proximal (HOPEConfig.write_rule):
 # its bound lets θ_max be 10 (§11's LR_MAX) where the Titans rule's overshoot caps θ at 0.02 and
 # the memory hardly stores what it reads (docs/deviations.md 7; the write-rule table in
-# docs/results.md; `python bench.py probe`). The delta rule is as stable and causal inside a chunk, but it fits
-# the tokens in turn, so where keys share a direction the later ones write over part of what the
-# earlier ones stored; the proximal solve fits the chunk's pairs together and recalls more.
+# docs/results.md; `python bench.py probe`). The delta rule is as stable and causal inside a
+# chunk, but it fits the tokens in turn, so where keys share a direction the later ones write
+# over part of what the earlier ones stored; the proximal solve fits the chunk's pairs together
+# and recalls more.
 #   The MLP memory's hidden layers write at HIDDEN_LR·θ under the implicit rules: the step is
 # taken in a metric that weighs a hidden layer's change 1/HIDDEN_LR, so G weighs that layer's
 # term by HIDDEN_LR too and the bound above is kept. A hidden layer's write moves the features
