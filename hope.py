@@ -720,7 +720,7 @@ class NeuralMemory(MemoryLayer):
 # keys and values change as the sequence goes. Per chunk, from the chunk-start states of all six:
 #   1. generate k = M_k(x), v = M_v(x), q = M_q(x), θ = lr_max·σ(w_lr·M_lr(x)),
 #      α = σ(w_α·M_forget(x))
-#   2. self-generated targets v̂_□ = M_□(v) for every memory (NL Eq. 84)
+#   2. self-generated targets v̂_□ = M_□(v) for every memory (NL Eq. 84), unit-norm
 #   3. write all six with keys k, values v̂_□ and the same η, α, through one memory_update
 #      call; M_mem with θ, the five generators with GENERATOR_LR·θ (below)
 #   4. the layer's output is M_mem(q), read before the write (every write: §4's rule; NL's: DGD)
@@ -728,7 +728,10 @@ class NeuralMemory(MemoryLayer):
 # rate features too, so a growing M_lr cannot push θ to θ_max and write bigger still. And under
 # the proximal rule the generators write at a tenth of M_mem's θ: a solved write fits M_□(k) to
 # a target M_□(v) that moves with it, and at the full θ that chase can blow M_k and M_v up
-# (docs/benchmarks.md, Stability).
+# (docs/benchmarks.md, Stability). A target that moves with the memory is a third risk: M_mem writes M_mem(k) toward
+# M_mem(v), so a solved write multiplies M_mem by I + (v − k)(…)kᵀ, whose norm can pass 1 chunk
+# after chunk (past the training context it did, on recurring text). Unit-norm targets make each
+# write a contraction toward a bounded target instead.
 # The six memories, in the order the state stacks them (seed paper: m_k, m_v, m_q, m_η, m_α,
 # m_memory). The code reaches each by name: component(weights, "q"), generators(weights).
 SELF_MOD_COMPONENTS = ("k", "v", "q", "lr", "forget", "mem")
@@ -803,7 +806,8 @@ class SelfModifyingMemory(MemoryLayer):
         k, v, q, lr, momentum_decay, forget = self.generate(feats, weights)
         W = self.by_component(weights)
         out = memory_forward(component(W, "mem"), q) if read else None             # step 4
-        targets = memory_forward(W, v[:, None]).flatten(1, 2)                 # step 2 [B, 6H, n, d]
+        # step 2, unit-norm like everything generated: [B, 6H, n, d]
+        targets = F.normalize(memory_forward(W, v[:, None]), dim=-1).flatten(1, 2)
         # all six share k, η, α: [B, 6H, n, ·]
         keys, momentum_decay, forget = (
             t[:, None].expand(-1, len(SELF_MOD_COMPONENTS), *t.shape[1:]).flatten(1, 2)
