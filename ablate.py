@@ -151,21 +151,26 @@ def claim(run_dir):
                 return False
 
 
+def finished_result(cfg):
+    """The cached result of the run at cfg.out_dir, or None if it has not finished."""
+    result_path = Path(cfg.out_dir) / "result.json"
+    return json.loads(result_path.read_text()) if result_path.exists() else None
+
+
 def run_once(model_cfg, cfg):
     """Train one run, or read its cached result. A crash is recorded, not raised; a diverged run
     (NonFiniteLoss) is cached like a finished one, as it would diverge again. A run that another
     process is training is waited for, then read."""
-    result_path = Path(cfg.out_dir) / "result.json"
-    if result_path.exists():
-        return json.loads(result_path.read_text())
+    if (result := finished_result(cfg)) is not None:
+        return result
     if not claim(cfg.out_dir):
         print(f"waiting for another process to finish {cfg.out_dir}", flush=True)
         while not claim(cfg.out_dir):
             time.sleep(10)
     try:
-        if result_path.exists():                               # the other process finished it
-            return json.loads(result_path.read_text())
-        return train_and_record(model_cfg, cfg, result_path)
+        if (result := finished_result(cfg)) is not None:        # the other process finished it
+            return result
+        return train_and_record(model_cfg, cfg, Path(cfg.out_dir) / "result.json")
     finally:
         (Path(cfg.out_dir) / "training.lock").unlink(missing_ok=True)
 
@@ -380,7 +385,8 @@ RECALL_BASE = dict(dim=64, layers=2, d_head=16, chunk_size=16, segment_len=64, b
                    surprise=False, data="mqar", tokenizer="byte")
 FROZEN = dict(lr_max=0.0)
 MAC16 = dict(mixer="mac", chunk_size=8, segment_len=16)    # attention sees 16 tokens: not the pairs
-# heads of 16 hold too few pairs from the initial state (docs/benchmarks.md, what one write stores): one of 64
+# heads of 16 hold too few pairs from the initial state (docs/benchmarks.md, what one write
+# stores): one of 64
 PAIRS32, PAIRS64 = dict(mqar_pairs=32, d_head=64), dict(mqar_pairs=64, mqar_keys=64, d_head=64)
 
 
@@ -419,12 +425,11 @@ def recall_runs(variants, seeds, seed, out_dir, device, extra=None, train_missin
         for s in range(seed, seed + seeds):
             settings = {**RECALL_BASE, **overrides, **(extra or {})}
             model_cfg, cfg = configs(settings, settings["data"], "byte", None, s, out_dir, device, label=label)
-            finished = Path(cfg.out_dir) / "result.json"
             if train_missing:
                 print(f"== recall · {label} · seed {s}", flush=True)
                 result = run_once(model_cfg, cfg)
             else:
-                result = json.loads(finished.read_text()) if finished.exists() else NOT_RUN
+                result = finished_result(cfg) or NOT_RUN
             results.setdefault(label, []).append(result)
     return results
 

@@ -724,14 +724,14 @@ class NeuralMemory(MemoryLayer):
 #   3. write all six with keys k, values v̂_□ and the same η, α, through one memory_update
 #      call; M_mem with θ, the five generators with GENERATOR_LR·θ (below)
 #   4. the layer's output is M_mem(q), read before the write (every write: §4's rule; NL's: DGD)
-# Two guards keep this loop stable (docs/deviations.md 6). Everything generated is unit-norm, the
-# rate features too, so a growing M_lr cannot push θ to θ_max and write bigger still. And under
+# Three guards keep this loop stable (docs/deviations.md 6). Everything generated is unit-norm,
+# the rate features too, so a growing M_lr cannot push θ to θ_max and write bigger still. Under
 # the proximal rule the generators write at a tenth of M_mem's θ: a solved write fits M_□(k) to
 # a target M_□(v) that moves with it, and at the full θ that chase can blow M_k and M_v up
-# (docs/benchmarks.md, Stability). A target that moves with the memory is a third risk: M_mem writes M_mem(k) toward
-# M_mem(v), so a solved write multiplies M_mem by I + (v − k)(…)kᵀ, whose norm can pass 1 chunk
-# after chunk (past the training context it did, on recurring text). Unit-norm targets make each
-# write a contraction toward a bounded target instead.
+# (docs/benchmarks.md, Stability). And the targets are unit-norm too: M_mem writes M_mem(k)
+# toward M_mem(v), so with a raw target a solved write multiplies M_mem by I + (v − k)(…)kᵀ,
+# whose norm can pass 1 chunk after chunk; a bounded target makes each write a contraction
+# toward it (docs/results.md, the self-modifying memory past the training context).
 # The six memories, in the order the state stacks them (seed paper: m_k, m_v, m_q, m_η, m_α,
 # m_memory). The code reaches each by name: component(weights, "q"), generators(weights).
 SELF_MOD_COMPONENTS = ("k", "v", "q", "lr", "forget", "mem")
