@@ -10,7 +10,8 @@ curves (Figure 5), by training every row of ABLATION_ROWS with the same data, se
     python ablate.py --params                     # parameter counts of every row at every scale
 
 Every finished run is cached under OUT_DIR/runs/ by its config and the code of hope.py and train.py,
-and skipped on a rerun; a crashing run is recorded and the others go on. Results:
+and skipped on a rerun; an interrupted run (Ctrl-C, a killed process) continues from its last
+checkpoint; a crashing run is recorded and the others go on. Results:
 OUT_DIR/results.{md,csv,json}, fig5_curves.png.
 """
 import ast
@@ -176,8 +177,11 @@ def run_once(model_cfg, cfg):
 
 
 def train_and_record(model_cfg, cfg, result_path):
+    """Train one run and write its result.json; a run interrupted before (Ctrl-C, a killed process)
+    continues from the ckpt.pt it left, exactly as `train.py --resume` would."""
+    checkpoint = interrupted_checkpoint(Path(cfg.out_dir) / "ckpt.pt")
     try:
-        result = train.train_model(model_cfg, cfg)
+        result = train.train_model(model_cfg, cfg, checkpoint)
     except KeyboardInterrupt:
         raise
     except train.UserError:
@@ -190,6 +194,20 @@ def train_and_record(model_cfg, cfg, result_path):
         return failure
     train.atomic_write(result_path, lambda tmp: tmp.write_text(json.dumps(result)))
     return result
+
+
+def interrupted_checkpoint(path):
+    """The checkpoint an interrupted run left in its directory, or None (none, or unreadable: then
+    the run starts over). The directory's name hashes the configs and the code, so it fits."""
+    if not path.exists():
+        return None
+    try:
+        checkpoint = train.load_checkpoint(path)
+    except train.UserError as e:
+        print(f"{e}; training {path.parent} from the start", flush=True)
+        return None
+    print(f"resuming {path.parent} from step {checkpoint['step']}", flush=True)
+    return checkpoint
 
 
 def mean_std(values):

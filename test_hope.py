@@ -2186,6 +2186,38 @@ def test_ablate_a_crashing_row_loses_no_other_row(tmp_path, monkeypatch):
     assert "| Transformer | failed |" in md
 
 
+def test_an_interrupted_ablation_run_resumes_where_it_stopped(tmp_path, monkeypatch):
+    """A run killed after its step-2 checkpoint is not trained from the start by the next ablate.py:
+    it continues from that checkpoint and ends with the uninterrupted run's losses, bit for bit."""
+    settings = ablate.PRESETS["smoke"]["scales"]["smoke"]
+    whole = ablate.run_once(*ablate.configs(settings, "shakespeare", "byte", "Titans", 1337, tmp_path / "a", "cpu"))
+    model_cfg, cfg = ablate.configs(settings, "shakespeare", "byte", "Titans", 1337, tmp_path / "b", "cpu")
+
+    class Killed(BaseException):
+        pass
+    real_step, real_train = train.train_step, train.train_model
+
+    def killed_at_step_3(t, forward, data, step):
+        if step == 2:
+            raise Killed
+        return real_step(t, forward, data, step)
+    monkeypatch.setattr(train, "train_step", killed_at_step_3)
+    with pytest.raises(Killed):
+        ablate.run_once(model_cfg, cfg)
+    monkeypatch.undo()
+    started_from = []
+
+    def spy(model_cfg, cfg, checkpoint=None):
+        started_from.append(checkpoint and checkpoint["step"])
+        return real_train(model_cfg, cfg, checkpoint)
+    monkeypatch.setattr(train, "train_model", spy)
+    resumed = ablate.run_once(model_cfg, cfg)
+    assert started_from == [2]
+    assert resumed["step"] == whole["step"] == 4
+    assert (resumed["train_loss"], resumed["val_loss"]) == (whole["train_loss"], whole["val_loss"])
+    assert [r["val_loss"] for r in resumed["curve"]] == [r["val_loss"] for r in whole["curve"]]
+
+
 def test_recall_table_from_the_runs_finished_so_far(tmp_path, monkeypatch):
     """ablate.py --recall --cached trains nothing and writes the table of the finished runs: a cell
     with one of two seeds says so, a cell with none reads 'not run', a diverged run says where."""
