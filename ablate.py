@@ -152,10 +152,15 @@ def claim(run_dir):
                 return False
 
 
+def result_path(cfg):
+    """Where a run's result is cached: written once it finished (or diverged)."""
+    return Path(cfg.out_dir) / "result.json"
+
+
 def finished_result(cfg):
     """The cached result of the run at cfg.out_dir, or None if it has not finished."""
-    result_path = Path(cfg.out_dir) / "result.json"
-    return json.loads(result_path.read_text()) if result_path.exists() else None
+    path = result_path(cfg)
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def run_once(model_cfg, cfg):
@@ -171,12 +176,12 @@ def run_once(model_cfg, cfg):
     try:
         if (result := finished_result(cfg)) is not None:        # the other process finished it
             return result
-        return train_and_record(model_cfg, cfg, Path(cfg.out_dir) / "result.json")
+        return train_and_record(model_cfg, cfg)
     finally:
         (Path(cfg.out_dir) / "training.lock").unlink(missing_ok=True)
 
 
-def train_and_record(model_cfg, cfg, result_path):
+def train_and_record(model_cfg, cfg):
     """Train one run and write its result.json; a run interrupted before (Ctrl-C, a killed process)
     continues from the ckpt.pt it left, exactly as `train.py --resume` would."""
     checkpoint = interrupted_checkpoint(Path(cfg.out_dir) / "ckpt.pt")
@@ -190,9 +195,9 @@ def train_and_record(model_cfg, cfg, result_path):
         print(f"run {cfg.out_dir} failed: {type(e).__name__}: {e}", file=sys.stderr)
         failure = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
         if isinstance(e, train.NonFiniteLoss):                 # deterministic: it would diverge again
-            train.atomic_write(result_path, lambda tmp: tmp.write_text(json.dumps(failure)))
+            train.atomic_write(result_path(cfg), lambda tmp: tmp.write_text(json.dumps(failure)))
         return failure
-    train.atomic_write(result_path, lambda tmp: tmp.write_text(json.dumps(result)))
+    train.atomic_write(result_path(cfg), lambda tmp: tmp.write_text(json.dumps(result)))
     return result
 
 
