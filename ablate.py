@@ -130,10 +130,14 @@ def configs(scale_settings, data, tokenizer, row, seed, out_dir, device, overrid
     return model_cfg, cfg
 
 
+def lock_path(run_dir):
+    return Path(run_dir) / "training.lock"
+
+
 def claim(run_dir):
     """Claim a run directory for this process: a lock file that holds its pid. False while another
     live process holds it (two processes with overlapping --rows); a dead process's lock is taken."""
-    lock = Path(run_dir) / "training.lock"
+    lock = lock_path(run_dir)
     lock.parent.mkdir(parents=True, exist_ok=True)
     while True:
         try:
@@ -178,7 +182,7 @@ def run_once(model_cfg, cfg):
             return result
         return train_and_record(model_cfg, cfg)
     finally:
-        (Path(cfg.out_dir) / "training.lock").unlink(missing_ok=True)
+        lock_path(cfg.out_dir).unlink(missing_ok=True)
 
 
 def train_and_record(model_cfg, cfg):
